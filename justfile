@@ -1,0 +1,23 @@
+# Every recipe here is one CI or a person runs. `cargo install just` if needed.
+
+# The main job: the built-in model answering a prompt through 3 segments.
+demo:
+    cargo run --release -p llnode -- demo
+
+# The tests, as CI runs them (no Python needed).
+test:
+    cargo test --workspace
+
+# Recompute onnxruntime's outputs for every test model and compare with the committed ones.
+ort-check:
+    bash scripts/ort-check.sh
+
+# Prefill and decode speed on the ~100M-parameter built-in model: llnode vs onnxruntime, one thread.
+bench-run:
+    bash scripts/bench-run.sh
+
+# Regenerate the small GPT-2/Llama/Qwen2/BLOOM/Phi test exports (needs torch and optimum).
+test-exports:
+    python3 -m venv target/venv-exports
+    target/venv-exports/bin/pip install -q -r scripts/requirements.txt
+    target/venv-exports/bin/python scripts/make_test_exports.py

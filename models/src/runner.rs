@@ -1,0 +1,180 @@
+//! Segment runners: any range of consecutive units loaded once as one
+//! optimised tract plan (shared, in an `Arc`), with symbolic sequence and past
+//! lengths. Per-session state, the KV cache of the segment's own layers,
+//! lives apart in [`SegmentState`], so one loaded segment serves many
+//! sessions.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::pb::{ModelProto, ValueInfoProto};
+use tract_onnx::prelude::*;
+
+use crate::model::Model;
+use crate::onnx;
+use crate::segment::{cache_layer, is_past, is_present};
+use crate::shape;
+
+/// Named tensors flowing between segments.
+pub type Activations = HashMap<String, TValue>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot load units {units:?}: {reason}")]
+    Load { units: Range<usize>, reason: String },
+    #[error("units {units:?} need tensor {name}, which nobody sent")]
+    MissingInput { units: Range<usize>, name: String },
+    #[error("running units {units:?} failed: {reason}")]
+    Run { units: Range<usize>, reason: String },
+}
+
+/// A cache input, the output that replaces it, and its value before any token.
+struct CacheSlot {
+    past: String,
+    empty: TValue,
+}
+
+pub struct SegmentRunner {
+    plan: Arc<TypedRunnableModel>,
+    units: Range<usize>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    caches: Vec<CacheSlot>,
+    /// Inputs read only for their shape: made here, never sent.
+    shape_inputs: Vec<ValueInfoProto>,
+}
+
+/// One session's state in one segment: its layers' keys and values so far.
+#[derive(Clone, Default)]
+pub struct SegmentState {
+    cache: HashMap<String, TValue>,
+    /// Tokens this session has run through the segment.
+    past: usize,
+}
+
+impl SegmentState {
+    /// Bytes the cache holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.values().map(|t| t.len() * t.datum_type().size_of()).sum()
+    }
+}
+
+impl SegmentRunner {
+    /// Loads units `units` of `model`, returning `outputs` (plus its caches).
+    pub fn load(model: &Model, units: Range<usize>, outputs: &[String]) -> Result<SegmentRunner, RunError> {
+        let proto = model.segment_proto(units.clone(), outputs);
+        let specs = || model.units[units.clone()].iter().map(|u| &u.spec);
+        let shape_only: Vec<String> = specs()
+            .flat_map(|s| s.shape_inputs.iter())
+            .filter(|n| !specs().any(|s| s.inputs.contains(n)))
+            .cloned()
+            .collect();
+        SegmentRunner::from_proto(&proto, &model.dir, units.clone(), &shape_only, |name| model.empty_cache_shape(name))
+    }
+
+    /// The whole export in `dir`, unsegmented: the slow, obviously correct
+    /// reference the segmented and distributed paths are tested against.
+    pub fn load_reference(dir: &Path) -> Result<SegmentRunner, RunError> {
+        let fail = |reason: String| RunError::Load { units: 0..0, reason };
+        let mut proto = onnx::read_model(&dir.join("model.onnx")).map_err(|e| fail(e.to_string()))?;
+        let graph = proto.graph.as_mut().ok_or_else(|| fail("no graph".into()))?;
+        shape::normalize(graph);
+        let declared = graph.input.clone();
+        let empty = |name: &str| shape::concrete(declared.iter().find(|i| i.name == name)?, 0, 0);
+        SegmentRunner::from_proto(&proto, dir, 0..0, &[], empty)
+    }
+
+    fn from_proto(
+        proto: &ModelProto,
+        dir: &Path,
+        units: Range<usize>,
+        shape_only: &[String],
+        empty_cache: impl Fn(&str) -> Option<(i32, Vec<usize>)>,
+    ) -> Result<SegmentRunner, RunError> {
+        let fail = |e: TractError| RunError::Load { units: units.clone(), reason: format!("{e:#}") };
+        let graph = proto.graph.as_ref().expect("segments have graphs");
+        let inputs: Vec<String> = graph.input.iter().map(|i| i.name.clone()).collect();
+        let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        let parsed = shape::frontend().parse(proto, dir.to_str()).map_err(fail)?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(RunError::Load {
+                units,
+                reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs),
+            });
+        }
+        let plan = parsed.model.into_optimized().and_then(|m| m.into_runnable()).map_err(fail)?;
+        let mut caches = Vec::new();
+        for name in inputs.iter().filter(|n| is_past(n)) {
+            let (elem, shape) = empty_cache(name).ok_or_else(|| RunError::Load {
+                units: units.clone(),
+                reason: format!("cache input {name} has no declared shape"),
+            })?;
+            let dt = if elem == onnx::pb::tensor_proto::DataType::Float16 as i32 { f16::datum_type() } else { f32::datum_type() };
+            let empty = Tensor::zero_dt(dt, &shape).map_err(fail)?.into_tvalue();
+            caches.push(CacheSlot { past: name.clone(), empty });
+        }
+        let shape_inputs =
+            graph.input.iter().filter(|i| shape_only.contains(&i.name)).cloned().collect();
+        Ok(SegmentRunner { plan, units, inputs, outputs, caches, shape_inputs })
+    }
+
+    pub fn units(&self) -> Range<usize> {
+        self.units.clone()
+    }
+
+    /// Tensors this segment reads from other segments or the initiator.
+    pub fn inputs(&self) -> impl Iterator<Item = &str> {
+        self.inputs
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !is_past(n) && !self.shape_inputs.iter().any(|s| s.name == *n))
+    }
+
+    /// A fresh session: empty caches.
+    pub fn new_state(&self) -> SegmentState {
+        let cache = self.caches.iter().map(|c| (c.past.clone(), c.empty.clone())).collect();
+        SegmentState { cache, past: 0 }
+    }
+
+    /// Runs one step (prefill or decode) of `tokens` new tokens of one
+    /// session: reads its inputs from `acts`, updates the session's caches,
+    /// returns the other outputs.
+    pub fn run(&self, state: &mut SegmentState, tokens: usize, acts: &Activations) -> Result<Activations, RunError> {
+        let missing = |name: &str| RunError::MissingInput { units: self.units.clone(), name: name.to_string() };
+        let mut inputs = TVec::with_capacity(self.inputs.len());
+        for name in &self.inputs {
+            let value = if is_past(name) {
+                state.cache.get(name).cloned()
+            } else if let Some(info) = self.shape_inputs.iter().find(|i| &i.name == name) {
+                let (_, shape) = shape::concrete(info, state.past as i64, tokens as i64).ok_or_else(|| missing(name))?;
+                Some(Tensor::zero::<i64>(&shape).map_err(|_| missing(name))?.into_tvalue())
+            } else {
+                acts.get(name).cloned()
+            };
+            inputs.push(value.ok_or_else(|| missing(name))?);
+        }
+        let outputs = self
+            .plan
+            .run(inputs)
+            .map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?;
+        let mut result = Activations::new();
+        for (name, mut value) in self.outputs.iter().zip(outputs) {
+            if value.datum_type() == TDim::datum_type() {
+                // tract computes some int64 tensors as dimensions; they travel as int64.
+                let fail = |e: TractError| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") };
+                value = value.cast_to::<i64>().map_err(fail)?.into_owned().into_tvalue();
+            }
+            if is_present(name) {
+                let layer = cache_layer(name).expect("present names carry a layer");
+                let kind = name.rsplit('.').next().expect("key or value");
+                state.cache.insert(format!("past_key_values.{layer}.{kind}"), value);
+            } else {
+                result.insert(name.clone(), value);
+            }
+        }
+        state.past += tokens;
+        Ok(result)
+    }
+}

@@ -1,0 +1,101 @@
+//! Segments composed equal the whole model: every grouping of units, through
+//! prefill and decode, against the unsegmented export run by tract.
+
+mod common;
+
+use std::ops::Range;
+
+use llnode_models::model::Model;
+use llnode_models::pipeline::{Forward, LocalPipeline, last_logits, step_inputs};
+use llnode_models::runner::SegmentRunner;
+use llnode_models::segment::UnitKind;
+use proptest::prelude::*;
+
+const PROMPT: [u32; 5] = [17, 300, 42, 9, 511];
+const DECODE: [u32; 3] = [5, 77, 260];
+
+/// Logits of every step from the unsegmented export.
+fn reference_logits() -> Vec<Vec<f32>> {
+    let runner = SegmentRunner::load_reference(common::tiny_export()).unwrap();
+    let mut pipeline = LocalPipeline::new(vec![runner], true);
+    let mut steps = vec![pipeline.forward(&PROMPT).unwrap()];
+    for t in DECODE {
+        steps.push(pipeline.forward(&[t]).unwrap());
+    }
+    steps
+}
+
+fn segmented_logits(model: &Model, segments: &[Range<usize>]) -> Vec<Vec<f32>> {
+    let mut pipeline = LocalPipeline::load(model, segments).unwrap();
+    let mut steps = vec![pipeline.forward(&PROMPT).unwrap()];
+    for t in DECODE {
+        steps.push(pipeline.forward(&[t]).unwrap());
+    }
+    steps
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn units_are_prologue_layers_epilogue() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let kinds: Vec<UnitKind> = model.units.iter().map(|u| u.spec.kind).collect();
+    let mut expected = vec![UnitKind::Prologue];
+    expected.extend((0..4).map(UnitKind::Layer));
+    expected.push(UnitKind::Epilogue);
+    assert_eq!(kinds, expected);
+    // The mask and rotary tables are made once, in the prologue, and go to every layer.
+    let prologue = &model.units[0].spec;
+    let skips: Vec<_> = prologue.outputs.iter().filter(|o| o.consumers == vec![1, 2, 3, 4]).collect();
+    assert_eq!(skips.len(), 3, "mask, cos and sin: {:?}", prologue.outputs);
+    for (i, unit) in model.units.iter().enumerate().skip(1).take(4) {
+        let past: Vec<_> = unit.spec.inputs.iter().filter(|n| n.starts_with("past_key_values")).collect();
+        assert_eq!(past.len(), 2, "layer {} reads only its own cache", i - 1);
+        assert!(past.iter().all(|n| n.starts_with(&format!("past_key_values.{}.", i - 1))));
+    }
+    // Tied embeddings: one tensor, read by the prologue and the epilogue.
+    let embed = "model.embed_tokens.weight";
+    let readers: Vec<usize> = (0..model.units.len())
+        .filter(|&u| model.units[u].spec.initializers.iter().any(|n| n == embed))
+        .collect();
+    assert_eq!(readers, vec![0, 5]);
+}
+
+#[test]
+fn whole_model_through_units_matches_reference() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let reference = reference_logits();
+    let whole = segmented_logits(&model, &[0..model.units.len()]);
+    assert!(max_diff(&reference, &whole) < 1e-4, "diff {}", max_diff(&reference, &whole));
+    // Greedy tokens differ between steps: the model is not degenerate.
+    let argmaxes: Vec<u32> = reference.iter().map(|l| llnode_models::sampling::argmax(l)).collect();
+    assert!(argmaxes.windows(2).any(|w| w[0] != w[1]), "{argmaxes:?}");
+}
+
+#[test]
+fn step_inputs_follow_the_optimum_interface() {
+    let acts = step_inputs(&[1, 2], 3, true);
+    assert_eq!(acts["input_ids"].shape(), &[1, 2]);
+    assert_eq!(acts["attention_mask"].shape(), &[1, 5]);
+    assert_eq!(acts["position_ids"].try_as_plain_ram().unwrap().as_slice::<i64>().unwrap(), &[3, 4]);
+    assert!(!step_inputs(&[1], 0, false).contains_key("position_ids"));
+    use tract_onnx::prelude::IntoTValue;
+    let logits = tract_onnx::prelude::Tensor::from_shape(&[1, 2, 2], &[1f32, 2., 3., 4.]).unwrap();
+    assert_eq!(last_logits(&logits.into_tvalue()).unwrap(), vec![3., 4.]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #[test]
+    fn any_grouping_composes_to_the_whole_model(cuts in proptest::collection::btree_set(1usize..6, 0..5)) {
+        let model = Model::from_export(common::tiny_export()).unwrap();
+        let mut bounds: Vec<usize> = vec![0];
+        bounds.extend(cuts);
+        bounds.push(model.units.len());
+        let segments: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+        let diff = max_diff(&reference_logits(), &segmented_logits(&model, &segments));
+        prop_assert!(diff < 1e-4, "segments {:?}: max diff {}", segments, diff);
+    }
+}

@@ -1,0 +1,95 @@
+//! The `llnode` binary as a person uses it on one device: real processes,
+//! real files, asserting on what the user sees.
+
+use std::path::Path;
+use std::process::Command;
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn llnode(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_llnode")).args(args).output().expect("llnode runs");
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Fails unless the command failed with exactly one `error:` line mentioning `needle`.
+fn assert_one_error(out: &Output, needle: &str) {
+    assert!(!out.ok, "should fail: {}", out.stdout);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got: {}", out.stderr);
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{}", lines[0]);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+#[test]
+fn segments_and_packages_give_the_same_text() {
+    let root = tempfile::tempdir().unwrap();
+    let export = root.path().join("export");
+    let synth = llnode(&["model", "synth", "--size", "tiny", "-o", path(&export)]);
+    assert!(synth.ok, "{}", synth.stderr);
+
+    let one = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "The mesh"]);
+    assert!(one.ok, "{}", one.stderr);
+    assert!(one.stdout.trim_end().chars().count() >= 10, "a continuation: {:?}", one.stdout);
+    let three = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "--segments", "3", "The mesh"]);
+    assert_eq!(three.stdout, one.stdout);
+
+    let pkg = root.path().join("pkg");
+    let import = llnode(&["import", path(&export), "-o", path(&pkg)]);
+    assert!(import.ok, "{}", import.stderr);
+    let id = import.stdout.trim();
+    assert_eq!(id.len(), 64, "package id is a blake3 hex digest: {id}");
+    assert_eq!(llnode(&["model", "verify", path(&pkg)]).stdout.trim(), id);
+    let six = llnode(&["run", "-m", path(&pkg), "--max-tokens", "20", "--ignore-eos", "--segments", "6", "The mesh"]);
+    assert_eq!(six.stdout, one.stdout);
+
+    let sampled = |segments: &str| {
+        let out = llnode(&[
+            "run", "-m", path(&pkg), "--max-tokens", "20", "--ignore-eos", "--temperature", "0.9",
+            "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--segments", segments, "The mesh",
+        ]);
+        assert!(out.ok, "{}", out.stderr);
+        out.stdout
+    };
+    assert_eq!(sampled("1"), sampled("2"));
+    assert_ne!(sampled("1"), one.stdout, "sampling differs from greedy");
+
+    let stopped = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "--stop", &one.stdout[4..7], "The mesh"]);
+    assert!(stopped.ok);
+    assert_eq!(stopped.stdout.trim_end_matches('\n'), &one.stdout[..4]);
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_line() {
+    let root = tempfile::tempdir().unwrap();
+    let export = root.path().join("export");
+    assert!(llnode(&["model", "synth", "-o", path(&export)]).ok);
+
+    assert_one_error(&llnode(&["run", "-m", path(&export), ""]), "prompt is empty");
+    assert_one_error(&llnode(&["run", "-m", path(&root.path().join("missing")), "hi"]), "missing");
+    assert_one_error(&llnode(&["run", "-m", path(&export), "--top-p", "0", "hi"]), "top-p");
+    let long = "word ".repeat(600);
+    assert_one_error(&llnode(&["run", "-m", path(&export), &long]), "context");
+    assert_one_error(&llnode(&["model", "synth", "--size", "huge", "-o", path(&root.path().join("x"))]), "unknown size");
+    assert_one_error(&llnode(&["import", path(&export), "-o", path(&export)]), "already exists");
+    assert_one_error(&llnode(&["run", "-m", path(&export), "--chat", "--segments", "0", "hi"]), "--segments");
+    let not_onnx = root.path().join("bad");
+    std::fs::create_dir(&not_onnx).unwrap();
+    for f in ["tokenizer.json", "config.json"] {
+        std::fs::copy(export.join(f), not_onnx.join(f)).unwrap();
+    }
+    std::fs::write(not_onnx.join("model.onnx"), b"garbage").unwrap();
+    assert_one_error(&llnode(&["import", path(&not_onnx), "-o", path(&root.path().join("out"))]), "model.onnx");
+    assert!(!root.path().join("out").exists(), "no partial package");
+}
