@@ -116,19 +116,19 @@ impl Model {
             .map_err(|e| ImportError::Unreadable { path: model_path.clone(), reason: e.to_string() })?;
         let graph = proto.graph.as_mut().ok_or_else(|| ImportError::Unreadable { path: model_path.clone(), reason: "no graph".into() })?;
         shape::normalize(graph);
+        let unsupported = |e: anyhow::Error| ImportError::Unsupported { reason: format!("{e:#}") };
+        let mut infos = shape::infer(&proto, dir).map_err(unsupported)?;
+        let graph = proto.graph.as_mut().expect("checked above");
+        shape::rewrite_shapes(graph, &infos);
         let segmentation = segment::segment(graph)?;
-        let declared: HashSet<&str> =
-            graph.input.iter().chain(graph.output.iter()).map(|v| v.name.as_str()).collect();
-        let mut crossing: Vec<String> = Vec::new();
         for unit in &segmentation.units {
-            let names = unit.inputs.iter().chain(unit.outputs.iter().map(|o| &o.name));
-            for name in names {
-                if !declared.contains(name.as_str()) && !crossing.contains(name) {
-                    crossing.push(name.clone());
+            for name in unit.inputs.iter().chain(unit.outputs.iter().map(|o| &o.name)) {
+                let declared = graph.input.iter().chain(graph.output.iter()).any(|v| &v.name == name);
+                if !declared && !infos.contains_key(name) {
+                    return Err(ImportError::Unsupported { reason: format!("tract cannot tell the shape of {name}, which crosses units") });
                 }
             }
         }
-        let mut infos = shape::infer(&proto, dir, &crossing).map_err(|e| ImportError::Unsupported { reason: format!("{e:#}") })?;
         let graph = proto.graph.take().expect("checked above");
         for v in graph.input.iter().chain(graph.output.iter()) {
             infos.insert(v.name.clone(), v.clone());

@@ -28,9 +28,6 @@ pub fn frontend() -> tract_onnx::Onnx {
 /// - the declared shapes of the standard inputs type-check for prefill and
 ///   decode alike: `attention_mask` is `[batch, past + seq]` (some exports say
 ///   `past + 1`) and `position_ids` is `[batch, seq]`;
-/// - `Shape(past_key_values.N.*)`, which exporters use to learn the past length
-///   when building the mask, is computed from `input_ids` and `attention_mask`
-///   instead, so the mask is made in the prologue rather than in layer N.
 pub fn normalize(graph: &mut GraphProto) {
     let dims_of = |name: &str| graph.input.iter().find(|i| i.name == name).and_then(tensor_type).map(|t| t.1);
     let Some(ids) = dims_of("input_ids") else { return };
@@ -44,7 +41,6 @@ pub fn normalize(graph: &mut GraphProto) {
         })
     });
     let Some(past) = past else { return };
-    let has_mask = graph.input.iter().any(|i| i.name == "attention_mask");
     for input in graph.input.iter_mut() {
         let Some((elem, dims)) = tensor_type(input) else { continue };
         let one = Dim::Fixed(1);
@@ -55,9 +51,6 @@ pub fn normalize(graph: &mut GraphProto) {
         };
         let elem = DataType::try_from(elem).unwrap_or(DataType::Int64);
         *input = value_info(&input.name, elem, &dims);
-    }
-    if has_mask {
-        rewrite_past_shapes(graph, &past);
     }
     cumsum_in_int32(graph);
 }
@@ -93,15 +86,42 @@ fn cumsum_in_int32(graph: &mut GraphProto) {
     graph.node = nodes;
 }
 
-fn rewrite_past_shapes(graph: &mut GraphProto, past: &str) {
-    let declared: HashMap<String, Vec<Dim>> = graph
-        .input
-        .iter()
-        .filter(|i| is_past(&i.name))
-        .filter_map(|i| Some((i.name.clone(), tensor_type(i)?.1)))
-        .collect();
+/// What a dim of a tensor's shape is, in terms of the step.
+#[derive(Clone, Copy, PartialEq)]
+enum Length {
+    Fixed(i64),
+    Seq,
+    Past,
+    Total,
+}
+
+fn classify(d: &Dim) -> Option<Length> {
+    if let Dim::Fixed(v) = d {
+        return Some(Length::Fixed(*v));
+    }
+    match (eval_dim(d, 3, 5)?, eval_dim(d, 7, 2)?) {
+        (5, 2) => Some(Length::Seq),
+        (3, 7) => Some(Length::Past),
+        (8, 9) => Some(Length::Total),
+        _ => None,
+    }
+}
+
+/// Rewrites every `Shape(x)` whose dims tract knows as constants, the new
+/// tokens, the past or their sum into the same vector computed from the
+/// shapes of `input_ids` and `attention_mask`. Exporters take shapes of
+/// intermediate tensors (the past cache, the embeddings) to build masks and
+/// reshape targets; rewritten, those computations hang off graph inputs only,
+/// so segmentation copies them into each unit instead of sending them, and the
+/// mask is made in the prologue.
+pub fn rewrite_shapes(graph: &mut GraphProto, facts: &HashMap<String, ValueInfoProto>) {
+    if !graph.input.iter().any(|i| i.name == "attention_mask") {
+        return;
+    }
+    let inputs: HashSet<String> =
+        graph.input.iter().filter(|i| !is_past(&i.name)).map(|i| i.name.clone()).collect();
     let mut g = GraphBuilder::default();
-    g.scope("/llnode/past_shape");
+    g.scope("/llnode/shape");
     let (one, two) = (g.ints(&[1]), g.ints(&[2]));
     let ids_shape = g.op("Shape", &["input_ids"], vec![]);
     let mask_shape = g.op("Shape", &["attention_mask"], vec![]);
@@ -112,13 +132,16 @@ fn rewrite_past_shapes(graph: &mut GraphProto, past: &str) {
     let mut rewritten = Vec::with_capacity(graph.node.len());
     let mut used = false;
     for node in std::mem::take(&mut graph.node) {
-        let dims = (node.op_type == "Shape").then(|| declared.get(&node.input[0])).flatten();
-        let parts: Option<Vec<String>> = dims.and_then(|dims| {
+        let dims = (node.op_type == "Shape" && !inputs.contains(&node.input[0]))
+            .then(|| facts.get(&node.input[0]).and_then(tensor_type))
+            .flatten();
+        let parts: Option<Vec<String>> = dims.and_then(|(_, dims)| {
             dims.iter()
-                .map(|d| match d {
-                    Dim::Fixed(v) => Some(g.ints(&[*v])),
-                    Dim::Param(p) if p == past => Some(past_len.clone()),
-                    Dim::Param(_) => None,
+                .map(|d| match classify(d)? {
+                    Length::Fixed(v) => Some(g.ints(&[v])),
+                    Length::Seq => Some(seq_len.clone()),
+                    Length::Past => Some(past_len.clone()),
+                    Length::Total => Some(total_len.clone()),
                 })
                 .collect()
         });
@@ -193,9 +216,10 @@ fn onnx_type(dt: DatumType) -> Option<DataType> {
     })
 }
 
-/// Declarations (type and symbolic shape) of `names`, as tract infers them on
-/// the whole model loaded from `proto` with external data under `dir`.
-pub fn infer(proto: &ModelProto, dir: &Path, names: &[String]) -> TractResult<HashMap<String, ValueInfoProto>> {
+/// Declarations (type and symbolic shape) of every tensor the nodes of
+/// `proto` make, as tract infers them on the whole model loaded from `proto`
+/// with external data under `dir`. Tensors tract cannot type are left out.
+pub fn infer(proto: &ModelProto, dir: &Path) -> TractResult<HashMap<String, ValueInfoProto>> {
     let parsed = frontend().parse(proto, dir.to_str()).context("parsing the model")?;
     if !parsed.unresolved_inputs.is_empty() {
         bail!("the graph reads tensors nobody makes: {:?}", parsed.unresolved_inputs);
@@ -212,19 +236,22 @@ pub fn infer(proto: &ModelProto, dir: &Path, names: &[String]) -> TractResult<Ha
             }
         }
     }
+    let graph = proto.graph.as_ref().context("no graph")?;
     let mut infos = HashMap::new();
-    for name in names {
+    for name in graph.node.iter().flat_map(|n| &n.output).filter(|n| !n.is_empty()) {
         // Typing may fold a tensor away (a shape computation); the analysed
         // inference graph still knows it.
         let fact = match outlets.get(name) {
             Some(outlet) => typed.outlet_fact(*outlet)?.clone(),
             None => {
-                let outlet = parsed.outlets_by_name.get(name).with_context(|| format!("tensor {name} is not in the graph"))?;
-                let fact = inference.outlet_fact(*outlet)?;
-                fact.to_typed_fact().with_context(|| format!("tensor {name} has no known shape"))?.into_owned()
+                let Some(fact) = parsed.outlets_by_name.get(name).and_then(|o| inference.outlet_fact(*o).ok()) else {
+                    continue;
+                };
+                let Ok(fact) = fact.to_typed_fact() else { continue };
+                fact.into_owned()
             }
         };
-        let dt = onnx_type(fact.datum_type).with_context(|| format!("tensor {name} has type {:?}", fact.datum_type))?;
+        let Some(dt) = onnx_type(fact.datum_type) else { continue };
         let dims: Vec<Dim> = fact
             .shape
             .iter()
