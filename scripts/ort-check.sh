@@ -13,9 +13,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-ort.txt
 
+# The same build `cargo test --workspace` makes (other flags would unify
+# features differently and rebuild tract).
+cargo build -q --workspace --tests
 if [ ! -f "$out/tiny/model.onnx" ]; then
   rm -rf "$out/tiny"
-  cargo run -q -p llnode -- model synth --size tiny -o "$out/tiny"
+  target/debug/llnode model synth --size tiny -o "$out/tiny"
 fi
 
 check() { # model dir, committed reference

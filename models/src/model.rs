@@ -190,15 +190,6 @@ impl Model {
         let info = self.inputs.iter().find(|i| i.name == name && is_past(&i.name))?;
         shape::concrete(info, 0, 0)
     }
-
-    /// Bytes of weights each unit reads; shared tensors count in each unit that reads them.
-    pub fn unit_weight_bytes(&self) -> Vec<u64> {
-        self.units.iter().map(|u| u.graph.initializer.iter().map(onnx::tensor_bytes).sum()).collect()
-    }
-
-    pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join("tokenizer.json")
-    }
 }
 
 /// Gives each unit its nodes, weights and declarations. Weights read by one

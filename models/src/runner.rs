@@ -54,13 +54,6 @@ pub struct SegmentState {
     past: usize,
 }
 
-impl SegmentState {
-    /// Bytes the cache holds.
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.values().map(|t| t.len() * t.datum_type().size_of()).sum()
-    }
-}
-
 impl SegmentRunner {
     /// Loads units `units` of `model`, returning `outputs` (plus its caches).
     pub fn load(model: &Model, units: Range<usize>, outputs: &[String]) -> Result<SegmentRunner, RunError> {
@@ -118,18 +111,6 @@ impl SegmentRunner {
         let shape_inputs =
             graph.input.iter().filter(|i| shape_only.contains(&i.name)).cloned().collect();
         Ok(SegmentRunner { plan, units, inputs, outputs, caches, shape_inputs })
-    }
-
-    pub fn units(&self) -> Range<usize> {
-        self.units.clone()
-    }
-
-    /// Tensors this segment reads from other segments or the initiator.
-    pub fn inputs(&self) -> impl Iterator<Item = &str> {
-        self.inputs
-            .iter()
-            .map(String::as_str)
-            .filter(|n| !is_past(n) && !self.shape_inputs.iter().any(|s| s.name == *n))
     }
 
     /// A fresh session: empty caches.

@@ -78,10 +78,10 @@ fn cumsum_in_int32(graph: &mut GraphProto) {
         let output = std::mem::replace(&mut node.output[0], format!("{narrow}_cumsum"));
         node.input[0] = narrow;
         let summed = node.output[0].clone();
-        nodes.extend(g.graph.node.drain(..));
+        nodes.append(&mut g.graph.node);
         nodes.push(node);
         g.op_to("Cast", &[&summed], vec![attr_int("to", DataType::Int64 as i64)], Some(&output));
-        nodes.extend(g.graph.node.drain(..));
+        nodes.append(&mut g.graph.node);
     }
     graph.node = nodes;
 }

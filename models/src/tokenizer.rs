@@ -93,10 +93,6 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner.decode(ids, true).map_err(|e| TokenizerError::Text(e.to_string()))
     }
-
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
 }
 
 /// Turns generated ids into text as they come. Text is released only once it

@@ -149,6 +149,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one-segment groupings on purpose
     fn groupings_must_partition() {
         let units = vec![unit("a", &[], &[]), unit("b", &[], &[])];
         assert!(TransmissionMap::new(&units, &[0..1]).is_err());

@@ -34,14 +34,15 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let _ = writeln!(out);
     if args.stats {
         eprintln!(
-            "segments {:?}; load {:.2}s; prompt {} tokens, prefill {:.1} ms ({:.1} tok/s); {} tokens, decode {:.1} tok/s; finish {:?}",
-            segments,
+            "stats: segments={} load_s={:.2} prompt_tokens={} prefill_ms={:.1} prefill_tok_s={:.1} tokens={} decode_tok_s={:.2} peak_rss_mib={} finish={:?}",
+            segments.len(),
             load.as_secs_f64(),
             generation.prompt_tokens,
             generation.prefill.as_secs_f64() * 1e3,
             generation.prompt_tokens as f64 / generation.prefill.as_secs_f64(),
             generation.tokens.len(),
             generation.decode_tokens_per_s(),
+            peak_rss_mib().map_or("unknown".into(), |m| m.to_string()),
             generation.finish,
         );
     }
@@ -89,7 +90,14 @@ pub fn synth(size: &str, seed: u64, out: &Path) -> anyhow::Result<()> {
 pub fn inspect(dir: &Path) -> anyhow::Result<()> {
     let model = Model::open(dir).with_context(|| format!("cannot use model {}", dir.display()))?;
     let cost = llnode_models::cost::CostProfile::of(&model);
-    println!("{} ({} layers, {} units)", model.info.model_type, model.layers, model.units.len());
+    println!(
+        "{} ({} layers, {} units, {} weight bytes of which {} shared)",
+        model.info.model_type,
+        model.layers,
+        model.units.len(),
+        cost.total_weight_bytes(),
+        cost.shared_weight_bytes
+    );
     for (unit, c) in model.units.iter().zip(&cost.units) {
         let s = &unit.spec;
         println!(
@@ -109,4 +117,12 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
         println!("            out: {}", outs.join(", "));
     }
     Ok(())
+}
+
+/// This process's peak resident memory, from /proc (Linux and Android).
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
