@@ -160,6 +160,8 @@ def run_reference(model_dir: Path, prompt: str, max_tokens: int, add_special_tok
         "greedy": True,
         "generated_ids": generated,
         "generated_text": tok.decode(generated, skip_special_tokens=False),
+        # What a person sees: special tokens (EOS, padding) are not printed.
+        "generated_text_shown": tok.decode(generated, skip_special_tokens=True),
         "min_top2_margin": min(margins),
         "prefill_last_logits": ser(prefill_last_logits),
         "decode_logits_step1": ser(decode_logits_step1),

@@ -83,7 +83,7 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut history = prompt.to_vec();
-    let mut stream = TextStream::new();
+    let mut stream = TextStream::new(prompt);
     let mut tokens = Vec::new();
     let hold_back = options.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
 
@@ -121,6 +121,7 @@ pub fn generate(
     };
     let decode = decode_start.elapsed();
     if finish != Finish::Stop {
+        stream.finish(tokenizer)?;
         let end = stream.text().len();
         on_text(&stream.release(end));
     }

@@ -412,3 +412,43 @@ fn topological_order(graph: &GraphProto) -> Result<Vec<usize>, SegmentError> {
         Some(i) => Err(SegmentError::Malformed(format!("node {}", nodes[i].name))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{Dim, GraphBuilder, tensor_f32, value_info};
+    use tract_onnx::pb::tensor_proto::DataType;
+
+    fn plain_decoder(with_past: bool) -> GraphProto {
+        let mut g = GraphBuilder::default();
+        let seq = [Dim::Fixed(1), Dim::param("sequence_length")];
+        g.graph.input.push(value_info("input_ids", DataType::Int64, &seq));
+        if with_past {
+            let dims = [Dim::Fixed(1), Dim::Fixed(1), Dim::param("past"), Dim::Fixed(2)];
+            g.graph.input.push(value_info("past_key_values.0.key", DataType::Float, &dims));
+        }
+        g.graph.output.push(value_info("logits", DataType::Float, &[Dim::Fixed(1), Dim::param("sequence_length"), Dim::Fixed(4)]));
+        g.initializer(tensor_f32("embed", &[4, 4], &[0.0; 16]));
+        let h = g.op("Gather", &["embed", "input_ids"], vec![]);
+        g.op_to("Relu", &[&h], vec![], Some("logits"));
+        g.graph
+    }
+
+    #[test]
+    fn a_graph_without_a_cache_is_not_a_decoder_with_past() {
+        let err = segment(&plain_decoder(false)).unwrap_err();
+        assert!(matches!(err, SegmentError::NotDecoderWithPast(_)));
+        assert!(err.to_string().contains("text-generation-with-past"), "{err}");
+        // With a past input but no present output, the layers do not match.
+        let err = segment(&plain_decoder(true)).unwrap_err();
+        assert!(err.to_string().contains("present"), "{err}");
+    }
+
+    #[test]
+    fn cache_names_carry_their_layer() {
+        assert_eq!(cache_layer("past_key_values.12.value"), Some(12));
+        assert_eq!(cache_layer("present.3.key"), Some(3));
+        assert_eq!(cache_layer("present.3.other"), None);
+        assert!(is_past("past_key_values.0.key") && !is_past("present.0.key"));
+    }
+}

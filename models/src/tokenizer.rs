@@ -95,30 +95,52 @@ impl TextTokenizer {
     }
 }
 
-/// Turns generated ids into text as they come. Text is released only once it
-/// is complete: a character split across tokens waits for its last byte.
+/// Turns generated ids into text as they come. Each new token is decoded
+/// together with the few tokens before it (decoders drop a leading space or
+/// merge bytes depending on what precedes), and only the new suffix is
+/// appended. Text is released only once it is complete: a character split
+/// across tokens waits for its last byte.
 pub struct TextStream {
     ids: Vec<u32>,
+    /// Window start for decoding, and how far text has been appended.
+    prefix: usize,
+    read: usize,
     text: String,
     released: usize,
 }
 
-impl Default for TextStream {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl TextStream {
-    pub fn new() -> TextStream {
-        TextStream { ids: Vec::new(), text: String::new(), released: 0 }
+    /// A stream continuing `context` (the prompt's ids).
+    pub fn new(context: &[u32]) -> TextStream {
+        let ids = context[context.len().saturating_sub(5)..].to_vec();
+        TextStream { prefix: 0, read: ids.len(), ids, text: String::new(), released: 0 }
     }
 
-    /// Adds a token; says whether the text now ends on a whole character.
+    /// Adds a token; says whether new complete text was appended.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<bool, TokenizerError> {
         self.ids.push(id);
-        self.text = tokenizer.decode(&self.ids)?;
-        Ok(!self.text.ends_with('\u{FFFD}'))
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(false);
+        }
+        let Some(piece) = now.get(before.len()..) else { return Ok(false) };
+        self.text.push_str(piece);
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(true)
+    }
+
+    /// Appends whatever the last tokens decode to, complete or not.
+    pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<(), TokenizerError> {
+        if self.read < self.ids.len() {
+            let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+            let now = tokenizer.decode(&self.ids[self.prefix..])?;
+            let start = (0..=before.len().min(now.len())).rev().find(|&i| now.is_char_boundary(i)).unwrap_or(0);
+            self.text.push_str(&now[start..]);
+            self.read = self.ids.len();
+        }
+        Ok(())
     }
 
     /// Releases text up to byte `end` (clamped to a character boundary).
