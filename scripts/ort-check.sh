@@ -18,7 +18,7 @@ fi
 cargo build -q --workspace --tests
 if [ ! -f "$out/tiny/model.onnx" ]; then
   rm -rf "$out/tiny"
-  target/debug/llnode model synth --size tiny -o "$out/tiny"
+  "${CARGO_TARGET_DIR:-target}/debug/llnode" model synth --size tiny -o "$out/tiny"
 fi
 
 check() { # model dir, committed reference
