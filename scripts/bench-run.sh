@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 dir=target/bench-run
 mkdir -p "$dir"
 cargo build -q --release --workspace --bins
-llnode=target/release/llnode
+llnode="${CARGO_TARGET_DIR:-target}/release/llnode"
 [ -f "$dir/export/model.onnx" ] || { rm -rf "$dir/export"; $llnode model synth --size bench -o "$dir/export"; }
 [ -f "$dir/pkg/manifest.json" ] || { rm -rf "$dir/pkg"; $llnode import "$dir/export" -o "$dir/pkg" >/dev/null; }
 venv=target/venv-ort

@@ -127,7 +127,7 @@ impl Command {
             Command::Model(ModelCommand::Synth { size, seed, out }) => crate::run::synth(&size, seed, &out),
             Command::Model(ModelCommand::Verify { package }) => {
                 let id = llnode_models::package::verify(&package)?;
-                println!("{id}");
+                crate::outln!("{id}");
                 Ok(())
             }
             Command::Model(ModelCommand::Inspect { model }) => crate::run::inspect(&model),

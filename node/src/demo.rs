@@ -30,10 +30,10 @@ pub fn demo(data_dir: Option<PathBuf>, segments: usize, max_tokens: usize, promp
     let id = package::verify(&package_dir)?;
     let model = Model::open(&package_dir)?;
     let plan = even_split(model.units.len(), segments);
-    println!("model: built-in tiny (package {}), {} units", &id[..16], model.units.len());
+    crate::outln!("model: built-in tiny (package {}), {} units", &id[..16], model.units.len());
     for (i, range) in plan.iter().enumerate() {
         let names: Vec<&str> = model.units[range.clone()].iter().map(|u| u.spec.name.as_str()).collect();
-        println!("segment {i}: {}", names.join(", "));
+        crate::outln!("segment {i}: {}", names.join(", "));
     }
     let mut pipeline = LocalPipeline::load(&model, &plan)?;
     let args = GenerationArgs {
@@ -47,13 +47,13 @@ pub fn demo(data_dir: Option<PathBuf>, segments: usize, max_tokens: usize, promp
         chat: false,
         ignore_eos: false,
     };
-    print!("prompt: {prompt}\nanswer: ");
+    crate::out(&format!("prompt: {prompt}\nanswer: "));
     let mut out = std::io::stdout().lock();
     let generation = crate::run::generate_text(&model, &mut pipeline, &args, prompt, &mut |t| {
         let _ = out.write_all(t.as_bytes());
         let _ = out.flush();
     })?;
-    println!();
-    println!("({} tokens, {:.1} tokens/s; the built-in model has random weights, so the text is gibberish)", generation.tokens.len(), generation.decode_tokens_per_s());
+    crate::outln!();
+    crate::outln!("({} tokens, {:.1} tokens/s; the built-in model has random weights, so the text is gibberish)", generation.tokens.len(), generation.decode_tokens_per_s());
     Ok(())
 }

@@ -28,6 +28,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes to stdout; a reader that went away (`llnode … | head`) is not an error.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+}
+
+/// `println!` through [`out`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::out("\n") };
+    ($($arg:tt)*) => { $crate::out(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 /// The error and its causes on one line, without repeating a cause its parent already quotes.
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();

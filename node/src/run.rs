@@ -73,7 +73,7 @@ pub fn import(export: &Path, out: &Path) -> anyhow::Result<()> {
     let model = Model::from_export(export).with_context(|| format!("cannot import {}", export.display()))?;
     let id = package::write(&model, out, &Bar::new()).with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("imported {} units ({} layers) into {}", model.units.len(), model.layers, out.display());
-    println!("{id}");
+    crate::outln!("{id}");
     Ok(())
 }
 
@@ -90,7 +90,7 @@ pub fn synth(size: &str, seed: u64, out: &Path) -> anyhow::Result<()> {
 pub fn inspect(dir: &Path) -> anyhow::Result<()> {
     let model = Model::open(dir).with_context(|| format!("cannot use model {}", dir.display()))?;
     let cost = llnode_models::cost::CostProfile::of(&model);
-    println!(
+    crate::outln!(
         "{} ({} layers, {} units, {} weight bytes of which {} shared)",
         model.info.model_type,
         model.layers,
@@ -100,7 +100,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
     );
     for (unit, c) in model.units.iter().zip(&cost.units) {
         let s = &unit.spec;
-        println!(
+        crate::outln!(
             "{:>10}: {:>5} nodes, {:>10} weight bytes, {:>12} FLOPs/token, {} B/token out, {} KV B/token",
             s.name,
             unit.graph.node.len(),
@@ -109,12 +109,12 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
             c.out_bytes_per_token,
             c.kv_bytes_per_token
         );
-        println!("            in: {}", s.inputs.join(", "));
+        crate::outln!("            in: {}", s.inputs.join(", "));
         if !s.shape_inputs.is_empty() {
-            println!("            shape of: {}", s.shape_inputs.join(", "));
+            crate::outln!("            shape of: {}", s.shape_inputs.join(", "));
         }
         let outs: Vec<String> = s.outputs.iter().map(|o| format!("{} -> {:?}", o.name, o.consumers)).collect();
-        println!("            out: {}", outs.join(", "));
+        crate::outln!("            out: {}", outs.join(", "));
     }
     Ok(())
 }
