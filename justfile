@@ -21,3 +21,7 @@ test-exports:
     python3 -m venv target/venv-exports
     target/venv-exports/bin/pip install -q -r scripts/requirements.txt
     target/venv-exports/bin/python scripts/make_test_exports.py
+
+# Planner: MIP solve times and simulated speedups over the even/memory/compute splits; draws target/bench-plan.svg.
+bench-plan:
+    cargo bench -p llnode-planner
