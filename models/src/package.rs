@@ -243,14 +243,17 @@ fn copy_tensor_data(t: &TensorProto, dir: &Path, out: &mut impl Write) -> Result
         }
         return Ok(copied);
     }
-    let bytes: Vec<u8> = if !t.raw_data.is_empty() {
-        t.raw_data.clone()
-    } else if !t.float_data.is_empty() {
+    if !t.raw_data.is_empty() {
+        out.write_all(&t.raw_data).map_err(|e| fail(dir.into(), e.to_string()))?;
+        return Ok(t.raw_data.len() as u64);
+    }
+    // Typed fields: re-encoded little-endian at the declared width.
+    let bytes: Vec<u8> = if !t.float_data.is_empty() {
         t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
     } else if !t.int64_data.is_empty() {
         t.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect()
     } else if !t.int32_data.is_empty() {
-        // int32_data also carries narrower types; re-encode at the declared width.
+        // int32_data also carries narrower types.
         let width = onnx::elem_size(t.data_type) as usize;
         t.int32_data.iter().flat_map(|v| v.to_le_bytes()[..width.min(4)].to_vec()).collect()
     } else {
