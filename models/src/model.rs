@@ -121,18 +121,17 @@ impl Model {
         let graph = proto.graph.as_mut().expect("checked above");
         shape::rewrite_shapes(graph, &infos);
         let segmentation = segment::segment(graph)?;
+        for v in graph.input.iter().chain(graph.output.iter()) {
+            infos.insert(v.name.clone(), v.clone());
+        }
         for unit in &segmentation.units {
             for name in unit.inputs.iter().chain(unit.outputs.iter().map(|o| &o.name)) {
-                let declared = graph.input.iter().chain(graph.output.iter()).any(|v| &v.name == name);
-                if !declared && !infos.contains_key(name) {
+                if !infos.contains_key(name) {
                     return Err(ImportError::Unsupported { reason: format!("tract cannot tell the shape of {name}, which crosses units") });
                 }
             }
         }
         let graph = proto.graph.take().expect("checked above");
-        for v in graph.input.iter().chain(graph.output.iter()) {
-            infos.insert(v.name.clone(), v.clone());
-        }
         let units = split_units(graph.node, graph.initializer, segmentation.units, &infos);
         Ok(Model {
             dir: dir.to_path_buf(),

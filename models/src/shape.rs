@@ -26,8 +26,8 @@ pub fn frontend() -> tract_onnx::Onnx {
 ///   not batched), and a symbolic batch makes tract's shape inference give up
 ///   on products such as `batch * (past + seq)`;
 /// - the declared shapes of the standard inputs type-check for prefill and
-///   decode alike: `attention_mask` is `[batch, past + seq]` (some exports say
-///   `past + 1`) and `position_ids` is `[batch, seq]`;
+///   decode alike: `attention_mask` is `[1, past + seq]` (some exports say
+///   `past + 1`) and `position_ids` is `[1, seq]`;
 pub fn normalize(graph: &mut GraphProto) {
     let dims_of = |name: &str| graph.input.iter().find(|i| i.name == name).and_then(tensor_type).map(|t| t.1);
     let Some(ids) = dims_of("input_ids") else { return };
