@@ -25,3 +25,11 @@ test-exports:
 # Planner: MIP solve times and simulated speedups over the even/memory/compute splits; draws target/bench-plan.svg.
 bench-plan:
     cargo bench -p llnode-planner
+
+# Mesh: control round trip (p50, p99) and tensor throughput between two nodes on loopback.
+bench-mesh:
+    cargo bench -p llnode-mesh --bench mesh
+
+# Fuzz the wire decoders (nightly and cargo-fuzz: `cargo install cargo-fuzz`).
+fuzz-mesh seconds="60":
+    cd mesh/fuzz && cargo +nightly fuzz run decode -- -max_total_time={{seconds}}

@@ -1,8 +1,10 @@
 //! Command-line interface. Every option has an `LLNODE_*` environment override.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use llnode_mesh::Multiaddr;
 use llnode_models::sampling::SamplingConfig;
 
 #[derive(Parser)]
@@ -27,6 +29,24 @@ pub enum Command {
     /// Built-in models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run this device's node until Ctrl-C or SIGTERM; prints `ready <peer-id> <addr>...`.
+    Start(StartArgs),
+    /// Print this device's peer id (its key is made on first use).
+    Id {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// The devices this node knows: name, peer id, trust, addresses, last seen, round trip.
+    Peers {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a mesh, invite and admit devices, revoke them.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
     /// Make the built-in model, import it, and answer a prompt through several segments.
     Demo {
         /// Where the demo keeps its model.
@@ -38,6 +58,101 @@ pub enum Command {
         max_tokens: usize,
         #[arg(default_value = "The mesh of phones")]
         prompt: String,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct DataDir {
+    /// Where this device keeps its key, certificates and models (default ~/.llnode).
+    #[arg(long, env = "LLNODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.data_dir {
+            Some(d) => Ok(d.clone()),
+            None => std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".llnode"))
+                .ok_or_else(|| anyhow::anyhow!("set --data-dir (or LLNODE_DATA_DIR, or HOME)")),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub dir: DataDir,
+    /// Listen on this multiaddr (repeatable; default: every interface, random ports, TCP and QUIC).
+    #[arg(long, env = "LLNODE_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// Dial this peer multiaddr at start and whenever it drops (repeatable).
+    #[arg(long, env = "LLNODE_PEER", value_delimiter = ',')]
+    pub peer: Vec<Multiaddr>,
+    /// The name this device asks for when it joins a mesh.
+    #[arg(long, env = "LLNODE_NAME")]
+    pub name: Option<String>,
+    /// Do not look for peers with mDNS on the local network.
+    #[arg(long, env = "LLNODE_NO_MDNS")]
+    pub no_mdns: bool,
+    /// How long certificates this node issues to joining devices last (owner only).
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub certificate_validity: Duration,
+}
+
+#[derive(Subcommand)]
+pub enum MeshCommand {
+    /// Create a new mesh owned by this device (which becomes its first member).
+    Init {
+        #[command(flatten)]
+        dir: DataDir,
+        /// This device's name in the mesh (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+    /// Print a one-time join token (the owner's node must be running).
+    Invite {
+        #[command(flatten)]
+        dir: DataDir,
+        /// How long the token stays usable.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Join the mesh a token names: prove this device's key, receive its certificate.
+    Join {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The device name to ask for (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        token: String,
+    },
+    /// Revoke a device by name or peer id, at once and everywhere (the owner's node must be running).
+    Revoke {
+        #[command(flatten)]
+        dir: DataDir,
+        device: String,
+    },
+    /// Offline admission, step 1 (owner device): write a certificate file for a peer id.
+    Certify {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The device's peer id (`llnode id` on that device prints it).
+        peer_id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Offline admission, step 2 (the device): install the certificate file.
+    Install {
+        #[command(flatten)]
+        dir: DataDir,
+        file: PathBuf,
     },
 }
 
@@ -131,9 +246,45 @@ impl Command {
                 Ok(())
             }
             Command::Model(ModelCommand::Inspect { model }) => crate::run::inspect(&model),
+            Command::Start(args) => {
+                let options = crate::start::StartOptions {
+                    listen: args.listen,
+                    peers: args.peer,
+                    mdns: !args.no_mdns,
+                    name: args.name.unwrap_or_else(host_name),
+                    certificate_validity: args.certificate_validity,
+                };
+                crate::start::start(&args.dir.path()?, options)
+            }
+            Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
+            Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
+            Command::Mesh(command) => command.execute(),
             Command::Demo { data_dir, segments, max_tokens, prompt } => {
                 crate::demo::demo(data_dir, segments, max_tokens, &prompt)
             }
         }
     }
+}
+
+impl MeshCommand {
+    fn execute(self) -> anyhow::Result<()> {
+        use crate::mesh_cmd;
+        match self {
+            MeshCommand::Init { dir, name, valid_for } => mesh_cmd::init(&dir.path()?, &name.unwrap_or_else(host_name), valid_for),
+            MeshCommand::Invite { dir, ttl } => mesh_cmd::invite(&dir.path()?, ttl),
+            MeshCommand::Join { dir, name, token } => mesh_cmd::join(&dir.path()?, &token, name.as_deref()),
+            MeshCommand::Revoke { dir, device } => mesh_cmd::revoke(&dir.path()?, &device),
+            MeshCommand::Certify { dir, peer_id, name, valid_for, out } => mesh_cmd::certify(&dir.path()?, &peer_id, &name, valid_for, &out),
+            MeshCommand::Install { dir, file } => mesh_cmd::install(&dir.path()?, &file),
+        }
+    }
+}
+
+/// A default device name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "device".into())
 }

@@ -1,11 +1,16 @@
-//! `llnode`: the one binary every device runs. Today it generates, imports
-//! and runs models on this device; the mesh, planning and balancing actors
-//! come next (see the README's roadmap).
+//! `llnode`: the one binary every device runs. It generates, imports and
+//! runs models on this device, and runs the node (`llnode start`) that joins
+//! the mesh; planning and distributed inference come next (see the README).
 
+mod actor;
 mod bar;
 mod cli;
+mod control;
 mod demo;
+mod mesh_cmd;
+mod register;
 mod run;
+mod start;
 
 use std::process::ExitCode;
 
@@ -56,4 +61,9 @@ fn one_line(e: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line.replace('\n', " ")
+}
+
+/// The runtime for commands that talk to the network or the local node.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -1,0 +1,17 @@
+//! The node's actors. `llnode start` spawns them under the tokio runtime;
+//! the mesh event loop (in `llnode-mesh`) feeds them events, and the local
+//! control endpoint asks them questions.
+//!
+//! ```text
+//! llnode start
+//! ├── mesh event loop (task; owns the libp2p Swarm and the gate)
+//! ├── DiscoveryActor   peer table, dialling, reconnect backoff, `llnode peers`
+//! ├── TrustActor       certificates, invites and joins, revocations on disk
+//! └── control server   (task; Unix socket in the data directory)
+//! ```
+
+pub mod discovery;
+pub mod trust;
+
+/// How long the control endpoint waits for an actor's answer.
+pub const CALL_TIMEOUT_MS: u64 = 30_000;

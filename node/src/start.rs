@@ -1,0 +1,139 @@
+//! `llnode start`: runs this device's node in the foreground until Ctrl-C or
+//! SIGTERM. Prints `ready <peer-id> <addr>...` once it listens.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use llnode_mesh::{DeviceKey, MeshConfig, MeshEvent, Multiaddr, Trust};
+use ractor::Actor;
+use tokio_util::sync::CancellationToken;
+
+use crate::actor::discovery::{DiscoveryActor, DiscoveryArgs, DiscoveryMsg};
+use crate::actor::trust::{TrustActor, TrustArgs, TrustMsg};
+use crate::control::{self, Local};
+
+pub struct StartOptions {
+    pub listen: Vec<Multiaddr>,
+    pub peers: Vec<Multiaddr>,
+    pub mdns: bool,
+    pub name: String,
+    pub certificate_validity: Duration,
+}
+
+pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
+    crate::runtime()?.block_on(run(data_dir, options))
+}
+
+async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let listener = control::bind(data_dir).await?;
+    let key = DeviceKey::load_or_create(&data_dir.join(llnode_mesh::identity::DEVICE_KEY_FILE))?;
+    let trust = Trust::load(data_dir)?;
+    let mesh = trust.mesh();
+    if mesh.is_none() {
+        eprintln!("note: this device is in no mesh yet, so every peer will refuse it; `llnode mesh init` or `llnode mesh join <token>`");
+    }
+    let shutdown = CancellationToken::new();
+    let config = MeshConfig { listen: options.listen, mdns: options.mdns, ..MeshConfig::default() };
+
+    // The mesh's events go to the actors, which exist only once the mesh
+    // client does; they wait in a channel until then.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<MeshEvent>();
+    let sink = Box::new(move |e| {
+        let _ = events_tx.send(e);
+    });
+    let (client, mesh_task) = llnode_mesh::spawn(&key, config, trust.clone(), sink, shutdown.clone())?;
+
+    let (discovery, discovery_handle) =
+        Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
+    let trust_args = TrustArgs {
+        data_dir: data_dir.to_path_buf(),
+        me: key.peer_id(),
+        trust,
+        client: client.clone(),
+        certificate_validity: options.certificate_validity,
+    };
+    let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
+
+    let router = {
+        let (discovery, trust_actor, client) = (discovery.clone(), trust_actor.clone(), client.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                match event {
+                    MeshEvent::JoinRequest { peer, id, secret, name } => {
+                        let _ = trust_actor.cast(TrustMsg::JoinRequest { peer, id, secret, name });
+                    }
+                    MeshEvent::Revocation { revocation, .. } => {
+                        let _ = trust_actor.cast(TrustMsg::Learned { revocation });
+                    }
+                    MeshEvent::Trusted { peer, ref name } => {
+                        let _ = trust_actor.cast(TrustMsg::Trusted { peer, name: name.clone() });
+                        let _ = discovery.cast(DiscoveryMsg::Event(event));
+                    }
+                    MeshEvent::Control { id, .. } => {
+                        client.respond(id, llnode_mesh::wire::ControlResponse::Refused { reason: "this node does not serve that request".into() })
+                    }
+                    MeshEvent::Tensor { id, .. } => client.ack_tensor(
+                        id,
+                        llnode_mesh::wire::TensorAck::Refused { reason: "this node runs no segment that takes tensors".into() },
+                    ),
+                    event => {
+                        let _ = discovery.cast(DiscoveryMsg::Event(event));
+                    }
+                }
+            }
+        })
+    };
+
+    let addrs = wait_for_listeners(&client).await?;
+    let peer_id = key.peer_id();
+    let local = Local {
+        peer_id: peer_id.to_base58(),
+        name: options.name.clone(),
+        mesh: mesh.map(|m| m.to_string()),
+        client: client.clone(),
+        discovery: discovery.clone(),
+        trust: trust_actor.clone(),
+    };
+    let server = tokio::spawn(control::serve(listener, local, shutdown.clone()));
+    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    crate::outln!("ready {peer_id} {}", addrs.join(" "));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = server.await;
+    let _ = mesh_task.await;
+    router.abort();
+    discovery.stop(None);
+    trust_actor.stop(None);
+    let _ = discovery_handle.await;
+    let _ = trust_handle.await;
+    let _ = std::fs::remove_file(control::socket_path(data_dir));
+    Ok(())
+}
+
+async fn wait_for_listeners(client: &llnode_mesh::MeshClient) -> anyhow::Result<Vec<Multiaddr>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs = client.listeners().await;
+        if !addrs.is_empty() {
+            // Interfaces report one by one; give the rest a moment.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(client.listeners().await);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the node did not start listening within 10 s; check the --listen addresses");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
