@@ -26,7 +26,7 @@ fn node(key: &DeviceKey, trust: Trust, shutdown: &CancellationToken) -> (MeshCli
         while let Some(event) = rx.recv().await {
             match event {
                 MeshEvent::Tensor { id, .. } => acker.ack_tensor(id, TensorAck::Received),
-                MeshEvent::Trusted { peer, .. } => { let _ = trusted_tx.send(peer); }
+                MeshEvent::Member { peer } => { let _ = trusted_tx.send(peer); }
                 _ => {}
             }
         }

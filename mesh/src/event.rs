@@ -21,6 +21,8 @@ pub enum MeshEvent {
     Disconnected { peer: PeerId },
     /// The peer proved membership; `name` is from its certificate.
     Trusted { peer: PeerId, name: String },
+    /// The peer trusts us too: control requests and tensors can flow both ways.
+    Member { peer: PeerId },
     /// We refused the peer; it is disconnected and blocked for a while.
     Refused { peer: PeerId, reason: Refusal },
     /// The peer refused us.

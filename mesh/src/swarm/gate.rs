@@ -74,6 +74,12 @@ impl EventLoop {
         }
     }
 
+    /// Trust is now mutual: requests and tensors may flow.
+    fn became_member(&mut self, peer: PeerId) {
+        self.emit(MeshEvent::Member { peer });
+        self.introduce(peer);
+    }
+
     /// Tells `peer` where the other trusted members listen, and them where `peer` does.
     pub(super) fn introduce(&mut self, peer: PeerId) {
         let members: Vec<PeerId> = self.peers.keys().filter(|p| **p != peer && self.is_member(p)).copied().collect();
@@ -122,7 +128,7 @@ impl EventLoop {
                                         self.emit(MeshEvent::Identified { peer, addrs });
                                     }
                                     if self.welcomed_by.contains(&peer) {
-                                        self.introduce(peer);
+                                        self.became_member(peer);
                                     }
                                 }
                             }
@@ -152,7 +158,7 @@ impl EventLoop {
                         // Both sides trust each other once we trust it too: only then
                         // do member-to-member messages flow.
                         if self.welcomed_by.insert(peer) && self.is_trusted(&peer) {
-                            self.introduce(peer);
+                            self.became_member(peer);
                         }
                     }
                     (OutGate::Hello, GateResponse::Joined { .. }) => {}

@@ -1,0 +1,154 @@
+//! Several meshes' event loops in one process, on real loopback sockets:
+//! what members can say to each other, and what outsiders cannot.
+
+use std::time::Duration;
+
+use llnode_mesh::cert::{OwnerKey, now};
+use llnode_mesh::wire::{ControlRequest, ControlResponse, DType, Tensor, TensorAck, TensorHeader};
+use llnode_mesh::{DeviceKey, MeshClient, MeshConfig, MeshError, MeshEvent, Trust};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+struct TestNode {
+    key: DeviceKey,
+    client: MeshClient,
+    events: UnboundedReceiver<MeshEvent>,
+}
+
+fn member(owner: &OwnerKey, key: &DeviceKey) -> Trust {
+    let mut trust = Trust::default();
+    trust.install(owner.certify(&key.public(), "t", 0, now() + 3600), &key.peer_id()).unwrap();
+    trust
+}
+
+fn start(trust: impl FnOnce(&DeviceKey) -> Trust, shutdown: &CancellationToken) -> TestNode {
+    let key = DeviceKey::generate();
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let config = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        mdns: false,
+        gate_grace: Duration::from_millis(500),
+        ..MeshConfig::default()
+    };
+    let sink = Box::new(move |e| {
+        let _ = tx.send(e);
+    });
+    let (client, _) = llnode_mesh::spawn(&key, config, trust(&key), sink, shutdown.clone()).unwrap();
+    TestNode { key, client, events }
+}
+
+/// The next event `pick` accepts, within 10 s.
+async fn next<T>(node: &mut TestNode, mut pick: impl FnMut(MeshEvent) -> Option<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(t) = pick(node.events.recv().await.expect("mesh running")) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("event in time")
+}
+
+async fn connect(from: &TestNode, to: &TestNode) {
+    let addr = loop {
+        if let Some(a) = to.client.listeners().await.into_iter().next() {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    from.client.dial(addr).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_exchange_messages_and_tensors_intact() {
+    let shutdown = CancellationToken::new();
+    let owner = OwnerKey::generate();
+    let mut a = start(|k| member(&owner, k), &shutdown);
+    let mut b = start(|k| member(&owner, k), &shutdown);
+    connect(&a, &b).await;
+    let b_id = b.key.peer_id();
+    next(&mut a, |e| matches!(e, MeshEvent::Trusted { peer, .. } if peer == b_id).then_some(())).await;
+    // Requests flow once trust is mutual.
+    next(&mut a, |e| matches!(e, MeshEvent::Member { peer } if peer == b_id).then_some(())).await;
+    let a_id = a.key.peer_id();
+    next(&mut b, |e| matches!(e, MeshEvent::Member { peer } if peer == a_id).then_some(())).await;
+    let echo = a.client.request(b_id, ControlRequest::Echo(b"ping".to_vec())).await.unwrap();
+    assert_eq!(echo, ControlResponse::Echo(b"ping".to_vec()));
+
+    // A tensor arrives byte for byte, with its header; b acknowledges it.
+    let data: Vec<u8> = (0..3 * 5 * 4).map(|i| i as u8).collect();
+    let tensor = Tensor { header: TensorHeader { session: 9, name: "hidden".into(), dtype: DType::F32, shape: vec![3, 5] }, data };
+    let sent = tensor.clone();
+    let sender = a.client.clone();
+    let send = tokio::spawn(async move { sender.send_tensor(b_id, sent).await });
+    let (id, got) = next(&mut b, |e| match e {
+        MeshEvent::Tensor { peer, id, tensor } if peer == a_id => Some((id, tensor)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, tensor);
+    b.client.ack_tensor(id, TensorAck::Received);
+    send.await.unwrap().unwrap();
+
+    // A refusal comes back as an error, not a hang.
+    let sender = a.client.clone();
+    let refused = tokio::spawn(async move { sender.send_tensor(b_id, tensor).await });
+    let id = next(&mut b, |e| match e {
+        MeshEvent::Tensor { id, .. } => Some(id),
+        _ => None,
+    })
+    .await;
+    b.client.ack_tensor(id, TensorAck::Refused { reason: "no segment here".into() });
+    assert!(matches!(refused.await.unwrap(), Err(MeshError::Refused(r)) if r.contains("no segment")));
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_get_nothing_and_are_dropped() {
+    let shutdown = CancellationToken::new();
+    let owner = OwnerKey::generate();
+    let mut a = start(|k| member(&owner, k), &shutdown);
+    // Another mesh's member, and a device in no mesh at all.
+    let other = OwnerKey::generate();
+    let mut stranger = start(|k| member(&other, k), &shutdown);
+    let mut nobody = start(|_| Trust::default(), &shutdown);
+
+    connect(&stranger, &a).await;
+    let s_id = stranger.key.peer_id();
+    let reason = next(&mut a, |e| match e {
+        MeshEvent::Refused { peer, reason } if peer == s_id => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.to_string().contains("another mesh"), "{reason}");
+    // The stranger cannot ask anything: locally it holds no trusted link.
+    assert!(matches!(
+        stranger.client.request(a.key.peer_id(), ControlRequest::Echo(vec![1])).await,
+        Err(MeshError::NotTrusted(_))
+    ));
+    next(&mut stranger, |e| matches!(e, MeshEvent::Disconnected { .. }).then_some(())).await;
+
+    // Silent past the grace period: refused and disconnected.
+    connect(&nobody, &a).await;
+    let n_id = nobody.key.peer_id();
+    let reason = next(&mut a, |e| match e {
+        MeshEvent::Refused { peer, reason } if peer == n_id => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.to_string().contains("in time"), "{reason}");
+    next(&mut nobody, |e| matches!(e, MeshEvent::Disconnected { .. }).then_some(())).await;
+    // Blocked for a while: dialling again does not get a connection.
+    connect(&nobody, &a).await;
+    let again = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(MeshEvent::Trusted { .. }) = nobody.events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(again.is_err(), "a blocked peer was trusted");
+    shutdown.cancel();
+}
