@@ -72,6 +72,9 @@ pub enum ControlRequest {
     Revocations(Vec<SignedRevocation>),
     /// Other members and where they listen, so every member meets every other.
     Introduce(Vec<Member>),
+    /// A message of the node's own protocol (planning, inference), CBOR-encoded
+    /// by the node; the mesh only carries it.
+    Node(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A member as one device introduces it to another.
@@ -86,6 +89,8 @@ pub struct Member {
 pub enum ControlResponse {
     Echo(#[serde(with = "serde_bytes")] Vec<u8>),
     Ack,
+    /// The node's answer to a [`ControlRequest::Node`].
+    Node(#[serde(with = "serde_bytes")] Vec<u8>),
     Refused { reason: String },
 }
 

@@ -49,6 +49,7 @@ fn control_request() -> impl Strategy<Value = ControlRequest> {
             0..4
         )
         .prop_map(ControlRequest::Introduce),
+        prop::collection::vec(any::<u8>(), 0..256).prop_map(ControlRequest::Node),
     ]
 }
 
@@ -56,6 +57,7 @@ fn control_response() -> impl Strategy<Value = ControlResponse> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..256).prop_map(ControlResponse::Echo),
         Just(ControlResponse::Ack),
+        prop::collection::vec(any::<u8>(), 0..256).prop_map(ControlResponse::Node),
         any::<String>().prop_map(|reason| ControlResponse::Refused { reason }),
     ]
 }

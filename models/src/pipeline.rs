@@ -3,6 +3,7 @@
 //! `llnode run --segments K` and the composition tests run through it.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use tract_onnx::prelude::*;
 
@@ -88,16 +89,63 @@ impl LocalPipeline {
     }
 }
 
-impl Forward for LocalPipeline {
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
+impl LocalPipeline {
+    /// One step; adds each segment's seconds to `times` when given.
+    fn step(&mut self, tokens: &[u32], mut times: Option<&mut [f64]>) -> Result<Vec<f32>, RunError> {
         let mut acts = step_inputs(tokens, self.past, self.with_positions);
-        for (runner, state) in self.runners.iter().zip(self.states.iter_mut()) {
+        for (s, (runner, state)) in self.runners.iter().zip(self.states.iter_mut()).enumerate() {
+            let started = Instant::now();
             let out = runner.run(state, tokens.len(), &acts)?;
+            if let Some(t) = times.as_deref_mut() {
+                t[s] += started.elapsed().as_secs_f64();
+            }
             acts.extend(out);
         }
         let logits = acts.get("logits").ok_or_else(|| RunError::MissingInput { units: 0..0, name: "logits".into() })?;
         self.past += tokens.len();
         last_logits(logits)
+    }
+}
+
+/// What one unit costs on this device, measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UnitTiming {
+    /// Seconds for a prefill of the measured prompt length.
+    pub prefill_s: f64,
+    /// Seconds per decoded token (the median step).
+    pub decode_s: f64,
+}
+
+/// Times every unit of `model` on this device, each as its own segment: a
+/// prefill of `prompt` tokens, then `steps` single-token decode steps.
+pub fn time_units(model: &Model, prompt: usize, steps: usize) -> Result<Vec<UnitTiming>, PipelineError> {
+    let n = model.units.len();
+    let segments: Vec<Range<usize>> = (0..n).map(|i| i..i + 1).collect();
+    let mut pipeline = LocalPipeline::load(model, &segments)?;
+    let tokens: Vec<u32> = (0..prompt.max(1) as u32).map(|t| t % 64 + 1).collect();
+    let mut prefill = vec![0.0; n];
+    pipeline.step(&tokens, Some(&mut prefill))?;
+    let mut decode: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); n];
+    for step in 0..steps.max(1) {
+        let mut t = vec![0.0; n];
+        pipeline.step(&[(step % 64 + 1) as u32], Some(&mut t))?;
+        for (unit, secs) in t.into_iter().enumerate() {
+            decode[unit].push(secs);
+        }
+    }
+    Ok(prefill
+        .into_iter()
+        .zip(decode)
+        .map(|(prefill_s, mut d)| {
+            d.sort_by(f64::total_cmp);
+            UnitTiming { prefill_s, decode_s: d[d.len() / 2] }
+        })
+        .collect())
+}
+
+impl Forward for LocalPipeline {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
+        self.step(tokens, None)
     }
 
     fn position(&self) -> usize {

@@ -7,10 +7,12 @@
 //! ├── mesh event loop (task; owns the libp2p Swarm and the gate)
 //! ├── DiscoveryActor   peer table, dialling, reconnect backoff, `llnode peers`
 //! ├── TrustActor       certificates, invites and joins, revocations on disk
+//! ├── PlanningActor    election, members' profiles, the signed plan
 //! └── control server   (task; Unix socket in the data directory)
 //! ```
 
 pub mod discovery;
+pub mod planning;
 pub mod trust;
 
 /// How long the control endpoint waits for an actor's answer.

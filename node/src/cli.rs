@@ -44,6 +44,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The mesh's current plan: who leads, which device runs which units, expected times and memory.
+    Plan {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Ask the leader to plan for this objective first, and wait for that plan.
+        #[arg(long, value_enum)]
+        objective: Option<ObjectiveArg>,
+        /// Say why: each stage's share and what limits the plan.
+        #[arg(long)]
+        explain: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a mesh, invite and admit devices, revoke them.
     #[command(subcommand)]
     Mesh(MeshCommand),
@@ -89,6 +103,15 @@ pub struct StartArgs {
     /// Dial this peer multiaddr at start and whenever it drops (repeatable).
     #[arg(long, env = "LLNODE_PEER", value_delimiter = ',')]
     pub peer: Vec<Multiaddr>,
+    /// The model package this node plans for (made by `llnode import`).
+    #[arg(long, env = "LLNODE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Memory this device offers the mesh, in bytes or with a unit (`1.5GiB`, `800MB`); default: what is available minus 512 MiB.
+    #[arg(long, env = "LLNODE_MEMORY", value_parser = parse_bytes)]
+    pub memory: Option<u64>,
+    /// What plans minimise.
+    #[arg(long, value_enum, default_value = "latency")]
+    pub objective: ObjectiveArg,
     /// The name this device asks for when it joins a mesh.
     #[arg(long, env = "LLNODE_NAME")]
     pub name: Option<String>,
@@ -98,6 +121,42 @@ pub struct StartArgs {
     /// How long certificates this node issues to joining devices last (owner only).
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub certificate_validity: Duration,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    /// Seconds per token for one sequence.
+    Latency,
+    /// The slowest pipeline stage (many sequences in flight).
+    Throughput,
+}
+
+impl From<ObjectiveArg> for llnode_planner::config::Objective {
+    fn from(o: ObjectiveArg) -> Self {
+        match o {
+            ObjectiveArg::Latency => llnode_planner::config::Objective::Latency,
+            ObjectiveArg::Throughput => llnode_planner::config::Objective::Throughput,
+        }
+    }
+}
+
+/// `1234`, `800MB`, `1.5GiB`…
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a size like 1.5GiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        other => return Err(format!("unknown size unit {other:?}; use B, KB, MB, GB, KiB, MiB or GiB")),
+    };
+    Ok((number * scale) as u64)
 }
 
 #[derive(Subcommand)]
@@ -248,6 +307,9 @@ impl Command {
             Command::Model(ModelCommand::Inspect { model }) => crate::run::inspect(&model),
             Command::Start(args) => {
                 let options = crate::start::StartOptions {
+                    model: args.model,
+                    memory: args.memory,
+                    objective: args.objective.into(),
                     listen: args.listen,
                     peers: args.peer,
                     mdns: !args.no_mdns,
@@ -258,6 +320,7 @@ impl Command {
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
+            Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Mesh(command) => command.execute(),
             Command::Demo { data_dir, segments, max_tokens, prompt } => {
                 crate::demo::demo(data_dir, segments, max_tokens, &prompt)

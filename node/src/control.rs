@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::discovery::{DiscoveryMsg, PeerRow};
+use crate::actor::planning::{PlanView, PlanningMsg};
 use crate::actor::trust::TrustMsg;
 
 pub const SOCKET: &str = "control.sock";
@@ -29,6 +30,8 @@ pub enum LocalRequest {
     /// `name`: default the node's `--name`.
     Join { token: String, name: Option<String> },
     Revoke { device: String },
+    /// The plan this node holds; with an objective, first ask the leader to plan for it.
+    Plan { objective: Option<llnode_planner::config::Objective> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,6 +41,7 @@ pub enum LocalResponse {
     Invite(String),
     Joined { name: String },
     Revoked { peer_id: String },
+    Plan(Box<PlanView>),
     Error(String),
 }
 
@@ -51,6 +55,7 @@ pub struct Local {
     pub client: llnode_mesh::MeshClient,
     pub discovery: ActorRef<DiscoveryMsg>,
     pub trust: ActorRef<TrustMsg>,
+    pub planning: ActorRef<PlanningMsg>,
 }
 
 /// Binds the socket, refusing if another node already serves this data directory.
@@ -140,6 +145,12 @@ async fn answer(local: &Local, request: LocalRequest) -> anyhow::Result<LocalRes
                 Ok(name) => LocalResponse::Joined { name },
                 Err(e) => LocalResponse::Error(e),
             }
+        }
+        LocalRequest::Plan { objective } => {
+            if let Some(objective) = objective {
+                local.planning.cast(PlanningMsg::SetObjective(objective))?;
+            }
+            LocalResponse::Plan(Box::new(call_t!(local.planning, PlanningMsg::Show, CALL_TIMEOUT_MS)?))
         }
         LocalRequest::Revoke { device } => match call_t!(local.trust, |reply| TrustMsg::Revoke { device, reply }, CALL_TIMEOUT_MS)? {
             Ok(peer) => LocalResponse::Revoked { peer_id: peer.to_base58() },

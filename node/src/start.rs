@@ -10,10 +10,15 @@ use ractor::Actor;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor::discovery::{DiscoveryActor, DiscoveryArgs, DiscoveryMsg};
+use crate::actor::planning::{PlanningActor, PlanningArgs, PlanningMsg};
 use crate::actor::trust::{TrustActor, TrustArgs, TrustMsg};
 use crate::control::{self, Local};
 
 pub struct StartOptions {
+    /// The package this node plans for.
+    pub model: Option<std::path::PathBuf>,
+    pub memory: Option<u64>,
+    pub objective: llnode_planner::config::Objective,
     pub listen: Vec<Multiaddr>,
     pub peers: Vec<Multiaddr>,
     pub mdns: bool,
@@ -31,9 +36,18 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     let key = DeviceKey::load_or_create(&data_dir.join(llnode_mesh::identity::DEVICE_KEY_FILE))?;
     let trust = Trust::load(data_dir)?;
     let mesh = trust.mesh();
+    let trust_name = trust.own_certificate().and_then(|c| c.open().ok()).map(|c| c.name);
     if mesh.is_none() {
         eprintln!("note: this device is in no mesh yet, so every peer will refuse it; `llnode mesh init` or `llnode mesh join <token>`");
     }
+    let model = match &options.model {
+        Some(dir) => {
+            let (manifest, id) = llnode_models::package::Manifest::read(dir)
+                .with_context(|| format!("--model {} must be a package written by `llnode import`", dir.display()))?;
+            Some((id, crate::profile::model_cost(&manifest.cost)))
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let config = MeshConfig { listen: options.listen, mdns: options.mdns, ..MeshConfig::default() };
 
@@ -55,12 +69,37 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         certificate_validity: options.certificate_validity,
     };
     let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
+    let planning_args = PlanningArgs { key: key.clone(), client: client.clone(), model, objective: options.objective };
+    let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
+    {
+        // Measuring runs every unit once: seconds for big models, so off the runtime.
+        // Members know each other by their certificates' names.
+        let name = trust_name.unwrap_or_else(|| options.name.clone());
+        let (planning, id) = (planning.clone(), key.peer_id().to_base58());
+        let (package, memory) = (options.model.clone(), options.memory);
+        tokio::task::spawn_blocking(move || match crate::profile::measure(&id, &name, package.as_deref(), memory) {
+            Ok(profile) => {
+                let _ = planning.cast(PlanningMsg::Measured(profile));
+            }
+            Err(e) => tracing::error!("cannot measure this device: {e:#}"),
+        });
+    }
 
     let router = {
-        let (discovery, trust_actor, client) = (discovery.clone(), trust_actor.clone(), client.clone());
+        let (discovery, trust_actor, planning, client) = (discovery.clone(), trust_actor.clone(), planning.clone(), client.clone());
         tokio::spawn(async move {
             while let Some(event) = events_rx.recv().await {
                 match event {
+                    MeshEvent::Member { peer } => {
+                        let _ = planning.cast(PlanningMsg::MemberUp(peer));
+                    }
+                    MeshEvent::Control { peer, id, request: llnode_mesh::wire::ControlRequest::Node(bytes) } => {
+                        let _ = planning.cast(PlanningMsg::Inbound { peer, id, bytes });
+                    }
+                    MeshEvent::Disconnected { peer } | MeshEvent::Refused { peer, .. } => {
+                        let _ = planning.cast(PlanningMsg::MemberDown(peer));
+                        let _ = discovery.cast(DiscoveryMsg::Event(event));
+                    }
                     MeshEvent::JoinRequest { peer, id, secret, name } => {
                         let _ = trust_actor.cast(TrustMsg::JoinRequest { peer, id, secret, name });
                     }
@@ -73,6 +112,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                     }
                     MeshEvent::Control { id, .. } => {
                         client.respond(id, llnode_mesh::wire::ControlResponse::Refused { reason: "this node does not serve that request".into() })
+                    }
+                    MeshEvent::Tensor { id, tensor, .. } if tensor.header.name == crate::actor::planning::PROBE => {
+                        client.ack_tensor(id, llnode_mesh::wire::TensorAck::Received)
                     }
                     MeshEvent::Tensor { id, .. } => client.ack_tensor(
                         id,
@@ -95,6 +137,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         client: client.clone(),
         discovery: discovery.clone(),
         trust: trust_actor.clone(),
+        planning: planning.clone(),
     };
     let server = tokio::spawn(control::serve(listener, local, shutdown.clone()));
     let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
@@ -108,6 +151,8 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     router.abort();
     discovery.stop(None);
     trust_actor.stop(None);
+    planning.stop(None);
+    let _ = planning_handle.await;
     let _ = discovery_handle.await;
     let _ = trust_handle.await;
     let _ = std::fs::remove_file(control::socket_path(data_dir));

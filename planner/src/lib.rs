@@ -7,12 +7,14 @@
 //! latency or the slowest stage under each device's memory. `exhaustive`
 //! checks it on small instances, `simulate` replays plans, `baseline` holds
 //! the rules of thumb it is measured against and `phone` real phones to
-//! measure on. `planner/README.md` writes the formulation out.
+//! measure on; `election` picks the member that plans. `planner/README.md`
+//! writes the formulation out.
 
 pub mod assign;
 pub mod baseline;
 pub mod config;
 pub mod cost;
+pub mod election;
 pub mod exhaustive;
 mod instance;
 pub mod phone;

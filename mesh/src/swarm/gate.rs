@@ -195,6 +195,7 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().control.send_response(channel, refusal);
                     return;
                 }
+                let wire_id = request.id;
                 match request.body {
                     // Answered here: round trips measure the mesh, not the node.
                     ControlRequest::Echo(bytes) => {
@@ -203,6 +204,11 @@ impl EventLoop {
                     ControlRequest::Revocations(list) => {
                         let _ = self.swarm.behaviour_mut().control.send_response(channel, Frame::new(request.id, ControlResponse::Ack));
                         self.learn_revocations(list, Some(peer));
+                    }
+                    request @ ControlRequest::Node(_) => {
+                        let id = InboundId(self.id());
+                        self.in_control.insert(id, (wire_id, channel));
+                        self.emit(MeshEvent::Control { peer, id, request });
                     }
                     ControlRequest::Introduce(members) => {
                         let _ = self.swarm.behaviour_mut().control.send_response(channel, Frame::new(request.id, ControlResponse::Ack));

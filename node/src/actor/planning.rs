@@ -1,0 +1,446 @@
+//! PlanningActor: child of `llnode start`. Owns the election state, the
+//! members' profiles and the plan this node holds. Every member measures
+//! itself and sends its profile to every member; the elected leader solves
+//! the assignment MIP (on the blocking pool) whenever membership or profiles
+//! change, signs the plan with its device key, numbers it by epoch and sends
+//! it to every member. Members keep only plans signed by a live member and
+//! newer than the one they hold.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use llnode_mesh::wire::{ControlRequest, ControlResponse};
+use llnode_mesh::{DeviceKey, MeshClient, PeerId};
+use llnode_planner::config::{Config, Objective};
+use llnode_planner::cost::ModelCost;
+use llnode_planner::election::{Election, Leadership};
+use llnode_planner::plan::{Plan, PlanError};
+use llnode_planner::profile::{DeviceProfile, Link};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{NodeMessage, PlanDoc, SignedPlan};
+
+/// Changes arriving within this time are planned for together.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How long the leader waits for a new member's profile before planning without it.
+const PROFILE_WAIT: Duration = Duration::from_secs(5);
+/// How often links to members are measured again.
+const LINK_INTERVAL: Duration = Duration::from_secs(30);
+/// Bytes of the bandwidth probe.
+const PROBE_BYTES: usize = 1 << 20;
+/// A link measurement that moves by more than this share is worth a new plan.
+const LINK_CHANGE: f64 = 0.5;
+
+pub struct PlanningActor;
+
+pub struct PlanningArgs {
+    pub key: DeviceKey,
+    pub client: MeshClient,
+    /// The package this node plans for (leaders need one), with its id and cost.
+    pub model: Option<(String, ModelCost)>,
+    pub objective: Objective,
+}
+
+pub enum PlanningMsg {
+    /// Trust became mutual with `peer` (it can receive our messages).
+    MemberUp(PeerId),
+    MemberDown(PeerId),
+    /// A member's message; answer through the mesh with `respond(id, ..)`.
+    Inbound { peer: PeerId, id: llnode_mesh::event::InboundId, bytes: Vec<u8> },
+    /// This device's own profile, measured.
+    Measured(DeviceProfile),
+    /// Measure round trips and bandwidth to every member.
+    MeasureLinks,
+    LinksMeasured(BTreeMap<String, Link>),
+    /// Plan now if this node leads and something changed.
+    Replan,
+    Solved { generation: u64, result: Result<Plan, PlanError> },
+    /// Asked locally: plan again with this objective (sent to the leader).
+    SetObjective(Objective),
+    Show(RpcReplyPort<PlanView>),
+}
+
+/// What `llnode plan` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanView {
+    pub me: String,
+    pub leadership: Option<Leadership>,
+    pub leader_name: Option<String>,
+    pub members: Vec<String>,
+    pub epoch: Option<u64>,
+    pub model: Option<String>,
+    pub plan: Option<Plan>,
+    /// Why there is no plan (yet).
+    pub problem: Option<String>,
+    /// Recent planning events, oldest first.
+    pub history: Vec<String>,
+}
+
+pub struct PlanningState {
+    args: PlanningArgs,
+    me: String,
+    election: Election,
+    members: BTreeSet<PeerId>,
+    profiles: HashMap<String, DeviceProfile>,
+    held: Option<(SignedPlan, PlanDoc)>,
+    problem: Option<String>,
+    history: Vec<String>,
+    /// Bumped on every change a plan must reflect; a solve for an older one is stale.
+    generation: u64,
+    solving: bool,
+    replan_queued: bool,
+    /// Since when a live member's profile has been missing.
+    waiting_since: Option<std::time::Instant>,
+    /// Measured links to members, kept apart from the profile they join.
+    links: BTreeMap<String, Link>,
+}
+
+impl Actor for PlanningActor {
+    type Msg = PlanningMsg;
+    type State = PlanningState;
+    type Arguments = PlanningArgs;
+
+    async fn pre_start(&self, _: ActorRef<PlanningMsg>, args: PlanningArgs) -> Result<PlanningState, ActorProcessingErr> {
+        let me = args.key.peer_id().to_base58();
+        Ok(PlanningState {
+            election: Election::new(&me),
+            me,
+            args,
+            members: BTreeSet::new(),
+            profiles: HashMap::new(),
+            held: None,
+            problem: Some("waiting for this device's profile".into()),
+            history: Vec::new(),
+            generation: 0,
+            solving: false,
+            replan_queued: false,
+            waiting_since: None,
+            links: BTreeMap::new(),
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<PlanningMsg>, _: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+        myself.send_interval(LINK_INTERVAL, || PlanningMsg::MeasureLinks);
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<PlanningMsg>, msg: PlanningMsg, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PlanningMsg::MemberUp(peer) => {
+                state.members.insert(peer);
+                state.membership_changed();
+                // Bring the newcomer up to date: who leads, our profile, our plan.
+                if let Some(l) = state.election.current().cloned() {
+                    state.send(peer, NodeMessage::Leader(l));
+                }
+                if let Some(p) = state.profiles.get(&state.me).cloned() {
+                    state.send(peer, NodeMessage::Profile(p));
+                }
+                if let Some((signed, _)) = state.held.clone() {
+                    state.send(peer, NodeMessage::Plan(signed));
+                }
+                state.changed(&myself);
+                myself.send_after(Duration::from_millis(500), || PlanningMsg::MeasureLinks);
+            }
+            PlanningMsg::MemberDown(peer) => {
+                if state.members.remove(&peer) {
+                    state.profiles.remove(&peer.to_base58());
+                    state.membership_changed();
+                    state.changed(&myself);
+                }
+            }
+            PlanningMsg::Inbound { peer, id, bytes } => {
+                let answer = match NodeMessage::decode(&bytes) {
+                    Ok(message) => state.inbound(peer, message, &myself),
+                    Err(e) => Err(e),
+                };
+                let response = match answer {
+                    Ok(()) => ControlResponse::Ack,
+                    Err(reason) => {
+                        tracing::info!(%peer, "refused a planning message: {reason}");
+                        ControlResponse::Refused { reason }
+                    }
+                };
+                state.args.client.respond(id, response);
+            }
+            PlanningMsg::Measured(mut profile) => {
+                state.note(format!("measured this device: {}", describe(&profile)));
+                profile.links = state.links.clone();
+                state.profiles.insert(state.me.clone(), profile.clone());
+                state.broadcast(NodeMessage::Profile(profile));
+                state.changed(&myself);
+            }
+            PlanningMsg::MeasureLinks => {
+                let (client, peers, myself) = (state.args.client.clone(), state.members.clone(), myself.clone());
+                tokio::spawn(async move {
+                    let mut links = BTreeMap::new();
+                    for peer in peers {
+                        if let Some(link) = measure_link(&client, peer).await {
+                            links.insert(peer.to_base58(), link);
+                        }
+                    }
+                    let _ = myself.cast(PlanningMsg::LinksMeasured(links));
+                });
+            }
+            PlanningMsg::LinksMeasured(links) => {
+                let changed = links.iter().any(|(peer, new)| match state.links.get(peer) {
+                    None => true,
+                    Some(old) => {
+                        let moved = |a: f64, b: f64| (a - b).abs() > LINK_CHANGE * b.max(1e-9);
+                        moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s) || moved(new.rtt_s, old.rtt_s)
+                    }
+                });
+                state.links.extend(links);
+                state.links.retain(|peer, _| state.members.iter().any(|m| m.to_base58() == *peer));
+                if changed {
+                    if let Some(mut profile) = state.profiles.get(&state.me).cloned() {
+                        profile.links = state.links.clone();
+                        state.profiles.insert(state.me.clone(), profile.clone());
+                        state.broadcast(NodeMessage::Profile(profile));
+                        state.changed(&myself);
+                    }
+                }
+            }
+            PlanningMsg::Replan => {
+                state.replan_queued = false;
+                state.replan(&myself);
+            }
+            PlanningMsg::Solved { generation, result } => {
+                state.solving = false;
+                if generation != state.generation {
+                    state.changed(&myself); // things moved while solving: solve again
+                } else {
+                    state.publish(result);
+                }
+            }
+            PlanningMsg::SetObjective(objective) => {
+                state.args.objective = objective;
+                match state.election.current().map(|l| l.leader.clone()) {
+                    Some(leader) if leader != state.me => {
+                        if let Ok(peer) = leader.parse() {
+                            state.send(peer, NodeMessage::Replan { objective });
+                        }
+                    }
+                    _ => state.changed(&myself),
+                }
+            }
+            PlanningMsg::Show(reply) => {
+                let _ = reply.send(state.view());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PlanningState {
+    fn note(&mut self, event: String) {
+        tracing::info!("{event}");
+        self.history.push(event);
+        if self.history.len() > 50 {
+            self.history.remove(0);
+        }
+    }
+
+    fn send(&self, peer: PeerId, message: NodeMessage) {
+        let client = self.args.client.clone();
+        let bytes = message.encode();
+        tokio::spawn(async move {
+            if let Err(e) = client.request(peer, ControlRequest::Node(bytes)).await {
+                tracing::debug!(%peer, "planning message not delivered: {e}");
+            }
+        });
+    }
+
+    fn broadcast(&self, message: NodeMessage) {
+        for peer in &self.members {
+            self.send(*peer, message.clone());
+        }
+    }
+
+    fn membership_changed(&mut self) {
+        let live = self.members.iter().map(|p| p.to_base58()).collect();
+        if let Some(leadership) = self.election.members(live) {
+            self.note(format!("term {}: {} leads (the previous leader left or there was none)", leadership.term, self.name_of(&leadership.leader)));
+            self.broadcast(NodeMessage::Leader(leadership));
+        }
+    }
+
+    fn name_of(&self, id: &str) -> String {
+        match self.profiles.get(id) {
+            Some(p) => p.name.clone(),
+            None => short(id),
+        }
+    }
+
+    /// Something a plan depends on changed: plan again shortly, if leading.
+    fn changed(&mut self, myself: &ActorRef<PlanningMsg>) {
+        self.generation += 1;
+        if self.election.is_leader() && !self.replan_queued {
+            self.replan_queued = true;
+            myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
+        }
+    }
+
+    /// A message from `peer`, which the mesh's gate has already found trusted.
+    fn inbound(&mut self, peer: PeerId, message: NodeMessage, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
+        match message {
+            NodeMessage::Leader(leadership) => {
+                let was_leader = self.election.is_leader();
+                if self.election.announced(leadership.clone()) {
+                    self.note(format!("term {}: {} leads", leadership.term, self.name_of(&leadership.leader)));
+                    if self.election.is_leader() != was_leader {
+                        self.changed(myself);
+                    }
+                }
+                Ok(())
+            }
+            NodeMessage::Profile(profile) => {
+                if profile.id != peer.to_base58() {
+                    return Err("a profile must be the sender's own".into());
+                }
+                self.profiles.insert(profile.id.clone(), profile);
+                self.changed(myself);
+                Ok(())
+            }
+            NodeMessage::Plan(signed) => self.receive_plan(&peer, signed),
+            NodeMessage::Replan { objective } => {
+                if !self.election.is_leader() {
+                    return Err("this node does not lead; ask the leader".into());
+                }
+                self.args.objective = objective;
+                self.changed(myself);
+                Ok(())
+            }
+        }
+    }
+
+    fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan) -> Result<(), String> {
+        let doc = signed.open()?;
+        let signer_live =
+            doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
+        if !signer_live {
+            return Err("the plan is signed by a device that is not a live member".into());
+        }
+        if let Some((_, held)) = &self.held {
+            if doc.epoch <= held.epoch {
+                return Err(format!("plan epoch {} is not newer than the held epoch {}", doc.epoch, held.epoch));
+            }
+        }
+        self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
+        self.held = Some((signed, doc));
+        self.problem = None;
+        Ok(())
+    }
+
+    fn replan(&mut self, myself: &ActorRef<PlanningMsg>) {
+        if !self.election.is_leader() || self.solving {
+            return;
+        }
+        let Some((model_id, cost)) = self.args.model.clone() else {
+            self.problem = Some("the leader has no model to plan for; start it with --model <package>".into());
+            return;
+        };
+        let live: Vec<String> = std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect();
+        let missing: Vec<String> = live.iter().filter(|id| !self.profiles.contains_key(*id)).cloned().collect();
+        if !missing.is_empty() {
+            let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < PROFILE_WAIT {
+                self.problem = Some(format!("waiting for the profiles of {}", missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")));
+                self.replan_queued = true;
+                myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
+                return;
+            }
+        }
+        self.waiting_since = None;
+        let devices: Vec<DeviceProfile> = live.iter().filter_map(|id| self.profiles.get(id).cloned()).collect();
+        let config = Config {
+            objective: self.args.objective,
+            context_tokens: 1024,
+            // Pairs that have not measured each other: a Wi-Fi-like link.
+            assumed_link: Some(Link { bandwidth_bytes_per_s: 20e6, rtt_s: 0.005 }),
+            time_limit: Duration::from_secs(5),
+            ..Config::default()
+        };
+        self.solving = true;
+        let generation = self.generation;
+        let myself = myself.clone();
+        self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
+        tokio::task::spawn_blocking(move || {
+            let result = llnode_planner::assign::plan(&cost, &devices, &config);
+            let _ = myself.cast(PlanningMsg::Solved { generation, result });
+        });
+    }
+
+    fn publish(&mut self, result: Result<Plan, PlanError>) {
+        if !self.election.is_leader() {
+            return;
+        }
+        let plan = match result {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.note(format!("no plan: {e}"));
+                self.problem = Some(e.to_string());
+                return;
+            }
+        };
+        let Some((model, _)) = self.args.model.clone() else { return };
+        let term = self.election.current().map_or(0, |l| l.term);
+        let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
+        let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now() };
+        let signed = SignedPlan::sign(&doc, &self.args.key);
+        self.note(format!("epoch {epoch}: published a plan with {} stages, {:.2} ms/token", doc.plan.stages.len(), doc.plan.latency_s * 1e3));
+        self.held = Some((signed.clone(), doc));
+        self.problem = None;
+        self.broadcast(NodeMessage::Plan(signed));
+    }
+
+    fn view(&self) -> PlanView {
+        let leadership = self.election.current().cloned();
+        PlanView {
+            me: self.me.clone(),
+            leader_name: leadership.as_ref().map(|l| self.name_of(&l.leader)),
+            leadership,
+            members: self.members.iter().map(|p| p.to_base58()).collect(),
+            epoch: self.held.as_ref().map(|(_, d)| d.epoch),
+            model: self.held.as_ref().map(|(_, d)| d.model.clone()),
+            plan: self.held.as_ref().map(|(_, d)| d.plan.clone()),
+            problem: self.problem.clone(),
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// Round trip (the best of a few small echoes) and bandwidth (a 1 MiB probe) to `peer`.
+async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
+    let mut rtt = f64::MAX;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        client.request(peer, ControlRequest::Echo(vec![0; 32])).await.ok()?;
+        rtt = rtt.min(started.elapsed().as_secs_f64());
+    }
+    let probe = llnode_mesh::wire::Tensor {
+        header: llnode_mesh::wire::TensorHeader {
+            session: 0,
+            name: PROBE.into(),
+            dtype: llnode_mesh::wire::DType::U8,
+            shape: vec![PROBE_BYTES as u64],
+        },
+        data: vec![0; PROBE_BYTES],
+    };
+    let started = std::time::Instant::now();
+    client.send_tensor(peer, probe).await.ok()?;
+    let transfer = (started.elapsed().as_secs_f64() - rtt).max(1e-6);
+    Some(Link { bandwidth_bytes_per_s: PROBE_BYTES as f64 / transfer, rtt_s: rtt })
+}
+
+/// The name of bandwidth probes, which every node acknowledges and drops.
+pub const PROBE: &str = "llnode.probe";
+
+fn describe(p: &DeviceProfile) -> String {
+    format!("{:.1} GiB usable, {:.2} GFLOP/s", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
+}
+
+fn short(id: &str) -> String {
+    id[id.len().saturating_sub(8)..].to_string()
+}

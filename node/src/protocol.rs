@@ -1,0 +1,118 @@
+//! The node's own messages between members, carried by the mesh as opaque
+//! CBOR inside `ControlRequest::Node`, and the signed, numbered plan.
+
+use ed25519_dalek::{Signature, Signer, Verifier};
+use llnode_mesh::identity;
+use llnode_mesh::{DeviceKey, PeerId};
+use llnode_planner::config::Objective;
+use llnode_planner::election::Leadership;
+use llnode_planner::plan::Plan;
+use llnode_planner::profile::DeviceProfile;
+use serde::{Deserialize, Serialize};
+
+const PLAN_DOMAIN: &[u8] = b"llnode plan v1\0";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NodeMessage {
+    /// "This is who leads, as far as I know."
+    Leader(Leadership),
+    /// The sender's measured profile (its id must be the sender's peer id).
+    Profile(DeviceProfile),
+    /// A plan published by the leader.
+    Plan(SignedPlan),
+    /// Asks the leader to plan again, for this objective.
+    Replan { objective: Objective },
+}
+
+impl NodeMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_cbor::to_vec(self).expect("node messages encode")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<NodeMessage, String> {
+        serde_cbor::from_slice(bytes).map_err(|e| format!("malformed node message: {e}"))
+    }
+}
+
+/// What the leader publishes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanDoc {
+    /// Numbered across leaders: a member keeps the highest it has seen.
+    pub epoch: u64,
+    pub term: u64,
+    /// The leader's peer id; its key signs the plan.
+    pub leader: String,
+    /// The package the plan runs.
+    pub model: String,
+    pub plan: Plan,
+    /// Unix seconds.
+    pub issued_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignedPlan {
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedPlan {
+    pub fn sign(doc: &PlanDoc, key: &DeviceKey) -> SignedPlan {
+        let body = serde_cbor::to_vec(doc).expect("plans encode");
+        let signature = key.signing().sign(&[PLAN_DOMAIN, &body].concat()).to_bytes().to_vec();
+        SignedPlan { body, signature }
+    }
+
+    /// The plan, if its leader's key signed it.
+    pub fn open(&self) -> Result<PlanDoc, String> {
+        let doc: PlanDoc = serde_cbor::from_slice(&self.body).map_err(|e| format!("malformed plan: {e}"))?;
+        let leader: PeerId = doc.leader.parse().map_err(|_| "the plan's leader is not a peer id".to_string())?;
+        let key = identity::key_of(&leader).ok_or("the plan's leader has no ed25519 key")?;
+        let signature = Signature::from_slice(&self.signature).map_err(|_| "the plan is unsigned".to_string())?;
+        key.verify(&[PLAN_DOMAIN, &self.body].concat(), &signature).map_err(|_| "the plan's signature is not its leader's".to_string())?;
+        Ok(doc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llnode_planner::plan::{Method, Plan};
+
+    fn doc(leader: &DeviceKey, epoch: u64) -> PlanDoc {
+        let plan = Plan {
+            objective: Objective::Latency,
+            objective_s: 0.1,
+            latency_s: 0.1,
+            bottleneck_s: 0.1,
+            context_tokens: 16,
+            stages: Vec::new(),
+            excluded: Vec::new(),
+            method: Method::Baseline { name: "test".into() },
+        };
+        PlanDoc { epoch, term: 1, leader: leader.peer_id().to_base58(), model: "m".into(), plan, issued_at: 0 }
+    }
+
+    #[test]
+    fn plans_open_only_with_their_leaders_signature() {
+        let leader = DeviceKey::generate();
+        let signed = SignedPlan::sign(&doc(&leader, 3), &leader);
+        assert_eq!(signed.open().unwrap().epoch, 3);
+
+        let mut tampered = signed.clone();
+        let last = tampered.body.len() - 1;
+        tampered.body[last] ^= 1;
+        assert!(tampered.open().is_err());
+
+        // Signed by another device while naming this leader.
+        let impostor = DeviceKey::generate();
+        assert!(SignedPlan::sign(&doc(&leader, 4), &impostor).open().unwrap_err().contains("signature"));
+        let unsigned = SignedPlan { body: signed.body.clone(), signature: Vec::new() };
+        assert!(unsigned.open().unwrap_err().contains("unsigned"));
+
+        let message = NodeMessage::Plan(signed);
+        assert!(matches!(NodeMessage::decode(&message.encode()), Ok(NodeMessage::Plan(_))));
+        assert!(NodeMessage::decode(b"junk").is_err());
+    }
+}

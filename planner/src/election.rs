@@ -1,0 +1,173 @@
+//! Leader election among the live trusted members of a mesh, as a pure
+//! state machine the node's planning actor drives.
+//!
+//! A leadership is a `(term, leader)` pair. A leader stays while it is live.
+//! When the leader leaves (or there is none yet), a member starts term + 1
+//! with the smallest live id as leader, and announces it. Between two
+//! leaderships the higher term wins, and within a term the smaller id, so
+//! every member that hears the same announcements settles on the same leader,
+//! whatever order they arrive in; when two partitions merge, the one with the
+//! higher term keeps its leader. Ids are compared as strings (peer ids).
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+/// Who leads, and since which term.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Leadership {
+    pub term: u64,
+    pub leader: String,
+}
+
+impl Leadership {
+    /// Whether `self` wins over `other`: higher term, then smaller id.
+    pub fn beats(&self, other: &Leadership) -> bool {
+        (self.term, std::cmp::Reverse(&self.leader)) > (other.term, std::cmp::Reverse(&other.leader))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Election {
+    me: String,
+    live: BTreeSet<String>,
+    current: Option<Leadership>,
+}
+
+impl Election {
+    pub fn new(me: &str) -> Election {
+        Election { me: me.to_string(), live: BTreeSet::new(), current: None }
+    }
+
+    pub fn current(&self) -> Option<&Leadership> {
+        self.current.as_ref()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.current.as_ref().is_some_and(|l| l.leader == self.me)
+    }
+
+    pub fn live(&self) -> &BTreeSet<String> {
+        &self.live
+    }
+
+    fn is_live(&self, id: &str) -> bool {
+        id == self.me || self.live.contains(id)
+    }
+
+    /// The set of live members (not counting this one) changed. Returns a new
+    /// leadership to announce when the leader is gone (or there was none).
+    pub fn members(&mut self, live: BTreeSet<String>) -> Option<Leadership> {
+        self.live = live;
+        self.live.remove(&self.me);
+        if self.current.as_ref().is_some_and(|l| self.is_live(&l.leader)) {
+            return None;
+        }
+        let term = self.current.as_ref().map_or(0, |l| l.term) + 1;
+        let leader = self.live.iter().next().filter(|first| **first < self.me).cloned().unwrap_or_else(|| self.me.clone());
+        let next = Leadership { term, leader };
+        self.current = Some(next.clone());
+        Some(next)
+    }
+
+    /// A member announced a leadership. Returns true when this member now
+    /// follows it. Announcements naming a leader this member cannot see are
+    /// ignored (it will announce its own, which the others weigh in turn).
+    pub fn announced(&mut self, announced: Leadership) -> bool {
+        if !self.is_live(&announced.leader) {
+            return false;
+        }
+        match &self.current {
+            Some(current) if !announced.beats(current) => false,
+            _ => {
+                self.current = Some(announced);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Members exchanging every announcement until nothing changes.
+    fn settle(nodes: &mut [Election], links: &[(usize, usize)]) {
+        loop {
+            let mut changed = false;
+            for &(a, b) in links {
+                for (from, to) in [(a, b), (b, a)] {
+                    if let Some(l) = nodes[from].current().cloned() {
+                        changed |= nodes[to].announced(l);
+                    }
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn three_members_agree_on_the_smallest_id() {
+        let ids = ["c", "a", "b"];
+        let mut nodes: Vec<Election> = ids.iter().map(|id| Election::new(id)).collect();
+        // Each sees the others, in its own order, before any announcement.
+        for n in &mut nodes {
+            n.members(set(&ids));
+        }
+        settle(&mut nodes, &[(0, 1), (1, 2), (0, 2)]);
+        for n in &nodes {
+            assert_eq!(n.current(), Some(&Leadership { term: 1, leader: "a".into() }));
+        }
+        assert!(nodes[1].is_leader() && !nodes[0].is_leader());
+    }
+
+    #[test]
+    fn a_departed_leader_is_replaced_in_a_higher_term() {
+        let mut nodes: Vec<Election> = ["a", "b", "c"].iter().map(|id| Election::new(id)).collect();
+        for n in &mut nodes {
+            n.members(set(&["a", "b", "c"]));
+        }
+        settle(&mut nodes, &[(0, 1), (1, 2), (0, 2)]);
+        // "a" leaves; "b" and "c" notice at different times.
+        let new = nodes[2].members(set(&["b"])).unwrap();
+        assert_eq!(new, Leadership { term: 2, leader: "b".into() });
+        assert_eq!(nodes[1].members(set(&["c"])), Some(new.clone()));
+        settle(&mut nodes[1..], &[(0, 1)]);
+        assert_eq!(nodes[1].current(), Some(&new));
+        // A new member does not unseat a live leader, even with a smaller id.
+        assert_eq!(nodes[1].members(set(&["c", "0"])), None);
+        assert_eq!(nodes[1].current(), Some(&new));
+    }
+
+    #[test]
+    fn when_partitions_merge_the_higher_term_wins() {
+        // Partition one went through three leaders; partition two through one.
+        let mut one = Election::new("m");
+        one.announced(Leadership { term: 3, leader: "m".into() });
+        let mut two = Election::new("b");
+        two.members(set(&["z"]));
+        assert_eq!(two.current().unwrap().term, 1);
+        one.members(set(&["b", "z"]));
+        two.members(set(&["m", "z"]));
+        let mut nodes = vec![one, two];
+        settle(&mut nodes, &[(0, 1)]);
+        assert_eq!(nodes[1].current(), Some(&Leadership { term: 3, leader: "m".into() }));
+        assert_eq!(nodes[0].current(), Some(&Leadership { term: 3, leader: "m".into() }));
+    }
+
+    #[test]
+    fn announcements_of_unseen_or_older_leaders_are_ignored() {
+        let mut e = Election::new("b");
+        e.members(set(&["c"]));
+        assert!(!e.announced(Leadership { term: 9, leader: "ghost".into() }));
+        assert!(!e.announced(Leadership { term: 0, leader: "c".into() }));
+        assert!(e.announced(Leadership { term: 2, leader: "c".into() }));
+        assert!(!e.is_leader());
+    }
+}

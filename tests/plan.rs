@@ -1,0 +1,94 @@
+//! Planning across real processes: members elect one leader, which measures
+//! nothing itself but plans from every member's measured profile, signs the
+//! plan and sends it to all; when the leader dies the others elect a new one
+//! and publish a newer plan without it.
+
+#[path = "support.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Node, admit, ok, s};
+
+fn plan(node: &Node) -> Value {
+    serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&node.dir)])).expect("plan --json is JSON")
+}
+
+/// Polls until every node holds a plan satisfying `check`, the same one; returns it.
+fn agreed(nodes: &[&Node], what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let views: Vec<Value> = nodes.iter().map(|n| plan(n)).collect();
+        let same = views.windows(2).all(|w| w[0]["epoch"] == w[1]["epoch"] && w[0]["leadership"] == w[1]["leadership"]);
+        if same && views.iter().all(|v| !v["plan"].is_null() && check(v)) {
+            return views.into_iter().next().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no agreement on {what}: {views:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn devices(view: &Value) -> Vec<String> {
+    view["plan"]["stages"].as_array().unwrap().iter().map(|s| s["device"].as_str().unwrap().to_string()).collect()
+}
+
+/// Every unit once, in order, across the stages.
+fn covers(view: &Value, units: u64) -> bool {
+    let mut next = 0;
+    for stage in view["plan"]["stages"].as_array().unwrap() {
+        if stage["units"]["start"] != next {
+            return false;
+        }
+        next = stage["units"]["end"].as_u64().unwrap();
+    }
+    next == units
+}
+
+#[test]
+fn members_agree_on_a_leader_and_a_plan_and_replace_a_dead_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = |n: &str| root.path().join(n);
+    let package = dir("tiny");
+    ok(&["model", "synth", "-o", s(&dir("export"))]);
+    ok(&["import", s(&dir("export")), "-o", s(&package)]);
+    let units = std::fs::read_to_string(package.join("manifest.json")).unwrap().matches("\"file\": \"units/").count() as u64;
+    ok(&["mesh", "init", "--data-dir", s(&dir("a")), "--name", "alpha"]);
+    admit(&dir("a"), &dir("b"), "bravo", "1d");
+    admit(&dir("a"), &dir("c"), "charlie", "1d");
+
+    // Each offers 1 MiB: the model (about 1.8 MiB with its KV cache) must be split.
+    let args = ["--model", s(&package), "--memory", "1MiB"];
+    let start = |d: &Path, peers: &[&Node]| Node::start_with(d, peers, &args);
+    let a = start(&dir("a"), &[]);
+    let b = start(&dir("b"), &[&a]);
+    let c = start(&dir("c"), &[&a]);
+
+    let smallest = [&a, &b, &c].iter().map(|n| n.peer_id.clone()).min().unwrap();
+    let first = agreed(&[&a, &b, &c], "the first plan", |v| {
+        v["leadership"]["leader"] == smallest.as_str() && v["members"].as_array().unwrap().len() == 2
+    });
+    assert!(covers(&first, units), "{first:#}");
+    assert!(devices(&first).len() >= 2, "1 MiB each cannot hold the model alone: {first:#}");
+    let text = ok(&["plan", "--data-dir", s(&b.dir), "--explain"]);
+    assert!(text.contains("leader:") && text.contains("per token") && text.contains("history"), "{text}");
+
+    // Kill the leader: the other two elect the smaller of them and plan without it.
+    let term = first["leadership"]["term"].as_u64().unwrap();
+    let epoch = first["epoch"].as_u64().unwrap();
+    let mut nodes = vec![a, b, c];
+    let leader_index = nodes.iter().position(|n| n.peer_id == smallest).unwrap();
+    nodes.remove(leader_index).stop();
+    let next_leader = nodes.iter().map(|n| n.peer_id.clone()).min().unwrap();
+    let second = agreed(&[&nodes[0], &nodes[1]], "a plan without the dead leader", |v| {
+        v["leadership"]["leader"] == next_leader.as_str() && v["epoch"].as_u64().unwrap() > epoch
+    });
+    assert!(second["leadership"]["term"].as_u64().unwrap() > term, "{second:#}");
+    assert!(covers(&second, units), "{second:#}");
+    assert!(!devices(&second).contains(&smallest), "the dead leader is in the new plan: {second:#}");
+
+    // Asking for another objective gets a plan for it.
+    let out = ok(&["plan", "--data-dir", s(&nodes[0].dir), "--objective", "throughput"]);
+    assert!(out.contains("slowest pipeline stage"), "{out}");
+}

@@ -1,0 +1,136 @@
+//! Helpers for the multi-process tests: run `llnode`, start nodes that are
+//! killed when dropped, and poll what `llnode peers` shows.
+#![allow(dead_code)] // each test file uses its own share
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llnode");
+
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn llnode(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("llnode runs");
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = llnode(args);
+    assert!(out.ok, "llnode {args:?} failed: {}", out.stderr);
+    out.stdout
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// A running `llnode start`, killed when dropped.
+pub struct Node {
+    child: Child,
+    pub dir: PathBuf,
+    pub peer_id: String,
+    pub addr: String,
+}
+
+impl Node {
+    pub fn start(dir: &Path, peers: &[&Node]) -> Node {
+        Node::start_with(dir, peers, &[])
+    }
+
+    /// Starts with extra `llnode start` arguments.
+    pub fn start_with(dir: &Path, peers: &[&Node], extra: &[&str]) -> Node {
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["start", "--data-dir", s(dir), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
+        for p in peers {
+            cmd.args(["--peer", &p.addr]);
+        }
+        cmd.args(extra);
+        let mut child =
+            cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(log).spawn().expect("llnode start runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            panic!("no ready line from {}: {}", dir.display(), std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default())
+        });
+        let mut words = line.split_whitespace();
+        assert_eq!(words.next(), Some("ready"), "{line}");
+        let peer_id = words.next().expect("peer id").to_string();
+        let addr = format!("{}/p2p/{peer_id}", words.next().expect("an address"));
+        Node { child, dir: dir.to_path_buf(), peer_id, addr }
+    }
+
+    pub fn peers(&self) -> Vec<serde_json::Value> {
+        let out = ok(&["peers", "--json", "--data-dir", s(&self.dir)]);
+        serde_json::from_str(&out).expect("peers --json is JSON")
+    }
+
+    pub fn row(&self, peer: &Node) -> Option<serde_json::Value> {
+        self.peers().into_iter().find(|r| r["peer_id"] == peer.peer_id.as_str())
+    }
+
+    /// Waits until `peer`'s row satisfies `check`.
+    pub fn wait_for(&self, peer: &Node, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = self.row(peer);
+            if let Some(r) = row.as_ref().filter(|r| check(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never saw {} {what}; last row: {row:?}\nlog: {}",
+                self.dir.display(),
+                peer.dir.display(),
+                std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_trusted(&self, peer: &Node) {
+        self.wait_for(peer, "trusted", |r| r["state"] == "trusted" && r["connected"] == true);
+    }
+
+    pub fn wait_refused(&self, peer: &Node, reason: &str) {
+        self.wait_for(peer, &format!("refused ({reason}) and disconnected"), |r| {
+            r["state"] == "refused" && r["reason"].as_str().is_some_and(|why| why.contains(reason)) && r["connected"] == false
+        });
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+
+/// Offline admission: the owner certifies the device's peer id, the device installs the file.
+pub fn admit(owner: &Path, device: &Path, name: &str, valid_for: &str) {
+    let id = ok(&["id", "--data-dir", s(device)]);
+    let cert = device.with_extension("cert");
+    ok(&["mesh", "certify", "--data-dir", s(owner), id.trim(), "--name", name, "--valid-for", valid_for, "-o", s(&cert)]);
+    ok(&["mesh", "install", "--data-dir", s(device), s(&cert)]);
+}
