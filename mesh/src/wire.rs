@@ -101,6 +101,7 @@ pub enum DType {
     I64,
     I32,
     U8,
+    Bool,
 }
 
 impl DType {
@@ -109,7 +110,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 => 2,
             DType::I64 => 8,
-            DType::U8 => 1,
+            DType::U8 | DType::Bool => 1,
         }
     }
 }
@@ -119,6 +120,10 @@ impl DType {
 pub struct TensorHeader {
     /// Which inference it belongs to.
     pub session: u64,
+    /// Which step of that inference (1 is the prefill).
+    pub step: u64,
+    /// New tokens in that step.
+    pub tokens: u32,
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod cost;
 pub mod onnx;
 pub mod progress;
+pub mod raw;
 pub mod synth;
 pub mod generate;
 pub mod model;

@@ -8,10 +8,12 @@
 //! ├── DiscoveryActor   peer table, dialling, reconnect backoff, `llnode peers`
 //! ├── TrustActor       certificates, invites and joins, revocations on disk
 //! ├── PlanningActor    election, members' profiles, the signed plan
+//! ├── ExecutionActor   this device's segments, KV caches per session, routing
 //! └── control server   (task; Unix socket in the data directory)
 //! ```
 
 pub mod discovery;
+pub mod execution;
 pub mod planning;
 pub mod trust;
 

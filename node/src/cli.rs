@@ -44,6 +44,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text with the model spread across the mesh, from this member (same options as `run`).
+    Prompt {
+        #[command(flatten)]
+        dir: DataDir,
+        #[command(flatten)]
+        generation: GenerationArgs,
+        /// Print the plan epoch and speed to stderr when done.
+        #[arg(long)]
+        stats: bool,
+        /// The text to continue.
+        prompt: String,
+    },
     /// The mesh's current plan: who leads, which device runs which units, expected times and memory.
     Plan {
         #[command(flatten)]
@@ -320,6 +332,7 @@ impl Command {
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
+            Command::Prompt { dir, generation, stats, prompt } => crate::prompt::cli(&dir.path()?, &generation, stats, prompt),
             Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Mesh(command) => command.execute(),
             Command::Demo { data_dir, segments, max_tokens, prompt } => {

@@ -30,6 +30,8 @@ pub enum LocalRequest {
     /// `name`: default the node's `--name`.
     Join { token: String, name: Option<String> },
     Revoke { device: String },
+    /// Generate across the mesh; answered with a stream of `PromptEvent`s, then `Done`.
+    Prompt(crate::prompt::PromptRequest),
     /// The plan this node holds; with an objective, first ask the leader to plan for it.
     Plan { objective: Option<llnode_planner::config::Objective> },
 }
@@ -42,6 +44,8 @@ pub enum LocalResponse {
     Joined { name: String },
     Revoked { peer_id: String },
     Plan(Box<PlanView>),
+    /// One piece of a prompt's answer (several frames per request).
+    Prompt(crate::prompt::PromptEvent),
     Error(String),
 }
 
@@ -56,6 +60,7 @@ pub struct Local {
     pub discovery: ActorRef<DiscoveryMsg>,
     pub trust: ActorRef<TrustMsg>,
     pub planning: ActorRef<PlanningMsg>,
+    pub initiator: std::sync::Arc<crate::prompt::Initiator>,
 }
 
 /// Binds the socket, refusing if another node already serves this data directory.
@@ -117,6 +122,19 @@ async fn connection(stream: UnixStream, local: Local) -> anyhow::Result<()> {
                 return Ok(());
             }
         };
+        if let LocalRequest::Prompt(prompt) = request.body {
+            // Streamed: one frame per piece of text, then the summary or an error.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let initiator = local.initiator.clone();
+            let run = tokio::spawn(async move { crate::prompt::run(&initiator, prompt, tx).await });
+            while let Some(event) = rx.recv().await {
+                wire::write_frame(&mut io, &Frame::new(request.id, LocalResponse::Prompt(event)), LIMIT).await?;
+            }
+            if let Err(e) = run.await.unwrap_or_else(|e| Err(e.to_string())) {
+                wire::write_frame(&mut io, &Frame::new(request.id, LocalResponse::Error(e)), LIMIT).await?;
+            }
+            continue;
+        }
         let response = answer(&local, request.body).await.unwrap_or_else(|e| LocalResponse::Error(format!("{e:#}")));
         wire::write_frame(&mut io, &Frame::new(request.id, response), LIMIT).await?;
     }
@@ -146,6 +164,7 @@ async fn answer(local: &Local, request: LocalRequest) -> anyhow::Result<LocalRes
                 Err(e) => LocalResponse::Error(e),
             }
         }
+        LocalRequest::Prompt(_) => LocalResponse::Error("prompts are answered as a stream".into()),
         LocalRequest::Plan { objective } => {
             if let Some(objective) = objective {
                 local.planning.cast(PlanningMsg::SetObjective(objective))?;
@@ -164,13 +183,38 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET)
 }
 
-/// Sends one request to the node running on `data_dir`.
-pub async fn call(data_dir: &Path, request: LocalRequest) -> anyhow::Result<LocalResponse> {
-    let path = socket_path(data_dir);
-    let stream = UnixStream::connect(&path).await.map_err(|_| {
+/// Sends a prompt to the node on `data_dir`, calling `on_event` for each piece of the answer.
+pub async fn prompt(
+    data_dir: &Path,
+    request: crate::prompt::PromptRequest,
+    on_event: &mut dyn FnMut(crate::prompt::PromptEvent),
+) -> anyhow::Result<()> {
+    let mut io = connect(data_dir).await?;
+    wire::write_frame(&mut io, &Frame::new(1, LocalRequest::Prompt(request)), LIMIT).await?;
+    loop {
+        let frame: Frame<LocalResponse> = wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
+        match frame.body {
+            LocalResponse::Prompt(event @ crate::prompt::PromptEvent::Done { .. }) => {
+                on_event(event);
+                return Ok(());
+            }
+            LocalResponse::Prompt(event) => on_event(event),
+            LocalResponse::Error(e) => anyhow::bail!("{e}"),
+            other => anyhow::bail!("unexpected answer from the node: {other:?}"),
+        }
+    }
+}
+
+async fn connect(data_dir: &Path) -> anyhow::Result<tokio_util::compat::Compat<UnixStream>> {
+    let stream = UnixStream::connect(socket_path(data_dir)).await.map_err(|_| {
         anyhow::anyhow!("no node is running on {}; start one with `llnode start --data-dir {}`", data_dir.display(), data_dir.display())
     })?;
-    let mut io = stream.compat();
+    Ok(stream.compat())
+}
+
+/// Sends one request to the node running on `data_dir`.
+pub async fn call(data_dir: &Path, request: LocalRequest) -> anyhow::Result<LocalResponse> {
+    let mut io = connect(data_dir).await?;
     wire::write_frame(&mut io, &Frame::new(1, request), LIMIT).await?;
     let response: Frame<LocalResponse> = wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
     match response.body {

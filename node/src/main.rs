@@ -10,6 +10,7 @@ mod demo;
 mod mesh_cmd;
 mod plan_cmd;
 mod profile;
+mod prompt;
 mod protocol;
 mod register;
 mod run;

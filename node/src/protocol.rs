@@ -22,6 +22,8 @@ pub enum NodeMessage {
     Plan(SignedPlan),
     /// Asks the leader to plan again, for this objective.
     Replan { objective: Objective },
+    /// The initiator is done with a session: free its KV caches.
+    EndSession { session: u64 },
 }
 
 impl NodeMessage {

@@ -10,6 +10,7 @@ use ractor::Actor;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor::discovery::{DiscoveryActor, DiscoveryArgs, DiscoveryMsg};
+use crate::actor::execution::{ExecutionActor, ExecutionArgs, ExecutionMsg};
 use crate::actor::planning::{PlanningActor, PlanningArgs, PlanningMsg};
 use crate::actor::trust::{TrustActor, TrustArgs, TrustMsg};
 use crate::control::{self, Local};
@@ -69,7 +70,10 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         certificate_validity: options.certificate_validity,
     };
     let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
-    let planning_args = PlanningArgs { key: key.clone(), client: client.clone(), model, objective: options.objective };
+    let execution_args = ExecutionArgs { me: key.peer_id(), client: client.clone(), package: options.model.clone() };
+    let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
+    let planning_args =
+        PlanningArgs { key: key.clone(), client: client.clone(), model, objective: options.objective, execution: execution.clone() };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     {
         // Measuring runs every unit once: seconds for big models, so off the runtime.
@@ -86,7 +90,8 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     }
 
     let router = {
-        let (discovery, trust_actor, planning, client) = (discovery.clone(), trust_actor.clone(), planning.clone(), client.clone());
+        let (discovery, trust_actor, planning, execution, client) =
+            (discovery.clone(), trust_actor.clone(), planning.clone(), execution.clone(), client.clone());
         tokio::spawn(async move {
             while let Some(event) = events_rx.recv().await {
                 match event {
@@ -98,6 +103,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                     }
                     MeshEvent::Disconnected { peer } | MeshEvent::Refused { peer, .. } => {
                         let _ = planning.cast(PlanningMsg::MemberDown(peer));
+                        let _ = execution.cast(ExecutionMsg::PeerGone(peer));
                         let _ = discovery.cast(DiscoveryMsg::Event(event));
                     }
                     MeshEvent::JoinRequest { peer, id, secret, name } => {
@@ -116,10 +122,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                     MeshEvent::Tensor { id, tensor, .. } if tensor.header.name == crate::actor::planning::PROBE => {
                         client.ack_tensor(id, llnode_mesh::wire::TensorAck::Received)
                     }
-                    MeshEvent::Tensor { id, .. } => client.ack_tensor(
-                        id,
-                        llnode_mesh::wire::TensorAck::Refused { reason: "this node runs no segment that takes tensors".into() },
-                    ),
+                    MeshEvent::Tensor { peer, id, tensor } => {
+                        let _ = execution.cast(ExecutionMsg::Inbound { peer, id, tensor });
+                    }
                     event => {
                         let _ = discovery.cast(DiscoveryMsg::Event(event));
                     }
@@ -138,6 +143,12 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         discovery: discovery.clone(),
         trust: trust_actor.clone(),
         planning: planning.clone(),
+        initiator: std::sync::Arc::new(crate::prompt::Initiator {
+            me: key.peer_id(),
+            client: client.clone(),
+            execution: execution.clone(),
+            package: options.model.clone(),
+        }),
     };
     let server = tokio::spawn(control::serve(listener, local, shutdown.clone()));
     let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
@@ -152,7 +163,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     discovery.stop(None);
     trust_actor.stop(None);
     planning.stop(None);
+    execution.stop(None);
     let _ = planning_handle.await;
+    let _ = execution_handle.await;
     let _ = discovery_handle.await;
     let _ = trust_handle.await;
     let _ = std::fs::remove_file(control::socket_path(data_dir));

@@ -40,6 +40,8 @@ pub struct PlanningArgs {
     /// The package this node plans for (leaders need one), with its id and cost.
     pub model: Option<(String, ModelCost)>,
     pub objective: Objective,
+    /// Told about every plan this node comes to hold.
+    pub execution: ActorRef<crate::actor::execution::ExecutionMsg>,
 }
 
 pub enum PlanningMsg {
@@ -304,6 +306,10 @@ impl PlanningState {
                 Ok(())
             }
             NodeMessage::Plan(signed) => self.receive_plan(&peer, signed),
+            NodeMessage::EndSession { session } => {
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
+                Ok(())
+            }
             NodeMessage::Replan { objective } => {
                 if !self.election.is_leader() {
                     return Err("this node does not lead; ask the leader".into());
@@ -328,6 +334,7 @@ impl PlanningState {
             }
         }
         self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
+        let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
         self.held = Some((signed, doc));
         self.problem = None;
         Ok(())
@@ -386,10 +393,18 @@ impl PlanningState {
         };
         let Some((model, _)) = self.args.model.clone() else { return };
         let term = self.election.current().map_or(0, |l| l.term);
+        if let Some((_, held)) = &self.held {
+            // The same assignment under the same leadership is not worth a new epoch:
+            // sessions running on it would have to start over.
+            if held.leader == self.me && held.term == term && same_assignment(&held.plan, &plan) && held.plan.objective == plan.objective {
+                return;
+            }
+        }
         let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
         let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now() };
         let signed = SignedPlan::sign(&doc, &self.args.key);
         self.note(format!("epoch {epoch}: published a plan with {} stages, {:.2} ms/token", doc.plan.stages.len(), doc.plan.latency_s * 1e3));
+        let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
         self.held = Some((signed.clone(), doc));
         self.problem = None;
         self.broadcast(NodeMessage::Plan(signed));
@@ -422,6 +437,8 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
     let probe = llnode_mesh::wire::Tensor {
         header: llnode_mesh::wire::TensorHeader {
             session: 0,
+            step: 0,
+            tokens: 0,
             name: PROBE.into(),
             dtype: llnode_mesh::wire::DType::U8,
             shape: vec![PROBE_BYTES as u64],
@@ -436,6 +453,11 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
 
 /// The name of bandwidth probes, which every node acknowledges and drops.
 pub const PROBE: &str = "llnode.probe";
+
+/// Same devices running the same units, in the same order.
+pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
+    a.stages.len() == b.stages.len() && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
+}
 
 fn describe(p: &DeviceProfile) -> String {
     format!("{:.1} GiB usable, {:.2} GFLOP/s", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
