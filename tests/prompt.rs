@@ -153,3 +153,18 @@ fn test_exports_answer_the_same_across_the_mesh() {
         assert_eq!(mesh.prompt(1, &GREEDY), reference, "{family}");
     }
 }
+
+/// The README's main job: three node processes, a plan, an answer, a clean stop.
+#[test]
+fn demo_runs_a_mesh_and_answers_like_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let out = ok(&["demo", "--data-dir", s(root.path())]);
+    let answer = out.lines().find_map(|l| l.strip_prefix("answer: ")).unwrap_or_else(|| panic!("no answer: {out}"));
+    let package = root.path().join("builtin-tiny");
+    let run = ok(&["run", "-m", s(&package), "--max-tokens", "24", "The mesh of phones"]);
+    assert_eq!(answer, run.trim_end_matches('\n'), "{out}");
+    assert!(out.contains("leader:") && out.contains("stage") && out.contains("per token"), "{out}");
+    // The nodes are gone: their control sockets no longer answer.
+    let peers = llnode(&["peers", "--data-dir", s(&root.path().join("demo-mesh/node1"))]);
+    assert!(!peers.ok && peers.stderr.contains("no node is running"), "{}", peers.stderr);
+}

@@ -73,13 +73,13 @@ pub enum Command {
     /// Create a mesh, invite and admit devices, revoke them.
     #[command(subcommand)]
     Mesh(MeshCommand),
-    /// Make the built-in model, import it, and answer a prompt through several segments.
+    /// A mesh of nodes on this machine with the built-in model: plans, answers a prompt, stops.
     Demo {
-        /// Where the demo keeps its model.
-        #[arg(long, env = "LLNODE_DATA_DIR")]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DataDir,
+        /// How many `llnode start` processes.
         #[arg(long, default_value_t = 3)]
-        segments: usize,
+        nodes: usize,
         #[arg(long, default_value_t = 24)]
         max_tokens: usize,
         #[arg(default_value = "The mesh of phones")]
@@ -335,9 +335,7 @@ impl Command {
             Command::Prompt { dir, generation, stats, prompt } => crate::prompt::cli(&dir.path()?, &generation, stats, prompt),
             Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Mesh(command) => command.execute(),
-            Command::Demo { data_dir, segments, max_tokens, prompt } => {
-                crate::demo::demo(data_dir, segments, max_tokens, &prompt)
-            }
+            Command::Demo { dir, nodes, max_tokens, prompt } => crate::demo::demo(dir.path()?, nodes, max_tokens, &prompt),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::actor::planning::PlanView;
 use crate::control::{self, LocalRequest, LocalResponse};
 use crate::outln;
 
-async fn view(data_dir: &Path, objective: Option<Objective>) -> anyhow::Result<PlanView> {
+pub async fn view(data_dir: &Path, objective: Option<Objective>) -> anyhow::Result<PlanView> {
     match control::call(data_dir, LocalRequest::Plan { objective }).await? {
         LocalResponse::Plan(view) => Ok(*view),
         other => bail!("unexpected answer from the node: {other:?}"),
@@ -36,6 +36,12 @@ pub fn plan(data_dir: &Path, objective: Option<Objective>, explain: bool, json: 
         outln!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(());
     }
+    print_view(&view, explain);
+    Ok(())
+}
+
+/// The plan as `llnode plan` prints it.
+pub fn print_view(view: &PlanView, explain: bool) {
     match (&view.leadership, &view.leader_name) {
         (Some(l), Some(name)) => outln!("leader: {name} ({}), term {}", l.leader, l.term),
         _ => outln!("leader: none yet (this node sees {} other members)", view.members.len()),
@@ -81,7 +87,6 @@ pub fn plan(data_dir: &Path, objective: Option<Objective>, explain: bool, json: 
             outln!("  {event}");
         }
     }
-    Ok(())
 }
 
 fn mib(bytes: u64) -> String {

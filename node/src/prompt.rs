@@ -45,8 +45,13 @@ pub enum PromptEvent {
     Done { prompt_tokens: usize, tokens: usize, decode_tokens_per_s: f64, epoch: u64 },
 }
 
+/// Prompts this node runs at once as initiator; more are told to retry.
+pub const MAX_PROMPTS: usize = 4;
+
 pub struct Initiator {
     pub me: PeerId,
+    /// One permit per prompt in flight ([`MAX_PROMPTS`]).
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
     pub client: MeshClient,
     pub execution: ActorRef<ExecutionMsg>,
     pub package: Option<PathBuf>,
@@ -55,6 +60,11 @@ pub struct Initiator {
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
 pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::UnboundedSender<PromptEvent>) -> Result<(), String> {
     request.sampling.validate()?;
+    let _slot = initiator
+        .slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
     let package = initiator.package.clone().ok_or("this node has no model; start it with --model <package>")?;
     let route = call_t!(initiator.execution, ExecutionMsg::Route, CALL_TIMEOUT_MS).map_err(|e| e.to_string())??;
     let session: u64 = rand::random();

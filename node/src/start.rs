@@ -145,6 +145,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         planning: planning.clone(),
         initiator: std::sync::Arc::new(crate::prompt::Initiator {
             me: key.peer_id(),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(crate::prompt::MAX_PROMPTS)),
             client: client.clone(),
             execution: execution.clone(),
             package: options.model.clone(),

@@ -23,6 +23,9 @@ use tokio::sync::oneshot;
 
 use crate::protocol::PlanDoc;
 
+/// Sessions whose KV caches one device keeps at once; tensors of new ones are refused beyond it.
+const MAX_SESSIONS: usize = 64;
+
 pub struct ExecutionActor;
 
 pub struct ExecutionArgs {
@@ -122,6 +125,9 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Inbound { peer, id, tensor } => {
                 let ack = match delivery(peer, tensor) {
+                    Ok(d) if !state.sessions.contains_key(&d.session) && state.sessions.len() >= MAX_SESSIONS => {
+                        TensorAck::Refused { reason: format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment") }
+                    }
                     Ok(d) if d.name == "logits" => {
                         state.logits(d);
                         TensorAck::Received
