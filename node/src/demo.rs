@@ -131,9 +131,12 @@ fn provision(dirs: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every node holds the same plan, made with all of them live.
+/// Waits until every node holds the same plan, made with all of them live,
+/// and it has stayed the same for a moment: members measure their links just
+/// after they meet, and the leader may re-plan with those figures.
 async fn wait_for_plan(dirs: &[PathBuf]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stable: Option<(u64, Instant)> = None;
     loop {
         let mut epochs = Vec::new();
         for dir in dirs {
@@ -141,9 +144,13 @@ async fn wait_for_plan(dirs: &[PathBuf]) -> anyhow::Result<()> {
             let complete = view.members.len() + 1 == dirs.len();
             epochs.push(view.epoch.filter(|_| complete && view.plan.is_some()));
         }
-        if epochs.iter().all(|e| e.is_some() && *e == epochs[0]) {
-            // Segments load once the plan arrives; prompts wait for them.
-            return Ok(());
+        if let Some(epoch) = epochs[0].filter(|_| epochs.iter().all(|e| *e == epochs[0])) {
+            match stable {
+                // Segments load once the plan arrives; prompts wait for them.
+                Some((e, since)) if e == epoch && since.elapsed() > Duration::from_millis(1500) => return Ok(()),
+                Some((e, _)) if e == epoch => {}
+                _ => stable = Some((epoch, Instant::now())),
+            }
         }
         if Instant::now() > deadline {
             bail!("the nodes did not agree on a plan within 60 s; their logs are in {}", dirs[0].parent().unwrap_or(Path::new(".")).display());

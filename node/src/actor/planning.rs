@@ -31,6 +31,8 @@ const LINK_INTERVAL: Duration = Duration::from_secs(30);
 const PROBE_BYTES: usize = 1 << 20;
 /// A link measurement that moves by more than this share is worth a new plan.
 const LINK_CHANGE: f64 = 0.5;
+/// A new assignment for the same devices must beat the held one by this share.
+const MIN_GAIN: f64 = 0.1;
 
 pub struct PlanningActor;
 
@@ -96,6 +98,8 @@ pub struct PlanningState {
     waiting_since: Option<std::time::Instant>,
     /// Measured links to members, kept apart from the profile they join.
     links: BTreeMap<String, Link>,
+    /// How many devices were live when the held plan was made here.
+    planned_for: usize,
 }
 
 impl Actor for PlanningActor {
@@ -119,6 +123,7 @@ impl Actor for PlanningActor {
             replan_queued: false,
             waiting_since: None,
             links: BTreeMap::new(),
+            planned_for: 0,
         })
     }
 
@@ -189,8 +194,9 @@ impl Actor for PlanningActor {
                 let changed = links.iter().any(|(peer, new)| match state.links.get(peer) {
                     None => true,
                     Some(old) => {
-                        let moved = |a: f64, b: f64| (a - b).abs() > LINK_CHANGE * b.max(1e-9);
-                        moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s) || moved(new.rtt_s, old.rtt_s)
+                        let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
+                        // Sub-millisecond jitter on a fast link is not worth a new plan.
+                        moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6) || moved(new.rtt_s, old.rtt_s, 1e-3)
                     }
                 });
                 state.links.extend(links);
@@ -399,8 +405,22 @@ impl PlanningState {
             if held.leader == self.me && held.term == term && same_assignment(&held.plan, &plan) && held.plan.objective == plan.objective {
                 return;
             }
+            // With the same devices live and the same objective, move work only for a
+            // clear gain: switching ends the sessions running on the old assignment.
+            let held_devices: BTreeSet<&str> = held.plan.stages.iter().map(|s| s.device.as_str()).collect();
+            let all_live = held_devices.iter().all(|d| *d == self.me || self.members.iter().any(|m| m.to_base58() == *d));
+            if held.leader == self.me
+                && held.term == term
+                && held.plan.objective == plan.objective
+                && all_live
+                && self.members.len() + 1 == self.planned_for
+                && plan.objective_s > held.plan.objective_s * (1.0 - MIN_GAIN)
+            {
+                return;
+            }
         }
         let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
+        self.planned_for = self.members.len() + 1;
         let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now() };
         let signed = SignedPlan::sign(&doc, &self.args.key);
         self.note(format!("epoch {epoch}: published a plan with {} stages, {:.2} ms/token", doc.plan.stages.len(), doc.plan.latency_s * 1e3));
