@@ -1,6 +1,6 @@
 # Every recipe here is one CI or a person runs. `cargo install just` if needed.
 
-# The main job: the built-in model answering a prompt through 3 segments.
+# The main job: a 3-node mesh on localhost (three `llnode start` processes) answering a prompt with the built-in model.
 demo:
     cargo run --release -p llnode -- demo
 
