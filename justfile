@@ -30,6 +30,10 @@ bench-plan:
 bench-mesh:
     cargo bench -p llnode-mesh --bench mesh
 
+# Distributed inference on loopback meshes of 1-4 real nodes: first token, decode tokens/s, concurrency, bytes per link, RSS.
+bench-mesh-infer:
+    cargo bench -p llnode --bench mesh_infer
+
 # Fuzz the wire decoders (nightly and cargo-fuzz: `cargo install cargo-fuzz`).
 fuzz-mesh seconds="60":
     cd mesh/fuzz && cargo +nightly fuzz run decode -- -max_total_time={{seconds}}

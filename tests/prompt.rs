@@ -6,91 +6,9 @@
 #[path = "support.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use serde_json::Value;
-use support::{Node, admit, llnode, ok, s};
-
-/// A mesh of `n` nodes on `package`, each offering `memory`, once they agree on a plan.
-struct Mesh {
-    nodes: Vec<Node>,
-    _root: tempfile::TempDir,
-}
-
-impl Mesh {
-    fn start(package: &Path, n: usize, memory: &str) -> Mesh {
-        let root = tempfile::tempdir().unwrap();
-        let dir = |i: usize| root.path().join(format!("n{i}"));
-        ok(&["mesh", "init", "--data-dir", s(&dir(0)), "--name", "n0"]);
-        for i in 1..n {
-            admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
-        }
-        let args = ["--model", s(package), "--memory", memory];
-        let first = Node::start_with(&dir(0), &[], &args);
-        let mut nodes = vec![first];
-        for i in 1..n {
-            let node = Node::start_with(&dir(i), &[&nodes[0]], &args);
-            nodes.push(node);
-        }
-        let mesh = Mesh { nodes, _root: root };
-        mesh.wait_for_plan(n);
-        mesh
-    }
-
-    /// Every node holds the same plan, made with all `n` members live, and
-    /// it stays the same for a second (links are measured once members meet).
-    fn wait_for_plan(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut stable: Option<(Value, Instant)> = None;
-        loop {
-            let views: Vec<Value> = self
-                .nodes
-                .iter()
-                .map(|node| serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&node.dir)])).unwrap())
-                .collect();
-            let agreed = views.windows(2).all(|w| w[0]["epoch"] == w[1]["epoch"])
-                && views.iter().all(|v| !v["plan"].is_null() && v["members"].as_array().unwrap().len() == n - 1);
-            if agreed {
-                let stages = views[0]["plan"]["stages"].as_array().unwrap().len();
-                assert!(stages >= 2, "the memory cap should force a split: {:#}", views[0]);
-                match &stable {
-                    Some((epoch, since)) if *epoch == views[0]["epoch"] => {
-                        if since.elapsed() > Duration::from_secs(1) {
-                            return;
-                        }
-                    }
-                    _ => stable = Some((views[0]["epoch"].clone(), Instant::now())),
-                }
-            }
-            assert!(Instant::now() < deadline, "no agreed plan: {views:#?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn prompt(&self, i: usize, args: &[&str]) -> String {
-        let mut all = vec!["prompt", "--data-dir", s(&self.nodes[i].dir)];
-        all.extend_from_slice(args);
-        ok(&all)
-    }
-}
-
-fn package_of(export: &Path, out: &Path) -> PathBuf {
-    ok(&["import", s(export), "-o", s(out)]);
-    out.to_path_buf()
-}
-
-/// Memory that holds about `share` of the model (weights and a 1024-token KV cache).
-fn share_of(package: &Path, share: f64) -> String {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
-    let need: u64 = manifest["cost"]["units"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["weight_bytes"].as_u64().unwrap() + 1024 * u["kv_bytes_per_token"].as_u64().unwrap())
-        .sum();
-    format!("{}", (need as f64 * share) as u64)
-}
+use support::{Mesh, llnode, ok, package_of, s, share_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
 const SAMPLED: [&str; 11] =
@@ -149,7 +67,8 @@ fn test_exports_answer_the_same_across_the_mesh() {
         let mut run = vec!["run", "-m", s(&package)];
         run.extend_from_slice(&GREEDY);
         let reference = ok(&run);
-        let mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
+        // Only the first node has the package: the others fetch their units.
+        let mesh = Mesh::with_sources(&package, 3, 1, &share_of(&package, 0.55));
         assert_eq!(mesh.prompt(1, &GREEDY), reference, "{family}");
     }
 }

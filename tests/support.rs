@@ -113,6 +113,17 @@ impl Node {
         });
     }
 
+    /// The process's peak resident memory (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -133,4 +144,89 @@ pub fn admit(owner: &Path, device: &Path, name: &str, valid_for: &str) {
     let cert = device.with_extension("cert");
     ok(&["mesh", "certify", "--data-dir", s(owner), id.trim(), "--name", name, "--valid-for", valid_for, "-o", s(&cert)]);
     ok(&["mesh", "install", "--data-dir", s(device), s(&cert)]);
+}
+
+/// A mesh of `n` nodes on `package`, each offering `memory`, once they agree on a plan.
+pub struct Mesh {
+    pub nodes: Vec<Node>,
+    _root: tempfile::TempDir,
+}
+
+impl Mesh {
+    pub fn start(package: &Path, n: usize, memory: &str) -> Mesh {
+        Mesh::with_sources(package, n, n, memory)
+    }
+
+    /// Only the first `sources` nodes have the package; the others fetch their units.
+    pub fn with_sources(package: &Path, n: usize, sources: usize, memory: &str) -> Mesh {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |i: usize| root.path().join(format!("n{i}"));
+        ok(&["mesh", "init", "--data-dir", s(&dir(0)), "--name", "n0"]);
+        for i in 1..n {
+            admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
+        }
+        let args = |i: usize| if i < sources { vec!["--model", s(package), "--memory", memory] } else { vec!["--memory", memory] };
+        let first = Node::start_with(&dir(0), &[], &args(0));
+        let mut nodes = vec![first];
+        for i in 1..n {
+            let node = Node::start_with(&dir(i), &[&nodes[0]], &args(i));
+            nodes.push(node);
+        }
+        let mesh = Mesh { nodes, _root: root };
+        mesh.wait_for_plan(n);
+        mesh
+    }
+
+    /// Every node holds the same plan, made with all `n` members live, and
+    /// it stays the same for a second (links are measured once members meet).
+    pub fn wait_for_plan(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut stable: Option<(serde_json::Value, Instant)> = None;
+        loop {
+            let views: Vec<serde_json::Value> = self
+                .nodes
+                .iter()
+                .map(|node| serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&node.dir)])).unwrap())
+                .collect();
+            let agreed = views.windows(2).all(|w| w[0]["epoch"] == w[1]["epoch"])
+                && views.iter().all(|v| !v["plan"].is_null() && v["members"].as_array().unwrap().len() == n - 1);
+            if agreed {
+                let stages = views[0]["plan"]["stages"].as_array().unwrap().len();
+                assert!(n == 1 || stages >= 2, "the memory cap should force a split: {:#}", views[0]);
+                match &stable {
+                    Some((epoch, since)) if *epoch == views[0]["epoch"] => {
+                        if since.elapsed() > Duration::from_secs(1) {
+                            return;
+                        }
+                    }
+                    _ => stable = Some((views[0]["epoch"].clone(), Instant::now())),
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed plan: {views:#?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn prompt(&self, i: usize, args: &[&str]) -> String {
+        let mut all = vec!["prompt", "--data-dir", s(&self.nodes[i].dir)];
+        all.extend_from_slice(args);
+        ok(&all)
+    }
+}
+
+pub fn package_of(export: &Path, out: &Path) -> PathBuf {
+    ok(&["import", s(export), "-o", s(out)]);
+    out.to_path_buf()
+}
+
+/// Memory that holds about `share` of the model (weights and a 1024-token KV cache).
+pub fn share_of(package: &Path, share: f64) -> String {
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
+    let need: u64 = manifest["cost"]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["weight_bytes"].as_u64().unwrap() + 1024 * u["kv_bytes_per_token"].as_u64().unwrap())
+        .sum();
+    format!("{}", (need as f64 * share) as u64)
 }

@@ -178,6 +178,18 @@ pub fn write(model: &Model, out: &Path, progress: &dyn Progress) -> Result<Strin
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
+impl Manifest {
+    /// The files a device running units `units` reads: their graphs and weights.
+    pub fn unit_files(&self, units: std::ops::Range<usize>) -> BTreeSet<String> {
+        self.units[units].iter().flat_map(|u| std::iter::once(u.file.clone()).chain(u.weights.iter().cloned())).collect()
+    }
+
+    /// The files an initiator reads: tokenizer and configs.
+    pub fn side_files(&self) -> BTreeSet<String> {
+        SIDE_FILES.iter().filter(|f| self.files.contains_key(**f)).map(|f| f.to_string()).collect()
+    }
+}
+
 /// Checks every file against the manifest's hash; returns the package id.
 pub fn verify(dir: &Path) -> Result<String, ImportError> {
     let (manifest, id) = Manifest::read(dir)?;
@@ -197,11 +209,28 @@ pub fn verify(dir: &Path) -> Result<String, ImportError> {
 pub fn load(dir: &Path) -> Result<Model, ImportError> {
     let (manifest, _) = Manifest::read(dir)?;
     require(dir.join("tokenizer.json"), "the package is incomplete; import the model again")?;
+    let all = 0..manifest.units.len();
+    open(dir, manifest, &[all])
+}
+
+/// Opens the units in `held` of a package that may hold only those (a device's
+/// share, fetched from the mesh). Every other unit keeps its spec but has an
+/// empty graph, so only segments within `held` can be assembled.
+pub fn load_units(dir: &Path, held: &[std::ops::Range<usize>]) -> Result<Model, ImportError> {
+    let (manifest, _) = Manifest::read(dir)?;
+    open(dir, manifest, held)
+}
+
+fn open(dir: &Path, manifest: Manifest, held: &[std::ops::Range<usize>]) -> Result<Model, ImportError> {
     let mut units = Vec::new();
-    for mu in &manifest.units {
-        let path = dir.join(&mu.file);
-        let proto = onnx::read_model(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
-        let graph: GraphProto = proto.graph.unwrap_or_default();
+    for (u, mu) in manifest.units.iter().enumerate() {
+        let graph: GraphProto = if held.iter().any(|r| r.contains(&u)) {
+            let path = dir.join(&mu.file);
+            let proto = onnx::read_model(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+            proto.graph.unwrap_or_default()
+        } else {
+            GraphProto::default()
+        };
         units.push(Unit { spec: mu.spec.clone(), graph });
     }
     let inputs = manifest

@@ -53,6 +53,9 @@ pub enum Command {
         /// Print the plan epoch and speed to stderr when done.
         #[arg(long)]
         stats: bool,
+        /// The package id (or its first characters) to run, when the mesh knows several.
+        #[arg(long, value_name = "ID")]
+        model: Option<String>,
         /// The text to continue.
         prompt: String,
     },
@@ -115,7 +118,8 @@ pub struct StartArgs {
     /// Dial this peer multiaddr at start and whenever it drops (repeatable).
     #[arg(long, env = "LLNODE_PEER", value_delimiter = ',')]
     pub peer: Vec<Multiaddr>,
-    /// The model package this node plans for (made by `llnode import`).
+    /// A model package (made by `llnode import`) this node serves to the mesh and plans for.
+    /// Without it the node fetches the units the plan gives it from members that have them.
     #[arg(long, env = "LLNODE_MODEL")]
     pub model: Option<PathBuf>,
     /// Memory this device offers the mesh, in bytes or with a unit (`1.5GiB`, `800MB`); default: what is available minus 512 MiB.
@@ -332,7 +336,7 @@ impl Command {
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
-            Command::Prompt { dir, generation, stats, prompt } => crate::prompt::cli(&dir.path()?, &generation, stats, prompt),
+            Command::Prompt { dir, generation, stats, model, prompt } => crate::prompt::cli(&dir.path()?, &generation, model, stats, prompt),
             Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Mesh(command) => command.execute(),
             Command::Demo { dir, nodes, max_tokens, prompt } => crate::demo::demo(dir.path()?, nodes, max_tokens, &prompt),

@@ -1,9 +1,10 @@
 //! `llnode demo`: a real mesh on this machine. Makes the built-in model and
 //! imports it on first use, provisions three devices of one mesh (an owner
 //! and two certified members), starts each as its own `llnode start`
-//! process on localhost with a memory cap that forces the model to be split,
-//! waits for the elected leader's plan, asks a prompt from the second node,
-//! prints the answer and the plan, and stops the nodes.
+//! process on localhost with a memory cap that forces the model to be split
+//! (only the first node has the package; the others fetch the units the plan
+//! gives them), waits for the elected leader's plan, asks a prompt from the
+//! second node, prints the answer and the plan, and stops the nodes.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -56,11 +57,10 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     for (i, dir) in dirs.iter().enumerate() {
         let log = std::fs::File::create(dir.with_extension("log"))?;
         let mut cmd = Command::new(&exe);
-        cmd.args(["start", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--memory", &memory.to_string()])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--model")
-            .arg(&package_dir);
+        cmd.args(["start", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--memory", &memory.to_string()]).arg("--data-dir").arg(dir);
+        if i == 0 {
+            cmd.arg("--model").arg(&package_dir);
+        }
         if let Some(addr) = &first_addr {
             cmd.args(["--peer", addr.as_str()]);
         }
@@ -72,7 +72,8 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
             _ => bail!("node {i} did not start; its log is {}", dir.with_extension("log").display()),
         };
         let words: Vec<&str> = line.split_whitespace().collect();
-        crate::outln!("node{i}: {} listening on {}", words[1], words[2]);
+        let role = if i == 0 { "has the package" } else { "fetches its units from the mesh" };
+        crate::outln!("node{i}: {} listening on {} ({role})", words[1], words[2]);
         if first_addr.is_none() {
             first_addr = Some(format!("{}/p2p/{}", words[2], words[1]));
         }
@@ -88,6 +89,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
         stop: vec![],
         chat: false,
         ignore_eos: false,
+        model: None,
     };
     crate::out(&format!("prompt (asked on node1): {prompt}\nanswer: "));
     let mut summary = String::new();
@@ -101,6 +103,12 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     crate::outln!("{summary}");
     let view = rt.block_on(crate::plan_cmd::view(&dirs[1], None))?;
     crate::plan_cmd::print_view(&view, false);
+    // node1's own fetch is in the view above.
+    for (i, dir) in dirs.iter().enumerate().skip(2) {
+        if let Some(fetch) = rt.block_on(crate::plan_cmd::view(dir, None))?.fetch {
+            crate::outln!("node{i}: {fetch}");
+        }
+    }
     drop(running);
     Ok(())
 }

@@ -15,6 +15,8 @@ mod protocol;
 mod register;
 mod run;
 mod start;
+mod store;
+mod traffic;
 
 use std::process::ExitCode;
 

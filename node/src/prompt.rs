@@ -4,12 +4,11 @@
 //! segments: it sends each step's token ids, mask and positions to the
 //! segments that read them and waits for the last segment's logits.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use llnode_mesh::{MeshClient, PeerId};
 use llnode_models::generate::{GenerateOptions, generate};
-use llnode_models::model::Model;
 use llnode_models::pipeline::{Forward, step_inputs};
 use llnode_models::raw;
 use llnode_models::runner::RunError;
@@ -20,12 +19,13 @@ use ractor::{ActorRef, call_t};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::execution::{Delivery, ExecutionMsg, Route, wire_tensor};
 use crate::protocol::NodeMessage;
 
 /// How long one step may take across the mesh before the prompt fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a prompt waits for this node to load the plan (fetching its units first).
+const ROUTE_WAIT_MS: u64 = 600_000;
 
 /// What `llnode prompt` asks for (the sampling options of `llnode run`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,13 +36,16 @@ pub struct PromptRequest {
     pub stop: Vec<String>,
     pub chat: bool,
     pub ignore_eos: bool,
+    /// The package id (or a prefix of it) the asker wants; `None` takes the plan's.
+    pub model: Option<String>,
 }
 
 /// Streamed back to the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PromptEvent {
     Text(String),
-    Done { prompt_tokens: usize, tokens: usize, decode_tokens_per_s: f64, epoch: u64 },
+    /// `first_token_s`: the prefill step, prompt in to first token out.
+    Done { prompt_tokens: usize, tokens: usize, first_token_s: f64, decode_tokens_per_s: f64, epoch: u64 },
 }
 
 /// Prompts this node runs at once as initiator; more are told to retry.
@@ -54,7 +57,9 @@ pub struct Initiator {
     pub slots: std::sync::Arc<tokio::sync::Semaphore>,
     pub client: MeshClient,
     pub execution: ActorRef<ExecutionMsg>,
-    pub package: Option<PathBuf>,
+    /// Where the tokenizer and configs come from (fetched when this node lacks them).
+    pub store: Arc<crate::store::Store>,
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
@@ -65,14 +70,25 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         .clone()
         .try_acquire_owned()
         .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
-    let package = initiator.package.clone().ok_or("this node has no model; start it with --model <package>")?;
-    let route = call_t!(initiator.execution, ExecutionMsg::Route, CALL_TIMEOUT_MS).map_err(|e| e.to_string())??;
+    let route = call_t!(initiator.execution, ExecutionMsg::Route, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+    if let Some(wanted) = &request.model {
+        if wanted.is_empty() || !route.model.starts_with(wanted.as_str()) {
+            return Err(format!(
+                "the mesh's plan runs model {}, not {wanted}; start a node with --model <package> of it, or leave out --model",
+                crate::store::short(&route.model)
+            ));
+        }
+    }
+    let store = &initiator.store;
+    store.ensure(&initiator.client, &route.model, &Default::default()).await?;
+    let side = store.manifest(&route.model).ok_or("the model's manifest is unreadable")?.side_files();
+    let package = store.ensure(&initiator.client, &route.model, &side).await?;
     let session: u64 = rand::random();
     let handle = tokio::runtime::Handle::current();
-    let (me, client, execution) = (initiator.me, initiator.client.clone(), initiator.execution.clone());
+    let (me, client, execution, traffic) = (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
     let devices = route.devices.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let model = Model::open(&package).map_err(|e| e.to_string())?;
+        let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
         let tokenizer = TextTokenizer::load(&model.dir, model.info.vocab_size).map_err(|e| e.to_string())?;
         let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }
             .map_err(|e| e.to_string())?;
@@ -85,7 +101,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         };
         let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
         let epoch = route.epoch;
-        let mut forward = MeshForward { handle, me, client, execution, route, session, step: 0, past: 0, with_positions };
+        let mut forward = MeshForward { handle, me, client, execution, traffic, route, session, step: 0, past: 0, with_positions };
         let generation = generate(&mut forward, &tokenizer, &ids, &options, &mut |text| {
             let _ = events.send(PromptEvent::Text(text.to_string()));
         })
@@ -93,6 +109,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         let _ = events.send(PromptEvent::Done {
             prompt_tokens: generation.prompt_tokens,
             tokens: generation.tokens.len(),
+            first_token_s: generation.prefill.as_secs_f64(),
             decode_tokens_per_s: generation.decode_tokens_per_s(),
             epoch,
         });
@@ -114,6 +131,7 @@ struct MeshForward {
     me: PeerId,
     client: MeshClient,
     execution: ActorRef<ExecutionMsg>,
+    traffic: Arc<crate::traffic::Traffic>,
     route: Route,
     session: u64,
     step: u64,
@@ -141,9 +159,11 @@ impl Forward for MeshForward {
                 self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| fail(e.to_string()))?;
             } else {
                 let tensor = wire_tensor(session, step, n, &self.me, &t.tensor, &value);
+                let bytes = tensor.data.len();
                 self.handle
                     .block_on(self.client.send_tensor(device, tensor))
                     .map_err(|e| fail(format!("cannot reach the device running segment {s}: {e}")))?;
+                self.traffic.record(&device, bytes);
             }
         }
         let logits = self
@@ -162,7 +182,7 @@ impl Forward for MeshForward {
 }
 
 /// `llnode prompt`: asks the local node and prints the answer as it streams.
-pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, stats: bool, prompt: String) -> anyhow::Result<()> {
+pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, model: Option<String>, stats: bool, prompt: String) -> anyhow::Result<()> {
     args.sampling().validate().map_err(anyhow::Error::msg)?;
     let request = PromptRequest {
         prompt,
@@ -171,14 +191,18 @@ pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, stats:
         stop: args.stop.clone(),
         chat: args.chat,
         ignore_eos: args.ignore_eos,
+        model: model.clone(),
     };
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
-        PromptEvent::Done { prompt_tokens, tokens, decode_tokens_per_s, epoch } => {
+        PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch } => {
             crate::outln!();
             if stats {
-                eprintln!("stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} decode_tok_s={decode_tokens_per_s:.2}");
+                eprintln!(
+                    "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2}",
+                    first_token_s * 1e3
+                );
             }
         }
     }))

@@ -24,6 +24,12 @@ pub enum NodeMessage {
     Replan { objective: Objective },
     /// The initiator is done with a session: free its KV caches.
     EndSession { session: u64 },
+    /// The packages the sender can serve files of (sent when trust becomes mutual).
+    Have { models: Vec<String> },
+    /// Asks for bytes `offset..offset+len` of a package file, answered with a
+    /// bao slice that proves them against the manifest's hash (the manifest
+    /// itself comes whole, proved by the package id).
+    Fetch { model: String, file: String, offset: u64, len: u64 },
 }
 
 impl NodeMessage {

@@ -14,6 +14,12 @@ use crate::actor::execution::{ExecutionActor, ExecutionArgs, ExecutionMsg};
 use crate::actor::planning::{PlanningActor, PlanningArgs, PlanningMsg};
 use crate::actor::trust::{TrustActor, TrustArgs, TrustMsg};
 use crate::control::{self, Local};
+use crate::protocol::NodeMessage;
+use crate::store::Store;
+use llnode_mesh::wire::{ControlRequest, ControlResponse};
+
+/// Fetch requests this node answers at once.
+const SERVE_AT_ONCE: usize = 8;
 
 pub struct StartOptions {
     /// The package this node plans for.
@@ -41,14 +47,14 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     if mesh.is_none() {
         eprintln!("note: this device is in no mesh yet, so every peer will refuse it; `llnode mesh init` or `llnode mesh join <token>`");
     }
-    let model = match &options.model {
-        Some(dir) => {
-            let (manifest, id) = llnode_models::package::Manifest::read(dir)
-                .with_context(|| format!("--model {} must be a package written by `llnode import`", dir.display()))?;
-            Some((id, crate::profile::model_cost(&manifest.cost)))
-        }
-        None => None,
+    // Checking a source package reads all its weights: seconds for big models.
+    let sources: Vec<_> = options.model.iter().cloned().collect();
+    let store = {
+        let data_dir = data_dir.to_path_buf();
+        std::sync::Arc::new(tokio::task::spawn_blocking(move || Store::open(&data_dir, &sources)).await??)
     };
+    let model = store.source().map(|(id, manifest)| (id, crate::profile::model_cost(&manifest.cost)));
+    let traffic = std::sync::Arc::new(crate::traffic::Traffic::default());
     let shutdown = CancellationToken::new();
     let config = MeshConfig { listen: options.listen, mdns: options.mdns, ..MeshConfig::default() };
 
@@ -70,10 +76,17 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         certificate_validity: options.certificate_validity,
     };
     let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
-    let execution_args = ExecutionArgs { me: key.peer_id(), client: client.clone(), package: options.model.clone() };
+    let execution_args = ExecutionArgs { me: key.peer_id(), client: client.clone(), store: store.clone(), traffic: traffic.clone() };
     let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
-    let planning_args =
-        PlanningArgs { key: key.clone(), client: client.clone(), model, objective: options.objective, execution: execution.clone() };
+    let planning_args = PlanningArgs {
+        key: key.clone(),
+        client: client.clone(),
+        model,
+        objective: options.objective,
+        execution: execution.clone(),
+        store: store.clone(),
+        traffic: traffic.clone(),
+    };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     {
         // Measuring runs every unit once: seconds for big models, so off the runtime.
@@ -90,17 +103,34 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     }
 
     let router = {
-        let (discovery, trust_actor, planning, execution, client) =
-            (discovery.clone(), trust_actor.clone(), planning.clone(), execution.clone(), client.clone());
+        let (discovery, trust_actor, planning, execution, client, store) =
+            (discovery.clone(), trust_actor.clone(), planning.clone(), execution.clone(), client.clone(), store.clone());
+        // Members fetching units are served a few slices at a time; more wait their turn.
+        let serving = std::sync::Arc::new(tokio::sync::Semaphore::new(SERVE_AT_ONCE));
         tokio::spawn(async move {
             while let Some(event) = events_rx.recv().await {
                 match event {
                     MeshEvent::Member { peer } => {
                         let _ = planning.cast(PlanningMsg::MemberUp(peer));
                     }
-                    MeshEvent::Control { peer, id, request: llnode_mesh::wire::ControlRequest::Node(bytes) } => {
-                        let _ = planning.cast(PlanningMsg::Inbound { peer, id, bytes });
-                    }
+                    MeshEvent::Control { peer, id, request: ControlRequest::Node(bytes) } => match NodeMessage::decode(&bytes) {
+                        Ok(NodeMessage::Fetch { model, file, offset, len }) => {
+                            let (store, client, serving) = (store.clone(), client.clone(), serving.clone());
+                            tokio::spawn(async move {
+                                let _turn = serving.acquire_owned().await;
+                                let slice = tokio::task::spawn_blocking(move || store.serve(&model, &file, offset, len)).await;
+                                client.respond(id, match slice {
+                                    Ok(Ok(bytes)) => ControlResponse::Node(bytes),
+                                    Ok(Err(reason)) => ControlResponse::Refused { reason },
+                                    Err(e) => ControlResponse::Refused { reason: format!("serving failed: {e}") },
+                                });
+                            });
+                        }
+                        Ok(message) => {
+                            let _ = planning.cast(PlanningMsg::Inbound { peer, id, message });
+                        }
+                        Err(reason) => client.respond(id, ControlResponse::Refused { reason }),
+                    },
                     MeshEvent::Disconnected { peer } | MeshEvent::Refused { peer, .. } => {
                         let _ = planning.cast(PlanningMsg::MemberDown(peer));
                         let _ = execution.cast(ExecutionMsg::PeerGone(peer));
@@ -117,7 +147,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                         let _ = discovery.cast(DiscoveryMsg::Event(event));
                     }
                     MeshEvent::Control { id, .. } => {
-                        client.respond(id, llnode_mesh::wire::ControlResponse::Refused { reason: "this node does not serve that request".into() })
+                        client.respond(id, ControlResponse::Refused { reason: "this node does not serve that request".into() })
                     }
                     MeshEvent::Tensor { id, tensor, .. } if tensor.header.name == crate::actor::planning::PROBE => {
                         client.ack_tensor(id, llnode_mesh::wire::TensorAck::Received)
@@ -148,7 +178,8 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(crate::prompt::MAX_PROMPTS)),
             client: client.clone(),
             execution: execution.clone(),
-            package: options.model.clone(),
+            store: store.clone(),
+            traffic: traffic.clone(),
         }),
     };
     let server = tokio::spawn(control::serve(listener, local, shutdown.clone()));

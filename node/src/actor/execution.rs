@@ -1,19 +1,19 @@
 //! ExecutionActor: child of `llnode start`. Runs this device's segments of
-//! the held plan. It loads their runners from the local package when a plan
-//! arrives, keeps one KV cache per session per segment, gathers each step's
+//! the held plan. When a plan arrives it gets the package's manifest and this
+//! device's unit files from the model store (which fetches what is missing
+//! from members) and loads their runners; tensors that arrive meanwhile wait.
+//! It keeps one KV cache per session per segment, gathers each step's
 //! inputs (from the initiator and from earlier segments, as the transmission
 //! map says), runs the step on the blocking pool and sends each output
 //! straight to the segments that read it and the logits to the initiator.
 //! On the initiator it also hands out routes and delivers logits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use llnode_mesh::wire::{DType, Tensor as WireTensor, TensorAck, TensorHeader};
 use llnode_mesh::{MeshClient, PeerId, event::InboundId};
-use llnode_models::model::Model;
 use llnode_models::pipeline::last_logits;
 use llnode_models::raw::{self, RawTensor, RawType};
 use llnode_models::runner::{Activations, RunError, SegmentRunner, SegmentState};
@@ -22,23 +22,31 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::protocol::PlanDoc;
+use crate::store::Store;
 
 /// Sessions whose KV caches one device keeps at once; tensors of new ones are refused beyond it.
 const MAX_SESSIONS: usize = 64;
+/// Tensors kept while this device's segments load; more are refused.
+const MAX_EARLY: usize = 1024;
+/// A device that could not get or load its units tries again this often (a source may appear).
+const RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct ExecutionActor;
 
 pub struct ExecutionArgs {
     pub me: PeerId,
     pub client: MeshClient,
-    /// The local package segments load from.
-    pub package: Option<PathBuf>,
+    /// Where this device's unit files come from.
+    pub store: Arc<Store>,
+    /// Counts the activations sent to each member.
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// Where an initiator sends a step's inputs.
 #[derive(Clone)]
 pub struct Route {
     pub epoch: u64,
+    pub model: String,
     pub devices: Vec<PeerId>,
     pub map: TransmissionMap,
 }
@@ -55,13 +63,15 @@ pub struct Delivery {
 
 pub enum ExecutionMsg {
     Plan(PlanDoc),
-    Loaded { epoch: u64, result: Result<(Arc<Model>, HashMap<usize, Arc<SegmentRunner>>), String> },
+    Loaded { epoch: u64, result: Result<Ready, String> },
+    /// Try again to get and load this device's units for plan `epoch`.
+    Retry { epoch: u64 },
     /// A tensor from the mesh: acknowledge it, then deliver it.
     Inbound { peer: PeerId, id: InboundId, tensor: WireTensor },
     /// A tensor for a segment on this device (from the local initiator or a local segment).
     Deliver(Delivery),
     StepDone { session: u64, segment: usize, step: u64, tokens: u32, state: SegmentState, result: Result<Activations, RunError> },
-    /// The initiator's view of the current plan.
+    /// The initiator's view of the current plan (answered once it is loaded).
     Route(RpcReplyPort<Result<Route, String>>),
     /// The initiator waits for a step's logits.
     AwaitLogits { session: u64, step: u64, reply: oneshot::Sender<Result<Vec<f32>, String>> },
@@ -72,9 +82,36 @@ pub enum ExecutionMsg {
 struct Current {
     doc: PlanDoc,
     devices: Vec<PeerId>,
+    /// Once this device holds its units: `Ok`, or why it cannot run them.
+    ready: Option<Result<Ready, String>>,
+    /// Tensors that arrived before `ready`.
+    early: Vec<Delivery>,
+    /// Initiators waiting for the route.
+    route_waiters: Vec<RpcReplyPort<Result<Route, String>>>,
+}
+
+/// A plan this device can run its share of.
+pub struct Ready {
     map: TransmissionMap,
-    model: Option<Arc<Model>>,
     runners: HashMap<usize, Arc<SegmentRunner>>,
+    /// The package files its segments read.
+    files: BTreeSet<String>,
+}
+
+impl Current {
+    fn ready(&self) -> Option<&Ready> {
+        self.ready.as_ref().and_then(|r| r.as_ref().ok())
+    }
+
+    fn route(&self) -> Option<Result<Route, String>> {
+        let ready = self.ready.as_ref()?;
+        Some(ready.as_ref().map_err(Clone::clone).map(|r| Route {
+            epoch: self.doc.epoch,
+            model: self.doc.model.clone(),
+            devices: self.devices.clone(),
+            map: r.map.clone(),
+        }))
+    }
 }
 
 struct Session {
@@ -106,21 +143,32 @@ impl Actor for ExecutionActor {
             ExecutionMsg::Plan(doc) => state.adopt(doc, &myself),
             ExecutionMsg::Loaded { epoch, result } => {
                 let Some(current) = state.current.as_mut().filter(|c| c.doc.epoch == epoch) else { return Ok(()) };
-                match result {
-                    Ok((model, runners)) => {
-                        tracing::info!("epoch {epoch}: loaded {} segment(s)", runners.len());
-                        current.model = Some(model);
-                        current.runners = runners;
-                        let pending: Vec<(u64, usize, u64)> = state
-                            .sessions
-                            .iter()
-                            .flat_map(|(id, s)| s.inbox.keys().map(move |(seg, step)| (*id, *seg, *step)))
-                            .collect();
-                        for (session, segment, step) in pending {
-                            state.try_run(session, segment, step, &myself);
-                        }
+                match &result {
+                    Ok(ready) => {
+                        tracing::info!("epoch {epoch}: loaded {} segment(s)", ready.runners.len());
+                        // Units this device no longer runs leave its disk.
+                        let (store, model, keep) = (state.args.store.clone(), current.doc.model.clone(), ready.files.clone());
+                        tokio::task::spawn_blocking(move || store.retain(&model, &keep));
                     }
-                    Err(e) => tracing::error!("epoch {epoch}: cannot load this device's segments: {e}"),
+                    Err(e) => {
+                        tracing::error!("epoch {epoch}: cannot run this device's share of the plan: {e}; trying again in {} s", RETRY.as_secs());
+                        myself.send_after(RETRY, move || ExecutionMsg::Retry { epoch });
+                    }
+                }
+                let loaded = result.is_ok();
+                current.ready = Some(result);
+                let route = current.route().expect("just loaded");
+                for reply in current.route_waiters.drain(..) {
+                    let _ = reply.send(route.clone());
+                }
+                // Tensors that came early wait for a retry that succeeds.
+                if !loaded {
+                    return Ok(());
+                }
+                for d in std::mem::take(&mut current.early) {
+                    if let Err(e) = state.deliver(d, &myself) {
+                        tracing::warn!("dropped an early tensor: {e}");
+                    }
                 }
             }
             ExecutionMsg::Inbound { peer, id, tensor } => {
@@ -132,15 +180,28 @@ impl Actor for ExecutionActor {
                         state.logits(d);
                         TensorAck::Received
                     }
-                    Ok(d) => {
-                        state.deliver(d, &myself);
-                        TensorAck::Received
-                    }
+                    Ok(d) => match state.deliver(d, &myself) {
+                        Ok(()) => TensorAck::Received,
+                        Err(reason) => TensorAck::Refused { reason },
+                    },
                     Err(reason) => TensorAck::Refused { reason },
                 };
                 state.args.client.ack_tensor(id, ack);
             }
-            ExecutionMsg::Deliver(d) => state.deliver(d, &myself),
+            ExecutionMsg::Retry { epoch } => {
+                let Some(current) = state.current.as_mut().filter(|c| c.doc.epoch == epoch && matches!(c.ready, Some(Err(_)))) else {
+                    return Ok(());
+                };
+                current.ready = None;
+                let doc = current.doc.clone();
+                state.prepare(&doc, &myself);
+            }
+            ExecutionMsg::Deliver(d) => {
+                let (session, initiator, step) = (d.session, d.initiator, d.step);
+                if let Err(e) = state.deliver(d, &myself) {
+                    state.fail(session, initiator, step, e);
+                }
+            }
             ExecutionMsg::StepDone { session, segment, step, tokens, state: cache, result } => {
                 let Some(s) = state.sessions.get_mut(&session) else { return Ok(()) };
                 s.states.insert(segment, Some(cache));
@@ -155,13 +216,17 @@ impl Actor for ExecutionActor {
                 // The next step's inputs may already be here.
                 state.try_run(session, segment, step + 1, &myself);
             }
-            ExecutionMsg::Route(reply) => {
-                let route = match &state.current {
-                    Some(c) => Ok(Route { epoch: c.doc.epoch, devices: c.devices.clone(), map: c.map.clone() }),
-                    None => Err("no plan yet; `llnode plan` says what the mesh is waiting for".to_string()),
-                };
-                let _ = reply.send(route);
-            }
+            ExecutionMsg::Route(reply) => match &mut state.current {
+                Some(c) => match c.route() {
+                    Some(route) => {
+                        let _ = reply.send(route);
+                    }
+                    None => c.route_waiters.push(reply),
+                },
+                None => {
+                    let _ = reply.send(Err("no plan yet; `llnode plan` says what the mesh is waiting for".to_string()));
+                }
+            },
             ExecutionMsg::AwaitLogits { session, step, reply } => {
                 state.waiting.insert((session, step), reply);
             }
@@ -233,14 +298,6 @@ impl ExecutionState {
             }
         }
         let devices: Vec<PeerId> = doc.plan.stages.iter().filter_map(|s| s.device.parse().ok()).collect();
-        let segments: Vec<Range<usize>> = doc.plan.stages.iter().map(|s| s.units.clone()).collect();
-        let Some(package) = self.args.package.clone() else {
-            tracing::warn!("a plan arrived but this node has no --model to run its segments from");
-            return;
-        };
-        let me = self.args.me;
-        let mine: Vec<usize> = devices.iter().enumerate().filter(|(_, d)| **d == me).map(|(i, _)| i).collect();
-        let epoch = doc.epoch;
         // Sessions of an older plan cannot continue on this one (moving them is the balancer's work).
         for id in self.sessions.drain().map(|(id, _)| id) {
             tracing::info!(session = id, "ended by a new plan");
@@ -248,32 +305,20 @@ impl ExecutionState {
         for (_, reply) in self.waiting.drain() {
             let _ = reply.send(Err(format!("the mesh changed its plan (epoch {}) during the generation; ask again", doc.epoch)));
         }
-        let specs = match llnode_models::package::Manifest::read(&package) {
-            Ok((manifest, _)) => manifest.units.into_iter().map(|u| u.spec).collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::error!("cannot read the package: {e}");
-                return;
-            }
-        };
-        let map = match TransmissionMap::new(&specs, &segments) {
-            Ok(map) => map,
-            Err(e) => {
-                tracing::error!("the plan does not fit the package: {e}");
-                return;
-            }
-        };
-        self.current = Some(Current { doc, devices, map: map.clone(), model: None, runners: HashMap::new() });
-        let myself = myself.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = (|| -> Result<_, String> {
-                let model = Arc::new(Model::open(&package).map_err(|e| e.to_string())?);
-                let mut runners = HashMap::new();
-                for s in mine {
-                    let runner = SegmentRunner::load(&model, segments[s].clone(), &map.output_names(s)).map_err(|e| e.to_string())?;
-                    runners.insert(s, Arc::new(runner));
-                }
-                Ok((model, runners))
-            })();
+        let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
+        self.prepare(&doc, myself);
+        self.current = Some(Current { doc, devices, ready: None, early: Vec::new(), route_waiters: waiters });
+    }
+
+    /// Gets and loads this device's share of `doc` in the background; `Loaded` brings the result.
+    fn prepare(&self, doc: &PlanDoc, myself: &ActorRef<ExecutionMsg>) {
+        let me = self.args.me.to_base58();
+        let segments: Vec<Range<usize>> = doc.plan.stages.iter().map(|s| s.units.clone()).collect();
+        let mine: Vec<usize> = doc.plan.stages.iter().enumerate().filter(|(_, s)| s.device == me).map(|(i, _)| i).collect();
+        let (epoch, model) = (doc.epoch, doc.model.clone());
+        let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = prepare(&store, &client, &model, segments, mine).await;
             let _ = myself.cast(ExecutionMsg::Loaded { epoch, result });
         });
     }
@@ -283,10 +328,19 @@ impl ExecutionState {
     }
 
     /// A tensor for segments on this device: file it with every local segment that reads it.
-    fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) {
-        let Some(current) = &self.current else { return };
+    fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) -> Result<(), String> {
+        let Some(current) = &mut self.current else { return Err("this device holds no plan; ask again in a moment".into()) };
+        let ready = match &current.ready {
+            None if current.early.len() >= MAX_EARLY => return Err("busy: this device is still loading its units; retry in a moment".into()),
+            None => {
+                current.early.push(d);
+                return Ok(());
+            }
+            Some(Err(e)) => return Err(format!("this device cannot run its share of the plan yet: {e}")),
+            Some(Ok(ready)) => ready,
+        };
         let me = self.args.me;
-        let readers: Vec<usize> = current
+        let readers: Vec<usize> = ready
             .map
             .transfers
             .iter()
@@ -296,13 +350,7 @@ impl ExecutionState {
                 _ => None,
             })
             .collect();
-        let value = match raw::from_raw(&d.value) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("bad tensor {}: {e}", d.name);
-                return;
-            }
-        };
+        let value = raw::from_raw(&d.value).map_err(|e| format!("bad tensor {}: {e}", d.name))?;
         let session = self.session(d.session, d.initiator);
         for s in &readers {
             let entry = session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, Activations::new()));
@@ -311,13 +359,14 @@ impl ExecutionState {
         for s in readers {
             self.try_run(d.session, s, d.step, myself);
         }
+        Ok(())
     }
 
     /// Runs segment `s` for `step` once all its inputs are in and its cache is free.
     fn try_run(&mut self, session: u64, s: usize, step: u64, myself: &ActorRef<ExecutionMsg>) {
-        let Some(current) = &self.current else { return };
-        let Some(runner) = current.runners.get(&s).cloned() else { return };
-        let needed: Vec<String> = current.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
+        let Some(ready) = self.current.as_ref().and_then(Current::ready) else { return };
+        let Some(runner) = ready.runners.get(&s).cloned() else { return };
+        let needed: Vec<String> = ready.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
         let Some(sess) = self.sessions.get_mut(&session) else { return };
         let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, acts)| needed.iter().all(|n| acts.contains_key(n)));
         let free = !matches!(sess.states.get(&s), Some(None));
@@ -337,7 +386,8 @@ impl ExecutionState {
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, session: u64, initiator: PeerId, s: usize, step: u64, tokens: u32, outputs: Activations, myself: &ActorRef<ExecutionMsg>) {
         let Some(current) = &self.current else { return };
-        let (transfers, devices): (Vec<_>, _) = (current.map.outputs_of(s).cloned().collect(), current.devices.clone());
+        let Some(ready) = current.ready() else { return };
+        let (transfers, devices): (Vec<_>, _) = (ready.map.outputs_of(s).cloned().collect(), current.devices.clone());
         let me = self.args.me;
         let mut local = Vec::new();
         for t in &transfers {
@@ -367,10 +417,12 @@ impl ExecutionState {
                 local.push(d);
             } else {
                 let tensor = wire_tensor(session, step, tokens, &initiator, &d.name, &d.value);
-                let client = self.args.client.clone();
+                let (client, traffic) = (self.args.client.clone(), self.args.traffic.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = client.send_tensor(to, tensor).await {
-                        tracing::warn!(session, "cannot send a tensor to {to}: {e}");
+                    let bytes = tensor.data.len();
+                    match client.send_tensor(to, tensor).await {
+                        Ok(()) => traffic.record(&to, bytes),
+                        Err(e) => tracing::warn!(session, "cannot send a tensor to {to}: {e}"),
                     }
                 });
             }
@@ -378,8 +430,8 @@ impl ExecutionState {
         for d in local {
             if d.name == "logits" {
                 self.logits(d);
-            } else {
-                self.deliver(d, myself);
+            } else if let Err(e) = self.deliver(d, myself) {
+                self.fail(session, initiator, step, e);
             }
         }
     }
@@ -397,4 +449,32 @@ impl ExecutionState {
             }
         }
     }
+}
+
+/// Gets the manifest and this device's unit files (fetching what is missing)
+/// and loads a runner for each of its segments.
+async fn prepare(store: &Arc<Store>, client: &MeshClient, model: &str, segments: Vec<Range<usize>>, mine: Vec<usize>) -> Result<Ready, String> {
+    store.ensure(client, model, &BTreeSet::new()).await?;
+    let manifest = store.manifest(model).ok_or("the model's manifest is unreadable")?;
+    let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
+    let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
+    let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
+    if mine.is_empty() {
+        return Ok(Ready { map, runners: HashMap::new(), files });
+    }
+    let dir = store.ensure(client, model, &files).await?;
+    let loading = map.clone();
+    let runners = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let held: Vec<Range<usize>> = mine.iter().map(|&s| segments[s].clone()).collect();
+        let model = llnode_models::package::load_units(&dir, &held).map_err(|e| e.to_string())?;
+        let mut runners = HashMap::new();
+        for s in mine {
+            let runner = SegmentRunner::load(&model, segments[s].clone(), &loading.output_names(s)).map_err(|e| e.to_string())?;
+            runners.insert(s, Arc::new(runner));
+        }
+        Ok(runners)
+    })
+    .await
+    .map_err(|e| format!("loading failed: {e}"))??;
+    Ok(Ready { map, runners, files })
 }

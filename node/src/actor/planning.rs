@@ -44,6 +44,9 @@ pub struct PlanningArgs {
     pub objective: Objective,
     /// Told about every plan this node comes to hold.
     pub execution: ActorRef<crate::actor::execution::ExecutionMsg>,
+    /// Which members have which models; where a leader without one gets its manifest.
+    pub store: std::sync::Arc<crate::store::Store>,
+    pub traffic: std::sync::Arc<crate::traffic::Traffic>,
 }
 
 pub enum PlanningMsg {
@@ -51,7 +54,9 @@ pub enum PlanningMsg {
     MemberUp(PeerId),
     MemberDown(PeerId),
     /// A member's message; answer through the mesh with `respond(id, ..)`.
-    Inbound { peer: PeerId, id: llnode_mesh::event::InboundId, bytes: Vec<u8> },
+    Inbound { peer: PeerId, id: llnode_mesh::event::InboundId, message: NodeMessage },
+    /// The manifest a node without a model asked a member for, or why it could not get it.
+    ModelLearnt(Result<(String, ModelCost), String>),
     /// This device's own profile, measured.
     Measured(DeviceProfile),
     /// Measure round trips and bandwidth to every member.
@@ -79,6 +84,11 @@ pub struct PlanView {
     pub problem: Option<String>,
     /// Recent planning events, oldest first.
     pub history: Vec<String>,
+    /// This device's model fetch, in progress or last done.
+    pub fetch: Option<String>,
+    /// Activations this device sent, by member peer id.
+    #[serde(default)]
+    pub sent: BTreeMap<String, crate::traffic::Sent>,
 }
 
 pub struct PlanningState {
@@ -100,6 +110,8 @@ pub struct PlanningState {
     links: BTreeMap<String, Link>,
     /// How many devices were live when the held plan was made here.
     planned_for: usize,
+    /// A manifest fetch for planning is under way.
+    learning: bool,
 }
 
 impl Actor for PlanningActor {
@@ -124,6 +136,7 @@ impl Actor for PlanningActor {
             waiting_since: None,
             links: BTreeMap::new(),
             planned_for: 0,
+            learning: false,
         })
     }
 
@@ -147,21 +160,20 @@ impl Actor for PlanningActor {
                 if let Some((signed, _)) = state.held.clone() {
                     state.send(peer, NodeMessage::Plan(signed));
                 }
+                state.send(peer, NodeMessage::Have { models: state.args.store.models() });
                 state.changed(&myself);
                 myself.send_after(Duration::from_millis(500), || PlanningMsg::MeasureLinks);
             }
             PlanningMsg::MemberDown(peer) => {
+                state.args.store.peer_gone(peer);
                 if state.members.remove(&peer) {
                     state.profiles.remove(&peer.to_base58());
                     state.membership_changed();
                     state.changed(&myself);
                 }
             }
-            PlanningMsg::Inbound { peer, id, bytes } => {
-                let answer = match NodeMessage::decode(&bytes) {
-                    Ok(message) => state.inbound(peer, message, &myself),
-                    Err(e) => Err(e),
-                };
+            PlanningMsg::Inbound { peer, id, message } => {
+                let answer = state.inbound(peer, message, &myself);
                 let response = match answer {
                     Ok(()) => ControlResponse::Ack,
                     Err(reason) => {
@@ -231,6 +243,18 @@ impl Actor for PlanningActor {
                         }
                     }
                     _ => state.changed(&myself),
+                }
+            }
+            PlanningMsg::ModelLearnt(result) => {
+                state.learning = false;
+                match result {
+                    Ok((id, cost)) if state.args.model.is_none() => {
+                        state.note(format!("learnt model {} from a member", short(&id)));
+                        state.args.model = Some((id, cost));
+                        state.changed(&myself);
+                    }
+                    Ok(_) => {}
+                    Err(e) => state.note(format!("cannot learn a member's model: {e}")),
                 }
             }
             PlanningMsg::Show(reply) => {
@@ -316,6 +340,16 @@ impl PlanningState {
                 let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
                 Ok(())
             }
+            NodeMessage::Have { models } => {
+                self.args.store.set_holder(peer, &models);
+                if self.args.model.is_none() && !self.learning {
+                    if let Some(model) = models.first().cloned() {
+                        self.learn(model, myself);
+                    }
+                }
+                Ok(())
+            }
+            NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
             NodeMessage::Replan { objective } => {
                 if !self.election.is_leader() {
                     return Err("this node does not lead; ask the leader".into());
@@ -325,6 +359,19 @@ impl PlanningState {
                 Ok(())
             }
         }
+    }
+
+    /// Fetches a model's manifest so this node can plan for it when it leads.
+    fn learn(&mut self, model: String, myself: &ActorRef<PlanningMsg>) {
+        self.learning = true;
+        let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = match store.ensure(&client, &model, &Default::default()).await {
+                Ok(_) => store.manifest(&model).map(|m| (model, crate::profile::model_cost(&m.cost))).ok_or("unreadable manifest".to_string()),
+                Err(e) => Err(e),
+            };
+            let _ = myself.cast(PlanningMsg::ModelLearnt(result));
+        });
     }
 
     fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan) -> Result<(), String> {
@@ -442,6 +489,8 @@ impl PlanningState {
             plan: self.held.as_ref().map(|(_, d)| d.plan.clone()),
             problem: self.problem.clone(),
             history: self.history.clone(),
+            fetch: self.args.store.status(),
+            sent: self.args.traffic.snapshot(),
         }
     }
 }

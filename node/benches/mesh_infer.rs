@@ -1,0 +1,129 @@
+//! `just bench-mesh-infer`: distributed inference on loopback meshes of real
+//! `llnode start` processes, against one node. For 1, 2, 3 and 4 nodes (one
+//! compute thread each, memory caps that force a split): time to first token
+//! and decode tokens/s of one greedy prompt and their ratio to one node;
+//! aggregate tokens/s of k prompts at once from k members vs one prompt;
+//! activation bytes sent per token on each link; peak RSS of each node
+//! against the weights it runs. `LLNODE_BENCH_SIZE=tiny` uses the small model.
+
+#[path = "../../tests/support.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::Value;
+use support::{Mesh, llnode, ok, package_of, s, share_of};
+
+const TOKENS: &str = "48";
+const PROMPT: &str = "The mesh of phones answers";
+const RUNS: usize = 3;
+
+struct Figures {
+    stages: usize,
+    first_token_ms: f64,
+    decode_tok_s: f64,
+}
+
+fn main() {
+    let size = std::env::var("LLNODE_BENCH_SIZE").unwrap_or_else(|_| "bench".into());
+    let root = tempfile::tempdir().unwrap();
+    eprintln!("making the built-in `{size}` model…");
+    ok(&["model", "synth", "--size", &size, "-o", s(&root.path().join("export"))]);
+    let package = package_of(&root.path().join("export"), &root.path().join("package"));
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
+    println!("{:<6} {:>7} {:>16} {:>10} {:>12} {:>10}", "nodes", "stages", "first token ms", "ratio", "decode tok/s", "ratio");
+
+    let mut one: Option<Figures> = None;
+    for n in 1..=4 {
+        let share = if n == 1 { 1.5 } else { 1.0 / n as f64 + 0.15 };
+        let mesh = Mesh::start(&package, n, &share_of(&package, share));
+        let figures = single(&mesh, n);
+        let base = one.get_or_insert(Figures { ..figures });
+        println!(
+            "{:<6} {:>7} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
+            n,
+            figures.stages,
+            figures.first_token_ms,
+            base.first_token_ms / figures.first_token_ms,
+            figures.decode_tok_s,
+            figures.decode_tok_s / base.decode_tok_s
+        );
+        if n > 1 {
+            links(&mesh, &manifest);
+            concurrent(&mesh, n, figures.decode_tok_s, cores);
+        }
+    }
+}
+
+/// One greedy prompt from the last node, `RUNS` times.
+fn single(mesh: &Mesh, n: usize) -> Figures {
+    let mut first = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..RUNS {
+        let out = llnode(&["prompt", "--data-dir", s(&mesh.nodes[n - 1].dir), "--stats", "--ignore-eos", "--max-tokens", TOKENS, PROMPT]);
+        assert!(out.ok, "{}", out.stderr);
+        first.push(stat(&out.stderr, "first_token_ms"));
+        decode.push(stat(&out.stderr, "decode_tok_s"));
+    }
+    let view = plan(&mesh.nodes[0].dir);
+    Figures { stages: view["plan"]["stages"].as_array().unwrap().len(), first_token_ms: median(first), decode_tok_s: median(decode) }
+}
+
+/// Bytes each node sent each other node per generated token, and each node's peak RSS vs its weights.
+fn links(mesh: &Mesh, manifest: &Value) {
+    let view = plan(&mesh.nodes[0].dir);
+    let name = |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
+    // Prefill steps count as one token each here: RUNS prompts of TOKENS tokens.
+    let tokens = (RUNS * TOKENS.parse::<usize>().unwrap()) as f64;
+    let mut line = Vec::new();
+    for (i, node) in mesh.nodes.iter().enumerate() {
+        for (to, sent) in plan(&node.dir)["sent"].as_object().unwrap() {
+            line.push(format!("n{i}->{} {:.0} B/token", name(to), sent["bytes"].as_f64().unwrap() / tokens));
+        }
+    }
+    println!("       activations: {}", line.join(", "));
+    let mut rss = Vec::new();
+    for (i, node) in mesh.nodes.iter().enumerate() {
+        let weights: u64 = view["plan"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| st["device"] == node.peer_id.as_str())
+            .flat_map(|st| st["units"]["start"].as_u64().unwrap()..st["units"]["end"].as_u64().unwrap())
+            .map(|u| manifest["cost"]["units"][u as usize]["weight_bytes"].as_u64().unwrap())
+            .sum();
+        rss.push(format!("n{i} {:.0} MiB peak RSS / {:.0} MiB weights", node.peak_rss() as f64 / 1048576.0, weights as f64 / 1048576.0));
+    }
+    println!("       memory: {}", rss.join(", "));
+}
+
+/// k prompts at once, one from each member, against one prompt alone.
+fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) {
+    let tokens: f64 = TOKENS.parse().unwrap();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for node in &mesh.nodes {
+            scope.spawn(move || ok(&["prompt", "--data-dir", s(&node.dir), "--ignore-eos", "--max-tokens", TOKENS, PROMPT]));
+        }
+    });
+    let aggregate = k as f64 * tokens / started.elapsed().as_secs_f64();
+    let note = if cores < k { format!(" (only {cores} cores for {k} nodes: the target needs {k})") } else { String::new() };
+    println!("       {k} prompts at once: {aggregate:.1} tok/s in all, {:.2}x one prompt (target {:.1}x){note}", aggregate / alone, 0.8 * k as f64);
+}
+
+fn plan(dir: &Path) -> Value {
+    serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(dir)])).unwrap()
+}
+
+fn stat(stderr: &str, key: &str) -> f64 {
+    let line = stderr.lines().find(|l| l.starts_with("stats:")).unwrap_or_else(|| panic!("no stats in {stderr}"));
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).and_then(|v| v.parse().ok()).unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
