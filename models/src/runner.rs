@@ -28,6 +28,9 @@ pub enum RunError {
     MissingInput { units: Range<usize>, name: String },
     #[error("running units {units:?} failed: {reason}")]
     Run { units: Range<usize>, reason: String },
+    /// A step that other devices run failed there or on the way (a `Forward` across the mesh).
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// A cache input, the output that replaces it, and its value before any token.

@@ -141,7 +141,7 @@ struct MeshForward {
 
 impl Forward for MeshForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
-        let fail = |reason: String| RunError::Run { units: 0..0, reason };
+        let fail = RunError::Remote;
         self.step += 1;
         let (session, step, n) = (self.session, self.step, tokens.len() as u32);
         let acts = step_inputs(tokens, self.past, self.with_positions);
@@ -162,7 +162,7 @@ impl Forward for MeshForward {
                 let bytes = tensor.data.len();
                 self.handle
                     .block_on(self.client.send_tensor(device, tensor))
-                    .map_err(|e| fail(format!("cannot reach the device running segment {s}: {e}")))?;
+                    .map_err(|e| fail(format!("cannot reach the device running segment {s}: {e}; ask again once `llnode plan` shows a new plan")))?;
                 self.traffic.record(&device, bytes);
             }
         }

@@ -237,6 +237,12 @@ impl Actor for ExecutionActor {
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
                 state.sessions.retain(|_, s| s.initiator != peer);
+                // Steps waiting here for logits cannot finish without a stage's device.
+                if state.current.as_ref().is_some_and(|c| c.devices.contains(&peer)) {
+                    for (_, reply) in state.waiting.drain() {
+                        let _ = reply.send(Err(format!("device {peer} left the mesh during the generation; ask again once `llnode plan` shows a new plan")));
+                    }
+                }
             }
         }
         Ok(())

@@ -33,6 +33,8 @@ const PROBE_BYTES: usize = 1 << 20;
 const LINK_CHANGE: f64 = 0.5;
 /// A new assignment for the same devices must beat the held one by this share.
 const MIN_GAIN: f64 = 0.1;
+/// A node that has met no member by then leads (and plans for) itself.
+const ALONE_GRACE: Duration = Duration::from_secs(2);
 
 pub struct PlanningActor;
 
@@ -64,6 +66,8 @@ pub enum PlanningMsg {
     LinksMeasured(BTreeMap<String, Link>),
     /// Plan now if this node leads and something changed.
     Replan,
+    /// If no member has turned up, lead alone.
+    Alone,
     Solved { generation: u64, result: Result<Plan, PlanError> },
     /// Asked locally: plan again with this objective (sent to the leader).
     SetObjective(Objective),
@@ -142,6 +146,7 @@ impl Actor for PlanningActor {
 
     async fn post_start(&self, myself: ActorRef<PlanningMsg>, _: &mut PlanningState) -> Result<(), ActorProcessingErr> {
         myself.send_interval(LINK_INTERVAL, || PlanningMsg::MeasureLinks);
+        myself.send_after(ALONE_GRACE, || PlanningMsg::Alone);
         Ok(())
     }
 
@@ -185,6 +190,9 @@ impl Actor for PlanningActor {
             }
             PlanningMsg::Measured(mut profile) => {
                 state.note(format!("measured this device: {}", describe(&profile)));
+                if state.held.is_none() {
+                    state.problem = Some("waiting for the members to elect a leader and for its plan".into());
+                }
                 profile.links = state.links.clone();
                 state.profiles.insert(state.me.clone(), profile.clone());
                 state.broadcast(NodeMessage::Profile(profile));
@@ -220,6 +228,13 @@ impl Actor for PlanningActor {
                         state.broadcast(NodeMessage::Profile(profile));
                         state.changed(&myself);
                     }
+                }
+            }
+            PlanningMsg::Alone => {
+                // Plans held by members met later are exchanged then, and the higher epoch wins.
+                if state.members.is_empty() && state.election.current().is_none() {
+                    state.membership_changed();
+                    state.changed(&myself);
                 }
             }
             PlanningMsg::Replan => {
