@@ -37,3 +37,36 @@ bench-mesh-infer:
 # Fuzz the wire decoders (nightly and cargo-fuzz: `cargo install cargo-fuzz`).
 fuzz-mesh seconds="60":
     cd mesh/fuzz && cargo +nightly fuzz run decode -- -max_total_time={{seconds}}
+
+# Android: the Rust targets, Debian's aarch64 cross compiler, qemu-user and adb (apt-get; sudo if not root).
+android-setup:
+    bash android-build/setup.sh
+
+# Android: a static aarch64-unknown-linux-musl llnode for phones (and aarch64-linux-android with ANDROID_NDK_HOME set).
+android-build:
+    bash android-build/build.sh
+
+# Android: push llnode and the model to every phone `adb devices` lists (or those named), provision, (re)start.
+android-deploy *serials: android-build
+    cargo build --release -p llnode
+    bash android-build/deploy.sh deploy {{serials}}
+
+# Android: each phone's name, peer id, node and plan.
+android-status *serials:
+    bash android-build/deploy.sh status {{serials}}
+
+# Android: the end of each phone's node log.
+android-logs *serials:
+    bash android-build/deploy.sh logs {{serials}}
+
+# Android: stop the nodes (keys, certificates and the model stay on the phones).
+android-stop *serials:
+    bash android-build/deploy.sh stop {{serials}}
+
+# Android: ask the phones' mesh, on the first phone running a node.
+android-prompt +text:
+    bash android-build/deploy.sh prompt {{quote(text)}}
+
+# Android without a phone, by emulation (qemu-user): aarch64 text == x86-64, a mixed mesh, deploy to fake-adb devices.
+android-check:
+    bash scripts/android-check.sh
