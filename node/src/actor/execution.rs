@@ -298,7 +298,12 @@ impl ExecutionState {
                 return;
             }
             if current.doc.model == doc.model && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
-                // Same segments on the same devices: runners and sessions carry on.
+                // Same segments on the same devices: runners and sessions carry on
+                // (a device still failing to get its units keeps trying under the new epoch).
+                if matches!(current.ready, Some(Err(_))) {
+                    let epoch = doc.epoch;
+                    myself.send_after(RETRY, move || ExecutionMsg::Retry { epoch });
+                }
                 current.doc = doc;
                 return;
             }

@@ -34,7 +34,7 @@ const LINK_CHANGE: f64 = 0.5;
 /// A new assignment for the same devices must beat the held one by this share.
 const MIN_GAIN: f64 = 0.1;
 /// A node that has met no member by then leads (and plans for) itself.
-const ALONE_GRACE: Duration = Duration::from_secs(2);
+const ALONE_GRACE: Duration = Duration::from_secs(10);
 
 pub struct PlanningActor;
 
