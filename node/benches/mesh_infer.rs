@@ -19,6 +19,7 @@ const TOKENS: &str = "48";
 const PROMPT: &str = "The mesh of phones answers";
 const RUNS: usize = 3;
 
+#[derive(Clone, Copy)]
 struct Figures {
     stages: usize,
     first_token_ms: f64,
@@ -41,7 +42,7 @@ fn main() {
         let share = if n == 1 { 1.5 } else { 1.0 / n as f64 + 0.15 };
         let mesh = Mesh::start(&package, n, &share_of(&package, share));
         let figures = single(&mesh, n);
-        let base = one.get_or_insert(Figures { ..figures });
+        let base = *one.get_or_insert(figures);
         println!(
             "{:<6} {:>7} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
             n,

@@ -80,8 +80,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         }
     }
     let store = &initiator.store;
-    store.ensure(&initiator.client, &route.model, &Default::default()).await?;
-    let side = store.manifest(&route.model).ok_or("the model's manifest is unreadable")?.side_files();
+    let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
     let session: u64 = rand::random();
     let handle = tokio::runtime::Handle::current();
@@ -191,7 +190,7 @@ pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, model:
         stop: args.stop.clone(),
         chat: args.chat,
         ignore_eos: args.ignore_eos,
-        model: model.clone(),
+        model,
     };
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {

@@ -63,9 +63,10 @@ pub struct Delivery {
 
 pub enum ExecutionMsg {
     Plan(PlanDoc),
-    Loaded { epoch: u64, result: Result<Ready, String> },
-    /// Try again to get and load this device's units for plan `epoch`.
-    Retry { epoch: u64 },
+    /// The outcome of load number `load` (see [`ExecutionState::prepare`]).
+    Loaded { load: u64, result: Result<Ready, String> },
+    /// Try again to get and load this device's units for the current plan, if they failed.
+    Retry,
     /// A tensor from the mesh: acknowledge it, then deliver it.
     Inbound { peer: PeerId, id: InboundId, tensor: WireTensor },
     /// A tensor for a segment on this device (from the local initiator or a local segment).
@@ -82,6 +83,8 @@ pub enum ExecutionMsg {
 struct Current {
     doc: PlanDoc,
     devices: Vec<PeerId>,
+    /// The load whose outcome `ready` waits for; a newer epoch with the same assignment keeps it.
+    load: u64,
     /// Once this device holds its units: `Ok`, or why it cannot run them.
     ready: Option<Result<Ready, String>>,
     /// Tensors that arrived before `ready`.
@@ -127,6 +130,8 @@ pub struct ExecutionState {
     current: Option<Current>,
     sessions: HashMap<u64, Session>,
     waiting: HashMap<(u64, u64), oneshot::Sender<Result<Vec<f32>, String>>>,
+    /// Numbers loads, so that only the latest one's outcome counts.
+    loads: u64,
 }
 
 impl Actor for ExecutionActor {
@@ -135,14 +140,15 @@ impl Actor for ExecutionActor {
     type Arguments = ExecutionArgs;
 
     async fn pre_start(&self, _: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
-        Ok(ExecutionState { args, current: None, sessions: HashMap::new(), waiting: HashMap::new() })
+        Ok(ExecutionState { args, current: None, sessions: HashMap::new(), waiting: HashMap::new(), loads: 0 })
     }
 
     async fn handle(&self, myself: ActorRef<ExecutionMsg>, msg: ExecutionMsg, state: &mut ExecutionState) -> Result<(), ActorProcessingErr> {
         match msg {
             ExecutionMsg::Plan(doc) => state.adopt(doc, &myself),
-            ExecutionMsg::Loaded { epoch, result } => {
-                let Some(current) = state.current.as_mut().filter(|c| c.doc.epoch == epoch) else { return Ok(()) };
+            ExecutionMsg::Loaded { load, result } => {
+                let Some(current) = state.current.as_mut().filter(|c| c.load == load) else { return Ok(()) };
+                let epoch = current.doc.epoch;
                 match &result {
                     Ok(ready) => {
                         tracing::info!("epoch {epoch}: loaded {} segment(s)", ready.runners.len());
@@ -152,7 +158,7 @@ impl Actor for ExecutionActor {
                     }
                     Err(e) => {
                         tracing::error!("epoch {epoch}: cannot run this device's share of the plan: {e}; trying again in {} s", RETRY.as_secs());
-                        myself.send_after(RETRY, move || ExecutionMsg::Retry { epoch });
+                        myself.send_after(RETRY, || ExecutionMsg::Retry);
                     }
                 }
                 let loaded = result.is_ok();
@@ -188,13 +194,14 @@ impl Actor for ExecutionActor {
                 };
                 state.args.client.ack_tensor(id, ack);
             }
-            ExecutionMsg::Retry { epoch } => {
-                let Some(current) = state.current.as_mut().filter(|c| c.doc.epoch == epoch && matches!(c.ready, Some(Err(_)))) else {
-                    return Ok(());
-                };
-                current.ready = None;
+            ExecutionMsg::Retry => {
+                // Whatever plan is current now: a newer epoch with the same assignment keeps the failure.
+                let Some(current) = state.current.as_ref().filter(|c| matches!(c.ready, Some(Err(_)))) else { return Ok(()) };
                 let doc = current.doc.clone();
-                state.prepare(&doc, &myself);
+                let load = state.prepare(&doc, &myself);
+                let current = state.current.as_mut().expect("checked above");
+                current.ready = None;
+                current.load = load;
             }
             ExecutionMsg::Deliver(d) => {
                 let (session, initiator, step) = (d.session, d.initiator, d.step);
@@ -298,12 +305,7 @@ impl ExecutionState {
                 return;
             }
             if current.doc.model == doc.model && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
-                // Same segments on the same devices: runners and sessions carry on
-                // (a device still failing to get its units keeps trying under the new epoch).
-                if matches!(current.ready, Some(Err(_))) {
-                    let epoch = doc.epoch;
-                    myself.send_after(RETRY, move || ExecutionMsg::Retry { epoch });
-                }
+                // Same segments on the same devices: runners and sessions carry on.
                 current.doc = doc;
                 return;
             }
@@ -317,21 +319,25 @@ impl ExecutionState {
             let _ = reply.send(Err(format!("the mesh changed its plan (epoch {}) during the generation; ask again", doc.epoch)));
         }
         let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
-        self.prepare(&doc, myself);
-        self.current = Some(Current { doc, devices, ready: None, early: Vec::new(), route_waiters: waiters });
+        let load = self.prepare(&doc, myself);
+        self.current = Some(Current { doc, devices, load, ready: None, early: Vec::new(), route_waiters: waiters });
     }
 
-    /// Gets and loads this device's share of `doc` in the background; `Loaded` brings the result.
-    fn prepare(&self, doc: &PlanDoc, myself: &ActorRef<ExecutionMsg>) {
+    /// Gets and loads this device's share of `doc` in the background;
+    /// `Loaded` brings the result under the number returned.
+    fn prepare(&mut self, doc: &PlanDoc, myself: &ActorRef<ExecutionMsg>) -> u64 {
+        self.loads += 1;
+        let load = self.loads;
         let me = self.args.me.to_base58();
         let segments: Vec<Range<usize>> = doc.plan.stages.iter().map(|s| s.units.clone()).collect();
         let mine: Vec<usize> = doc.plan.stages.iter().enumerate().filter(|(_, s)| s.device == me).map(|(i, _)| i).collect();
-        let (epoch, model) = (doc.epoch, doc.model.clone());
+        let model = doc.model.clone();
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
         tokio::spawn(async move {
             let result = prepare(&store, &client, &model, segments, mine).await;
-            let _ = myself.cast(ExecutionMsg::Loaded { epoch, result });
+            let _ = myself.cast(ExecutionMsg::Loaded { load, result });
         });
+        load
     }
 
     fn session(&mut self, session: u64, initiator: PeerId) -> &mut Session {
@@ -465,8 +471,7 @@ impl ExecutionState {
 /// Gets the manifest and this device's unit files (fetching what is missing)
 /// and loads a runner for each of its segments.
 async fn prepare(store: &Arc<Store>, client: &MeshClient, model: &str, segments: Vec<Range<usize>>, mine: Vec<usize>) -> Result<Ready, String> {
-    store.ensure(client, model, &BTreeSet::new()).await?;
-    let manifest = store.manifest(model).ok_or("the model's manifest is unreadable")?;
+    let manifest = store.ensure_manifest(client, model).await?;
     let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
     let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();

@@ -381,10 +381,7 @@ impl PlanningState {
         self.learning = true;
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
         tokio::spawn(async move {
-            let result = match store.ensure(&client, &model, &Default::default()).await {
-                Ok(_) => store.manifest(&model).map(|m| (model, crate::profile::model_cost(&m.cost))).ok_or("unreadable manifest".to_string()),
-                Err(e) => Err(e),
-            };
+            let result = store.ensure_manifest(&client, &model).await.map(|m| (model, crate::profile::model_cost(&m.cost)));
             let _ = myself.cast(PlanningMsg::ModelLearnt(result));
         });
     }
