@@ -34,6 +34,10 @@ bench-mesh:
 bench-mesh-infer:
     cargo bench -p llnode --bench mesh_infer
 
+# Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until recovery, kill -9 to next token; draws target/bench-balance.svg.
+bench-balance:
+    cargo bench -p llnode --bench balance
+
 # Fuzz the wire decoders (nightly and cargo-fuzz: `cargo install cargo-fuzz`).
 fuzz-mesh seconds="60":
     cd mesh/fuzz && cargo +nightly fuzz run decode -- -max_total_time={{seconds}}

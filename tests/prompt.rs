@@ -11,8 +11,7 @@ use std::path::Path;
 use support::{Mesh, llnode, ok, package_of, s, share_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
-const SAMPLED: [&str; 11] =
-    ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
+const SAMPLED: [&str; 11] = ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
 
 #[test]
 fn built_in_model_answers_the_same_from_every_member() {
@@ -86,32 +85,4 @@ fn demo_runs_a_mesh_and_answers_like_one_process() {
     // The nodes are gone: their control sockets no longer answer.
     let peers = llnode(&["peers", "--data-dir", s(&root.path().join("demo-mesh/node1"))]);
     assert!(!peers.ok && peers.stderr.contains("no node is running"), "{}", peers.stderr);
-}
-
-/// A device that leaves mid-generation ends the prompt at once with a line
-/// that says so (moving its work elsewhere is the balancer's job), and the
-/// node that was asked keeps serving.
-#[test]
-fn a_stage_that_leaves_ends_the_prompt_quickly() {
-    let root = tempfile::tempdir().unwrap();
-    ok(&["model", "synth", "-o", s(&root.path().join("export"))]);
-    let package = package_of(&root.path().join("export"), &root.path().join("tiny"));
-    let mut mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
-    let asked = mesh.nodes[0].dir.clone();
-    let leaving = mesh.nodes.iter().position(|n| {
-        let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&asked)])).unwrap();
-        n.dir != asked && plan["plan"]["stages"].as_array().unwrap().iter().any(|st| st["device"] == n.peer_id.as_str())
-    });
-    let leaving = leaving.expect("a stage on another device");
-    let started = std::time::Instant::now();
-    let long = std::thread::spawn(move || llnode(&["prompt", "--data-dir", s(&asked), "--max-tokens", "100000", "--ignore-eos", "Go"]));
-    // The built-in model's context (512 tokens) takes a few seconds to fill.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    mesh.nodes.remove(leaving).stop();
-    let out = long.join().unwrap();
-    // Noticed by the step waiting for logits, or by the next send to that device.
-    let noticed = out.stderr.contains("left the mesh") || out.stderr.contains("cannot reach the device running segment");
-    assert!(!out.ok && noticed, "{}", out.stderr);
-    assert!(out.stderr.lines().count() == 1, "{}", out.stderr);
-    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
 }

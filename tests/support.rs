@@ -49,15 +49,15 @@ impl Node {
 
     /// Starts with extra `llnode start` arguments.
     pub fn start_with(dir: &Path, peers: &[&Node], extra: &[&str]) -> Node {
-        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        // Appended: a node started again on the same directory keeps its earlier log.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log")).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["start", "--data-dir", s(dir), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]);
         for p in peers {
             cmd.args(["--peer", &p.addr]);
         }
         cmd.args(extra);
-        let mut child =
-            cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(log).spawn().expect("llnode start runs");
+        let mut child = cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(log).spawn().expect("llnode start runs");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -125,8 +125,18 @@ impl Node {
     }
 
     pub fn stop(mut self) {
+        self.kill();
+    }
+
+    /// SIGKILL: the process ends at once, sockets reset, nothing cleaned up.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
 }
 
@@ -136,7 +146,6 @@ impl Drop for Node {
         let _ = self.child.wait();
     }
 }
-
 
 /// Offline admission: the owner certifies the device's peer id, the device installs the file.
 pub fn admit(owner: &Path, device: &Path, name: &str, valid_for: &str) {
@@ -149,6 +158,8 @@ pub fn admit(owner: &Path, device: &Path, name: &str, valid_for: &str) {
 /// A mesh of `n` nodes on `package`, each offering `memory`, once they agree on a plan.
 pub struct Mesh {
     pub nodes: Vec<Node>,
+    /// Each node's `llnode start` arguments beyond the common ones.
+    args: Vec<Vec<String>>,
     _root: tempfile::TempDir,
 }
 
@@ -159,35 +170,66 @@ impl Mesh {
 
     /// Only the first `sources` nodes have the package; the others fetch their units.
     pub fn with_sources(package: &Path, n: usize, sources: usize, memory: &str) -> Mesh {
+        Mesh::with_args(package, n, sources, memory, &[])
+    }
+
+    /// As [`Mesh::with_sources`], with `extra` arguments for every node.
+    pub fn with_args(package: &Path, n: usize, sources: usize, memory: &str, extra: &[&str]) -> Mesh {
         let root = tempfile::tempdir().unwrap();
         let dir = |i: usize| root.path().join(format!("n{i}"));
         ok(&["mesh", "init", "--data-dir", s(&dir(0)), "--name", "n0"]);
         for i in 1..n {
             admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
         }
-        let args = |i: usize| if i < sources { vec!["--model", s(package), "--memory", memory] } else { vec!["--memory", memory] };
-        let first = Node::start_with(&dir(0), &[], &args(0));
+        let args: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                let mut a = vec!["--memory".to_string(), memory.to_string()];
+                if i < sources {
+                    a.extend(["--model".to_string(), s(package).to_string()]);
+                }
+                a.extend(extra.iter().map(|e| e.to_string()));
+                a
+            })
+            .collect();
+        let strs = |i: usize| args[i].iter().map(String::as_str).collect::<Vec<_>>();
+        let first = Node::start_with(&dir(0), &[], &strs(0));
         let mut nodes = vec![first];
         for i in 1..n {
-            let node = Node::start_with(&dir(i), &[&nodes[0]], &args(i));
+            let node = Node::start_with(&dir(i), &[&nodes[0]], &strs(i));
             nodes.push(node);
         }
-        let mesh = Mesh { nodes, _root: root };
-        mesh.wait_for_plan(n);
+        let mesh = Mesh { nodes, args, _root: root };
+        mesh.wait_for_plan();
         mesh
+    }
+
+    /// Starts node `i` again on its data directory (after a kill), dialling `via`.
+    pub fn restart(&mut self, i: usize, via: usize) {
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
+        let node = Node::start_with(&self.nodes[i].dir.clone(), &[&self.nodes[via]], &args);
+        self.nodes[i] = node;
+    }
+
+    /// The plan node `i` holds, as `llnode plan --json` shows it.
+    pub fn view(&self, i: usize) -> serde_json::Value {
+        serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&self.nodes[i].dir)])).unwrap()
     }
 
     /// Every node holds the same plan, made with all `n` members live, and
     /// it stays the same for a second (links are measured once members meet).
-    pub fn wait_for_plan(&self, n: usize) {
+    pub fn wait_for_plan(&self) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.wait_for_plan_among(&all);
+    }
+
+    /// The nodes `live` (the others were killed) hold the same plan, made
+    /// with exactly them as members, and it stays the same for a second.
+    pub fn wait_for_plan_among(&self, live: &[usize]) {
+        let n = live.len();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut stable: Option<(serde_json::Value, Instant)> = None;
         loop {
-            let views: Vec<serde_json::Value> = self
-                .nodes
-                .iter()
-                .map(|node| serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&node.dir)])).unwrap())
-                .collect();
+            let views: Vec<serde_json::Value> = live.iter().map(|&i| self.view(i)).collect();
             let agreed = views.windows(2).all(|w| w[0]["epoch"] == w[1]["epoch"])
                 && views.iter().all(|v| !v["plan"].is_null() && v["members"].as_array().unwrap().len() == n - 1);
             if agreed {
@@ -229,4 +271,68 @@ pub fn share_of(package: &Path, share: f64) -> String {
         .map(|u| u["weight_bytes"].as_u64().unwrap() + 1024 * u["kv_bytes_per_token"].as_u64().unwrap())
         .sum();
     format!("{}", (need as f64 * share) as u64)
+}
+
+/// How many units the plan in `view` (`llnode plan --json`) gives `peer`.
+pub fn units_of(view: &serde_json::Value, peer: &str) -> u64 {
+    view["plan"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|st| st["device"] == peer)
+        .map(|st| st["units"]["end"].as_u64().unwrap() - st["units"]["start"].as_u64().unwrap())
+        .sum()
+}
+
+/// A `llnode prompt` running in the background, its answer read as it streams.
+pub struct Streaming {
+    child: Child,
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    reader: std::thread::JoinHandle<()>,
+    pub out: Vec<u8>,
+}
+
+impl Streaming {
+    pub fn start(dir: &Path, args: &[&str]) -> Streaming {
+        let mut child = Command::new(BIN)
+            .args(["prompt", "--data-dir", s(dir)])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("llnode prompt runs");
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, chunks) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Streaming { child, chunks, reader, out: Vec::new() }
+    }
+
+    /// Waits until at least `n` bytes of the answer have come (or the answer ends).
+    pub fn read_at_least(&mut self, n: usize) {
+        while self.out.len() < n {
+            match self.chunks.recv_timeout(Duration::from_secs(120)) {
+                Ok(chunk) => self.out.extend(chunk),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Waits for the prompt to end.
+    pub fn finish(mut self) -> Output {
+        let status = self.child.wait().unwrap();
+        let _ = self.reader.join();
+        self.out.extend(self.chunks.try_iter().flatten());
+        let mut stderr = String::new();
+        use std::io::Read;
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut stderr);
+        Output { ok: status.success(), stdout: String::from_utf8_lossy(&self.out).into_owned(), stderr }
+    }
 }

@@ -69,7 +69,7 @@ async fn main() {
     // Tensor throughput, one at a time and four in flight.
     for (label, size, count, in_flight) in [("1 MiB, sequential", 1 << 20, 200, 1), ("16 MiB, sequential", 16 << 20, 32, 1), ("16 MiB, 4 in flight", 16 << 20, 64, 4)] {
         let make = || Tensor {
-            header: TensorHeader { session: 1, step: 1, tokens: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![(size / 4) as u64] },
+            header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![(size / 4) as u64] },
             data: vec![7u8; size],
         };
         a.send_tensor(peer, make()).await.unwrap();

@@ -24,6 +24,8 @@ pub struct MeshConfig {
     pub request_timeout: Duration,
     /// How often round-trip times are measured.
     pub ping_interval: Duration,
+    /// A ping unanswered this long closes the connection: the peer counts as gone.
+    pub ping_timeout: Duration,
     /// Sent to peers in identify.
     pub agent: String,
 }
@@ -39,6 +41,7 @@ impl Default for MeshConfig {
             refusal_block: Duration::from_secs(30),
             request_timeout: Duration::from_secs(120),
             ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(10),
             agent: concat!("llnode/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }

@@ -125,7 +125,7 @@ fn build_swarm(key: &DeviceKey, config: &MeshConfig) -> Result<Swarm<Behaviour>,
                     rr_config.clone().with_max_concurrent_streams(256),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new("/llnode/1".into(), keypair.public()).with_agent_version(config.agent.clone())),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_timeout)),
                 mdns: mdns.into(),
             })
         })
@@ -301,6 +301,12 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => self.emit(MeshEvent::Rtt { peer, rtt }),
+            // A peer that stops answering pings (a cut network, a frozen phone) is
+            // dropped, so the others notice it left within interval + timeout.
+            BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) }) => {
+                tracing::info!(%peer, "ping failed ({e}); closing the connection");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {

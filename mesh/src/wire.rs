@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::cert::{SignedCertificate, SignedRevocation};
 
 /// Bumped when a message changes incompatibly; peers on another version are refused.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 pub const GATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/gate/1");
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/control/1");
@@ -124,6 +124,9 @@ pub struct TensorHeader {
     pub step: u64,
     /// New tokens in that step.
     pub tokens: u32,
+    /// The plan epoch the sender routes by; a receiver on another plan holds
+    /// or refuses the tensor rather than run it through the wrong segments.
+    pub epoch: u64,
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,

@@ -78,7 +78,7 @@ async fn members_exchange_messages_and_tensors_intact() {
 
     // A tensor arrives byte for byte, with its header; b acknowledges it.
     let data: Vec<u8> = (0..3 * 5 * 4).map(|i| i as u8).collect();
-    let tensor = Tensor { header: TensorHeader { session: 9, step: 1, tokens: 3, name: "hidden".into(), dtype: DType::F32, shape: vec![3, 5] }, data };
+    let tensor = Tensor { header: TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, 5] }, data };
     let sent = tensor.clone();
     let sender = a.client.clone();
     let send = tokio::spawn(async move { sender.send_tensor(b_id, sent).await });

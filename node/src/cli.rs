@@ -53,6 +53,9 @@ pub enum Command {
         /// Print the plan epoch and speed to stderr when done.
         #[arg(long)]
         stats: bool,
+        /// Print when each token came (ms from the prompt's start) to stderr when done.
+        #[arg(long)]
+        timings: bool,
         /// The package id (or its first characters) to run, when the mesh knows several.
         #[arg(long, value_name = "ID")]
         model: Option<String>,
@@ -72,6 +75,13 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Test aid: make the running node behave like a slower device (its segment steps take FACTOR times as long; 1 = full speed).
+    Throttle {
+        #[command(flatten)]
+        dir: DataDir,
+        #[arg(value_parser = crate::pace::parse_factor)]
+        factor: f64,
     },
     /// Create a mesh, invite and admit devices, revoke them.
     #[command(subcommand)]
@@ -137,6 +147,22 @@ pub struct StartArgs {
     /// How long certificates this node issues to joining devices last (owner only).
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub certificate_validity: Duration,
+    /// Test aid: behave like a device FACTOR times slower (every segment step is stretched); change it later with `llnode throttle`.
+    #[arg(long, env = "LLNODE_THROTTLE", default_value = "1", value_parser = crate::pace::parse_factor)]
+    pub throttle: f64,
+    /// Ask for a new plan when this device's measured time per token drifts from its profile by more than this ratio.
+    #[arg(long, env = "LLNODE_REBALANCE_THRESHOLD", default_value = "1.5", value_parser = parse_threshold)]
+    pub rebalance_threshold: f64,
+    /// Never ask for a new plan because of measured speed (departures still re-plan).
+    #[arg(long, env = "LLNODE_NO_REBALANCE")]
+    pub no_rebalance: bool,
+}
+
+fn parse_threshold(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t > 1.0 && t.is_finite() => Ok(t),
+        _ => Err(format!("`{text}` is not a ratio above 1 (such as 1.5: half again as slow)")),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -170,7 +196,9 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => (1u64 << 20) as f64,
         "gib" => (1u64 << 30) as f64,
-        other => return Err(format!("unknown size unit {other:?}; use B, KB, MB, GB, KiB, MiB or GiB")),
+        other => {
+            return Err(format!("unknown size unit {other:?}; use B, KB, MB, GB, KiB, MiB or GiB"));
+        }
     };
     Ok((number * scale) as u64)
 }
@@ -331,13 +359,18 @@ impl Command {
                     mdns: !args.no_mdns,
                     name: args.name.unwrap_or_else(host_name),
                     certificate_validity: args.certificate_validity,
+                    throttle: args.throttle,
+                    rebalance: (!args.no_rebalance).then_some(args.rebalance_threshold),
                 };
                 crate::start::start(&args.dir.path()?, options)
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
-            Command::Prompt { dir, generation, stats, model, prompt } => crate::prompt::cli(&dir.path()?, &generation, model, stats, prompt),
+            Command::Prompt { dir, generation, stats, timings, model, prompt } => {
+                crate::prompt::cli(&dir.path()?, &generation, model, crate::prompt::Report { stats, timings }, prompt)
+            }
             Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
+            Command::Throttle { dir, factor } => crate::pace::cli(&dir.path()?, factor),
             Command::Mesh(command) => command.execute(),
             Command::Demo { dir, nodes, max_tokens, prompt } => crate::demo::demo(dir.path()?, nodes, max_tokens, &prompt),
         }

@@ -26,23 +26,48 @@ const LIMIT: usize = 1 << 20;
 pub enum LocalRequest {
     Status,
     Peers,
-    Invite { ttl_secs: u64 },
+    Invite {
+        ttl_secs: u64,
+    },
     /// `name`: default the node's `--name`.
-    Join { token: String, name: Option<String> },
-    Revoke { device: String },
+    Join {
+        token: String,
+        name: Option<String>,
+    },
+    Revoke {
+        device: String,
+    },
     /// Generate across the mesh; answered with a stream of `PromptEvent`s, then `Done`.
     Prompt(crate::prompt::PromptRequest),
     /// The plan this node holds; with an objective, first ask the leader to plan for it.
-    Plan { objective: Option<llnode_planner::config::Objective> },
+    Plan {
+        objective: Option<llnode_planner::config::Objective>,
+    },
+    /// `llnode throttle`: stretch this node's segment steps by a factor.
+    Throttle {
+        factor: f64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum LocalResponse {
-    Status { peer_id: String, mesh: Option<String>, addrs: Vec<String> },
+    Status {
+        peer_id: String,
+        mesh: Option<String>,
+        addrs: Vec<String>,
+    },
     Peers(Vec<PeerRow>),
     Invite(String),
-    Joined { name: String },
-    Revoked { peer_id: String },
+    Joined {
+        name: String,
+    },
+    Revoked {
+        peer_id: String,
+    },
+    /// The throttle factor before the change.
+    Throttled {
+        was: f64,
+    },
     Plan(Box<PlanView>),
     /// One piece of a prompt's answer (several frames per request).
     Prompt(crate::prompt::PromptEvent),
@@ -61,6 +86,7 @@ pub struct Local {
     pub trust: ActorRef<TrustMsg>,
     pub planning: ActorRef<PlanningMsg>,
     pub initiator: std::sync::Arc<crate::prompt::Initiator>,
+    pub throttle: std::sync::Arc<crate::pace::Throttle>,
 }
 
 /// Binds the socket, refusing if another node already serves this data directory.
@@ -115,7 +141,9 @@ async fn connection(stream: UnixStream, local: Local) -> anyhow::Result<()> {
     loop {
         let request: Frame<LocalRequest> = match wire::read_frame(&mut io, LIMIT).await {
             Ok(r) => r,
-            Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(());
+            }
             Err(e) => {
                 let answer = Frame::new(0, LocalResponse::Error(format!("bad request: {e}")));
                 wire::write_frame(&mut io, &answer, LIMIT).await?;
@@ -170,6 +198,13 @@ async fn answer(local: &Local, request: LocalRequest) -> anyhow::Result<LocalRes
                 local.planning.cast(PlanningMsg::SetObjective(objective))?;
             }
             LocalResponse::Plan(Box::new(call_t!(local.planning, PlanningMsg::Show, CALL_TIMEOUT_MS)?))
+        }
+        LocalRequest::Throttle { factor } => {
+            crate::pace::parse_factor(&factor.to_string()).map_err(anyhow::Error::msg)?;
+            let was = local.throttle.factor();
+            local.throttle.set(factor);
+            tracing::info!("throttle {was} -> {factor}");
+            LocalResponse::Throttled { was }
         }
         LocalRequest::Revoke { device } => match call_t!(local.trust, |reply| TrustMsg::Revoke { device, reply }, CALL_TIMEOUT_MS)? {
             Ok(peer) => LocalResponse::Revoked { peer_id: peer.to_base58() },

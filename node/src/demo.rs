@@ -95,6 +95,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     let mut summary = String::new();
     rt.block_on(crate::control::prompt(&dirs[1], request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
+        PromptEvent::Resumed { why, epoch, .. } => eprintln!("\n({why}; the answer goes on on plan epoch {epoch})"),
         PromptEvent::Done { tokens, decode_tokens_per_s, .. } => {
             summary = format!("({tokens} tokens, {decode_tokens_per_s:.1} tokens/s across the mesh; the built-in model has random weights, so the text is gibberish)");
         }
@@ -155,7 +156,9 @@ async fn wait_for_plan(dirs: &[PathBuf]) -> anyhow::Result<()> {
         if let Some(epoch) = epochs[0].filter(|_| epochs.iter().all(|e| *e == epochs[0])) {
             match stable {
                 // Segments load once the plan arrives; prompts wait for them.
-                Some((e, since)) if e == epoch && since.elapsed() > Duration::from_millis(1500) => return Ok(()),
+                Some((e, since)) if e == epoch && since.elapsed() > Duration::from_millis(1500) => {
+                    return Ok(());
+                }
                 Some((e, _)) if e == epoch => {}
                 _ => stable = Some((epoch, Instant::now())),
             }

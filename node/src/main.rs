@@ -8,6 +8,7 @@ mod cli;
 mod control;
 mod demo;
 mod mesh_cmd;
+mod pace;
 mod plan_cmd;
 mod profile;
 mod prompt;

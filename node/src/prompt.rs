@@ -3,6 +3,14 @@
 //! stop rules) with a [`Forward`] whose steps go through the plan's
 //! segments: it sends each step's token ids, mask and positions to the
 //! segments that read them and waits for the last segment's logits.
+//!
+//! Failover and rebalancing: when the plan changes under a step (a device
+//! left, the balancer moved units), the initiator waits for the next plan,
+//! opens a new session on it and replays every step so far, exactly as it
+//! ran them (same token groups, so the rebuilt KV caches are the ones the
+//! generation had), pipelined through the stages without waiting for their
+//! logits; then it runs the interrupted step. The text is unchanged; the
+//! stream only pauses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +27,18 @@ use ractor::{ActorRef, call_t};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::execution::{Delivery, ExecutionMsg, Route, wire_tensor};
+use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
+use crate::actor::planning::PlanningMsg;
 use crate::protocol::NodeMessage;
 
-/// How long one step may take across the mesh before the prompt fails.
+/// How long one step may take across the mesh before the initiator looks for a new plan.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a prompt waits for this node to load the plan (fetching its units first).
 const ROUTE_WAIT_MS: u64 = 600_000;
+/// How many times one generation moves to a new plan before it gives up.
+const MAX_MOVES: usize = 8;
+/// How long an interrupted generation waits for the next plan to be loaded here.
+const MOVE_WAIT_MS: u64 = 300_000;
 
 /// What `llnode prompt` asks for (the sampling options of `llnode run`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,8 +57,24 @@ pub struct PromptRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PromptEvent {
     Text(String),
+    /// The generation moved to a new plan (`why`) and went on after
+    /// replaying `replayed` steps, `pause_s` after the interruption.
+    Resumed {
+        why: String,
+        epoch: u64,
+        replayed: usize,
+        pause_s: f64,
+    },
     /// `first_token_s`: the prefill step, prompt in to first token out.
-    Done { prompt_tokens: usize, tokens: usize, first_token_s: f64, decode_tokens_per_s: f64, epoch: u64 },
+    /// `token_ms`: when each token's logits came, in ms from the prefill's start.
+    Done {
+        prompt_tokens: usize,
+        tokens: usize,
+        first_token_s: f64,
+        decode_tokens_per_s: f64,
+        epoch: u64,
+        token_ms: Vec<f64>,
+    },
 }
 
 /// Prompts this node runs at once as initiator; more are told to retry.
@@ -60,6 +89,8 @@ pub struct Initiator {
     /// Where the tokenizer and configs come from (fetched when this node lacks them).
     pub store: Arc<crate::store::Store>,
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// Told about moves, for `llnode plan`'s history.
+    pub planning: ActorRef<PlanningMsg>,
 }
 
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
@@ -70,7 +101,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         .clone()
         .try_acquire_owned()
         .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
-    let route = call_t!(initiator.execution, ExecutionMsg::Route, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+    let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
     if let Some(wanted) = &request.model {
         if wanted.is_empty() || !route.model.starts_with(wanted.as_str()) {
             return Err(format!(
@@ -82,15 +113,14 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
-    let session: u64 = rand::random();
     let handle = tokio::runtime::Handle::current();
     let (me, client, execution, traffic) = (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
-    let devices = route.devices.clone();
+    let planning = initiator.planning.clone();
+    let (ended_tx, ended) = oneshot::channel();
     let result = tokio::task::spawn_blocking(move || {
         let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
         let tokenizer = TextTokenizer::load(&model.dir, model.info.vocab_size).map_err(|e| e.to_string())?;
-        let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }
-            .map_err(|e| e.to_string())?;
+        let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }.map_err(|e| e.to_string())?;
         let options = GenerateOptions {
             max_tokens: request.max_tokens,
             sampling: request.sampling.clone(),
@@ -99,29 +129,50 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
             context: model.info.max_positions,
         };
         let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
-        let epoch = route.epoch;
-        let mut forward = MeshForward { handle, me, client, execution, traffic, route, session, step: 0, past: 0, with_positions };
+        let mut forward = MeshForward {
+            handle,
+            me,
+            client,
+            execution,
+            traffic,
+            planning,
+            events: events.clone(),
+            session: rand::random(),
+            sessions: Vec::new(),
+            route,
+            step: 0,
+            past: 0,
+            history: Vec::new(),
+            with_positions,
+            started: std::time::Instant::now(),
+            token_ms: Vec::new(),
+        };
+        forward.sessions.push((forward.session, forward.route.devices.clone()));
         let generation = generate(&mut forward, &tokenizer, &ids, &options, &mut |text| {
             let _ = events.send(PromptEvent::Text(text.to_string()));
-        })
-        .map_err(|e| e.to_string())?;
+        });
+        let _ = ended_tx.send(std::mem::take(&mut forward.sessions));
+        let generation = generation.map_err(|e| e.to_string())?;
         let _ = events.send(PromptEvent::Done {
             prompt_tokens: generation.prompt_tokens,
             tokens: generation.tokens.len(),
             first_token_s: generation.prefill.as_secs_f64(),
             decode_tokens_per_s: generation.decode_tokens_per_s(),
-            epoch,
+            epoch: forward.route.epoch,
+            token_ms: std::mem::take(&mut forward.token_ms),
         });
         Ok::<(), String>(())
     })
     .await
     .map_err(|e| format!("the generation task failed: {e}"))?;
-    // Free the session's caches everywhere, whatever happened.
-    let end = NodeMessage::EndSession { session }.encode();
-    for device in devices.iter().filter(|d| **d != initiator.me) {
-        let _ = initiator.client.request(*device, llnode_mesh::wire::ControlRequest::Node(end.clone())).await;
+    // Free the sessions' caches everywhere, whatever happened.
+    for (session, devices) in ended.await.unwrap_or_default() {
+        let end = NodeMessage::EndSession { session }.encode();
+        for device in devices.iter().filter(|d| **d != initiator.me) {
+            let _ = initiator.client.request(*device, llnode_mesh::wire::ControlRequest::Node(end.clone())).await;
+        }
+        let _ = initiator.execution.cast(ExecutionMsg::EndSession { session });
     }
-    let _ = initiator.execution.cast(ExecutionMsg::EndSession { session });
     result
 }
 
@@ -131,48 +182,56 @@ struct MeshForward {
     client: MeshClient,
     execution: ActorRef<ExecutionMsg>,
     traffic: Arc<crate::traffic::Traffic>,
-    route: Route,
+    planning: ActorRef<PlanningMsg>,
+    events: mpsc::UnboundedSender<PromptEvent>,
+    /// The session on the current route, and every session this generation
+    /// opened with the devices that may hold its caches.
     session: u64,
+    sessions: Vec<(u64, Vec<PeerId>)>,
+    route: Route,
+    /// The last step number used in `session`.
     step: u64,
     past: usize,
+    /// The token groups of every step that has run, in order: what a move replays.
+    history: Vec<Vec<u32>>,
     with_positions: bool,
+    started: std::time::Instant,
+    /// When each step's logits came, in ms from `started`.
+    token_ms: Vec<f64>,
 }
 
 impl Forward for MeshForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
-        let fail = RunError::Remote;
-        self.step += 1;
-        let (session, step, n) = (self.session, self.step, tokens.len() as u32);
-        let acts = step_inputs(tokens, self.past, self.with_positions);
-        let (reply, logits) = oneshot::channel();
-        self.execution
-            .cast(ExecutionMsg::AwaitLogits { session, step, reply })
-            .map_err(|e| fail(format!("the node is stopping: {e}")))?;
-        for t in self.route.map.transfers.iter().filter(|t| t.from == Endpoint::Initiator) {
-            let Endpoint::Segment(s) = t.to else { continue };
-            let value = acts.get(&t.tensor).ok_or_else(|| fail(format!("the model reads {} from the initiator", t.tensor)))?;
-            let value = raw::to_raw(value).map_err(|e| fail(e.to_string()))?;
-            let device = self.route.devices[s];
-            if device == self.me {
-                let d = Delivery { session, initiator: self.me, step, tokens: n, name: t.tensor.clone(), value };
-                self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| fail(e.to_string()))?;
-            } else {
-                let tensor = wire_tensor(session, step, n, &self.me, &t.tensor, &value);
-                let bytes = tensor.data.len();
-                self.handle
-                    .block_on(self.client.send_tensor(device, tensor))
-                    .map_err(|e| fail(format!("cannot reach the device running segment {s}: {e}; ask again once `llnode plan` shows a new plan")))?;
-                self.traffic.record(&device, bytes);
+        // Why and since when this step has been interrupted, once it has.
+        let mut moved: Option<(String, std::time::Instant)> = None;
+        for _ in 0..=MAX_MOVES {
+            if let Some((why, _)) = &moved {
+                self.move_on(why).map_err(RunError::Remote)?;
+            }
+            match self.step_through(tokens) {
+                Ok(logits) => {
+                    if let Some((why, since)) = moved {
+                        let (epoch, replayed, pause_s) = (self.route.epoch, self.history.len(), since.elapsed().as_secs_f64());
+                        let note =
+                            format!("a generation moved to plan epoch {epoch} ({why}): replayed {replayed} step(s), paused {:.0} ms", pause_s * 1e3);
+                        let _ = self.planning.cast(PlanningMsg::Note(note));
+                        let _ = self.events.send(PromptEvent::Resumed { why, epoch, replayed, pause_s });
+                    }
+                    self.history.push(tokens.to_vec());
+                    self.past += tokens.len();
+                    self.token_ms.push(self.started.elapsed().as_secs_f64() * 1e3);
+                    return Ok(logits);
+                }
+                Err(StepFail::Failed(why)) => return Err(RunError::Remote(why)),
+                Err(StepFail::Moved(why)) => {
+                    tracing::info!(session = self.session, "{why}: moving the generation to the next plan");
+                    let since = moved.map_or_else(std::time::Instant::now, |(_, since)| since);
+                    moved = Some((why, since));
+                }
             }
         }
-        let logits = self
-            .handle
-            .block_on(async { tokio::time::timeout(STEP_TIMEOUT, logits).await })
-            .map_err(|_| fail(format!("no logits within {} s; a device may have left (`llnode peers`)", STEP_TIMEOUT.as_secs())))?
-            .map_err(|_| fail("the node dropped the step".into()))?
-            .map_err(fail)?;
-        self.past += tokens.len();
-        Ok(logits)
+        let why = moved.map(|(why, _)| why).unwrap_or_default();
+        Err(RunError::Remote(format!("{why}, and the generation moved {MAX_MOVES} times; ask again once `llnode plan` is steady")))
     }
 
     fn position(&self) -> usize {
@@ -180,8 +239,97 @@ impl Forward for MeshForward {
     }
 }
 
+impl MeshForward {
+    /// Runs one step on the current route and waits for its logits.
+    fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
+        self.step += 1;
+        let (reply, logits) = oneshot::channel();
+        self.execution
+            .cast(ExecutionMsg::AwaitLogits { session: self.session, step: self.step, reply })
+            .map_err(|e| StepFail::Failed(format!("the node is stopping: {e}")))?;
+        self.send_step(self.step, tokens, self.past)?;
+        self.handle
+            .block_on(async { tokio::time::timeout(STEP_TIMEOUT, logits).await })
+            .map_err(|_| StepFail::Moved(format!("no logits within {} s", STEP_TIMEOUT.as_secs())))?
+            .map_err(|_| StepFail::Failed("the node dropped the step".into()))?
+    }
+
+    /// Sends a step's inputs (token ids, mask, positions) to the segments that read them.
+    fn send_step(&self, step: u64, tokens: &[u32], past: usize) -> Result<(), StepFail> {
+        let failed = |e: String| StepFail::Failed(e);
+        let acts = step_inputs(tokens, past, self.with_positions);
+        for t in self.route.map.transfers.iter().filter(|t| t.from == Endpoint::Initiator) {
+            let Endpoint::Segment(s) = t.to else { continue };
+            let value = acts.get(&t.tensor).ok_or_else(|| failed(format!("the model reads {} from the initiator", t.tensor)))?;
+            let value = raw::to_raw(value).map_err(|e| failed(e.to_string()))?;
+            let d = Delivery {
+                session: self.session,
+                epoch: self.route.epoch,
+                initiator: self.me,
+                step,
+                tokens: tokens.len() as u32,
+                name: t.tensor.clone(),
+                value,
+            };
+            let device = self.route.devices[s];
+            if device == self.me {
+                self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| failed(e.to_string()))?;
+            } else {
+                let tensor = wire_tensor(&d);
+                let bytes = tensor.data.len();
+                // A device that cannot be reached or refuses is on its way out of the plan.
+                self.handle
+                    .block_on(self.client.send_tensor(device, tensor))
+                    .map_err(|e| StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")))?;
+                self.traffic.record(&device, bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for a plan newer than the current route, opens a session on it
+    /// and replays every step so far into it, without waiting for logits.
+    fn move_on(&mut self, why: &str) -> Result<(), String> {
+        let execution = self.execution.clone();
+        let after = self.route.epoch;
+        let route = self
+            .handle
+            .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
+            .map_err(|e| format!("{why}, and no new plan came: {e}"))?
+            .map_err(|e| format!("{why}; {e}"))?;
+        self.route = route;
+        self.session = rand::random();
+        self.sessions.push((self.session, self.route.devices.clone()));
+        self.step = 0;
+        let mut past = 0;
+        for tokens in self.history.clone() {
+            self.step += 1;
+            if let Err(why) = self.send_step(self.step, &tokens, past) {
+                // The next step's wait notices a plan that moved again.
+                tracing::info!("replaying step {}: {}", self.step, why.reason());
+            }
+            past += tokens.len();
+        }
+        Ok(())
+    }
+}
+
 /// `llnode prompt`: asks the local node and prints the answer as it streams.
-pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, model: Option<String>, stats: bool, prompt: String) -> anyhow::Result<()> {
+/// What `llnode prompt` prints besides the text.
+pub struct Report {
+    /// The plan epoch and speed, to stderr, when done.
+    pub stats: bool,
+    /// When each token came, to stderr, when done.
+    pub timings: bool,
+}
+
+pub fn cli(
+    data_dir: &std::path::Path,
+    args: &crate::cli::GenerationArgs,
+    model: Option<String>,
+    report: Report,
+    prompt: String,
+) -> anyhow::Result<()> {
     args.sampling().validate().map_err(anyhow::Error::msg)?;
     let request = PromptRequest {
         prompt,
@@ -195,9 +343,17 @@ pub fn cli(data_dir: &std::path::Path, args: &crate::cli::GenerationArgs, model:
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
-        PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch } => {
+        PromptEvent::Resumed { why, epoch, replayed, pause_s } => eprintln!(
+            "\nllnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",
+            pause_s * 1e3
+        ),
+        PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch, token_ms } => {
             crate::outln!();
-            if stats {
+            if report.timings {
+                let times: Vec<String> = token_ms.iter().map(|t| format!("{t:.1}")).collect();
+                eprintln!("timings_ms: {}", times.join(" "));
+            }
+            if report.stats {
                 eprintln!(
                     "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2}",
                     first_token_s * 1e3

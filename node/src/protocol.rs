@@ -30,6 +30,9 @@ pub enum NodeMessage {
     /// bao slice that proves them against the manifest's hash (the manifest
     /// itself comes whole, proved by the package id).
     Fetch { model: String, file: String, offset: u64, len: u64 },
+    /// The leader cannot plan for the live members (the reason, for people):
+    /// generations waiting to move to a new plan stop waiting.
+    NoPlan { reason: String },
 }
 
 impl NodeMessage {

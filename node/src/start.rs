@@ -31,6 +31,10 @@ pub struct StartOptions {
     pub mdns: bool,
     pub name: String,
     pub certificate_validity: Duration,
+    /// `--throttle`: segment steps take this many times as long.
+    pub throttle: f64,
+    /// Re-profile (and so re-plan) when the measured pace drifts by this ratio; `None`: never.
+    pub rebalance: Option<f64>,
 }
 
 pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
@@ -66,8 +70,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     });
     let (client, mesh_task) = llnode_mesh::spawn(&key, config, trust.clone(), sink, shutdown.clone())?;
 
-    let (discovery, discovery_handle) =
-        Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
+    let (discovery, discovery_handle) = Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
     let trust_args = TrustArgs {
         data_dir: data_dir.to_path_buf(),
         me: key.peer_id(),
@@ -76,7 +79,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         certificate_validity: options.certificate_validity,
     };
     let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
-    let execution_args = ExecutionArgs { me: key.peer_id(), client: client.clone(), store: store.clone(), traffic: traffic.clone() };
+    let throttle = std::sync::Arc::new(crate::pace::Throttle::new(options.throttle));
+    let execution_args =
+        ExecutionArgs { me: key.peer_id(), client: client.clone(), store: store.clone(), traffic: traffic.clone(), throttle: throttle.clone() };
     let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
     let planning_args = PlanningArgs {
         key: key.clone(),
@@ -86,6 +91,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         execution: execution.clone(),
         store: store.clone(),
         traffic: traffic.clone(),
+        rebalance: options.rebalance,
     };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     {
@@ -93,12 +99,16 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         // Members know each other by their certificates' names.
         let name = trust_name.unwrap_or_else(|| options.name.clone());
         let (planning, id) = (planning.clone(), key.peer_id().to_base58());
-        let (package, memory) = (options.model.clone(), options.memory);
-        tokio::task::spawn_blocking(move || match crate::profile::measure(&id, &name, package.as_deref(), memory) {
-            Ok(profile) => {
-                let _ = planning.cast(PlanningMsg::Measured(profile));
+        let (package, memory, throttle) = (options.model.clone(), options.memory, options.throttle);
+        tokio::task::spawn_blocking(move || {
+            match crate::profile::measure(&id, &name, package.as_deref(), memory) {
+                Ok(mut profile) => {
+                    // A throttled device is measured as the slower device it plays.
+                    profile.slow_down(throttle);
+                    let _ = planning.cast(PlanningMsg::Measured(profile));
+                }
+                Err(e) => tracing::error!("cannot measure this device: {e:#}"),
             }
-            Err(e) => tracing::error!("cannot measure this device: {e:#}"),
         });
     }
 
@@ -119,11 +129,14 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                             tokio::spawn(async move {
                                 let _turn = serving.acquire_owned().await;
                                 let slice = tokio::task::spawn_blocking(move || store.serve(&model, &file, offset, len)).await;
-                                client.respond(id, match slice {
-                                    Ok(Ok(bytes)) => ControlResponse::Node(bytes),
-                                    Ok(Err(reason)) => ControlResponse::Refused { reason },
-                                    Err(e) => ControlResponse::Refused { reason: format!("serving failed: {e}") },
-                                });
+                                client.respond(
+                                    id,
+                                    match slice {
+                                        Ok(Ok(bytes)) => ControlResponse::Node(bytes),
+                                        Ok(Err(reason)) => ControlResponse::Refused { reason },
+                                        Err(e) => ControlResponse::Refused { reason: format!("serving failed: {e}") },
+                                    },
+                                );
                             });
                         }
                         Ok(message) => {
@@ -180,7 +193,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
             execution: execution.clone(),
             store: store.clone(),
             traffic: traffic.clone(),
+            planning: planning.clone(),
         }),
+        throttle,
     };
     let server = tokio::spawn(control::serve(listener, local, shutdown.clone()));
     let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();

@@ -46,6 +46,27 @@ pub fn plan(
     solve(&instance, config)
 }
 
+/// What `plan`'s objective would be for an assignment already chosen
+/// (`(device id, units)` per stage), costed on today's `devices`: lets a
+/// caller weigh a new plan against the one it runs. `None` when a device is
+/// gone or the assignment no longer fits.
+pub fn objective_of(
+    model: &ModelCost,
+    devices: &[DeviceProfile],
+    config: &Config,
+    stages: &[(String, Range<usize>)],
+) -> Option<f64> {
+    let instance = Instance::new(model, devices, config).ok()?;
+    let stages: Option<Stages> = stages
+        .iter()
+        .map(|(id, units)| Some((instance.ids.iter().position(|d| d == id)?, units.clone())))
+        .collect();
+    let stages = stages?;
+    instance
+        .admissible(&stages)
+        .then(|| instance.objective_of(&instance.evaluate(&stages)))
+}
+
 pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanError> {
     let started = Instant::now();
     let need = instance.range_need(&(0..instance.units));
@@ -303,6 +324,30 @@ mod tests {
                 }
             ));
         }
+    }
+
+    #[test]
+    fn a_held_assignment_is_costed_on_new_profiles() {
+        let config = Config::default();
+        let plan = plan(&model(), &devices(), &config).unwrap();
+        let stages: Vec<(String, Range<usize>)> = plan
+            .stages
+            .iter()
+            .map(|s| (s.device.clone(), s.units.clone()))
+            .collect();
+        let same = objective_of(&model(), &devices(), &config, &stages).unwrap();
+        assert!((same - plan.objective_s).abs() < 1e-12);
+        // A device twice as slow makes the same assignment cost more.
+        let mut slower = devices();
+        let first = slower.iter_mut().find(|d| d.id == stages[0].0).unwrap();
+        first.flops_per_s /= 2.0;
+        if let Some(t) = first.unit_time_s.as_mut() {
+            t.iter_mut().for_each(|x| *x *= 2.0);
+        }
+        assert!(objective_of(&model(), &slower, &config, &stages).unwrap() > same);
+        // A stage on a device that is gone has no cost.
+        let gone = vec![("nobody".to_string(), 0..model().units.len())];
+        assert_eq!(objective_of(&model(), &devices(), &config, &gone), None);
     }
 
     #[test]

@@ -103,6 +103,14 @@ impl DeviceProfile {
         }
     }
 
+    /// The same device running `factor` times slower (below 1: faster).
+    pub fn slow_down(&mut self, factor: f64) {
+        self.flops_per_s /= factor;
+        if let Some(times) = self.unit_time_s.as_mut() {
+            times.iter_mut().for_each(|t| *t *= factor);
+        }
+    }
+
     /// The link from this device to `peer`, as this device measured it.
     pub fn link_to(&self, peer: &str) -> Option<Link> {
         self.links.get(peer).copied()

@@ -6,7 +6,11 @@
 //! inputs (from the initiator and from earlier segments, as the transmission
 //! map says), runs the step on the blocking pool and sends each output
 //! straight to the segments that read it and the logits to the initiator.
-//! On the initiator it also hands out routes and delivers logits.
+//! Every tensor names the plan epoch it was routed by: one for a newer plan
+//! waits until that plan arrives, one for a replaced plan is refused. It
+//! times its decode steps for the balancer ([`crate::pace`]).
+//! On the initiator it also hands out routes and delivers logits, and tells
+//! a waiting step when the plan it runs on is gone ([`StepFail::Moved`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -31,6 +35,27 @@ const MAX_EARLY: usize = 1024;
 /// A device that could not get or load its units tries again this often (a source may appear).
 const RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Where an initiator's step gets its logits, or why they will not come.
+type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
+
+/// Why a step's logits will not come.
+#[derive(Debug)]
+pub enum StepFail {
+    /// The plan changed under it (a device left, the balancer moved units):
+    /// the initiator can replay the generation on the next plan.
+    Moved(String),
+    /// The step itself failed.
+    Failed(String),
+}
+
+impl StepFail {
+    pub fn reason(self) -> String {
+        match self {
+            StepFail::Moved(why) | StepFail::Failed(why) => why,
+        }
+    }
+}
+
 pub struct ExecutionActor;
 
 pub struct ExecutionArgs {
@@ -40,6 +65,8 @@ pub struct ExecutionArgs {
     pub store: Arc<Store>,
     /// Counts the activations sent to each member.
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// `--throttle`: stretches every segment step.
+    pub throttle: Arc<crate::pace::Throttle>,
 }
 
 /// Where an initiator sends a step's inputs.
@@ -54,6 +81,8 @@ pub struct Route {
 /// One step's tensors for one segment, as they arrive.
 pub struct Delivery {
     pub session: u64,
+    /// The plan epoch the sender routed by.
+    pub epoch: u64,
     pub initiator: PeerId,
     pub step: u64,
     pub tokens: u32,
@@ -64,24 +93,55 @@ pub struct Delivery {
 pub enum ExecutionMsg {
     Plan(PlanDoc),
     /// The outcome of load number `load` (see [`ExecutionState::prepare`]).
-    Loaded { load: u64, result: Result<Ready, String> },
+    Loaded {
+        load: u64,
+        result: Result<Ready, String>,
+    },
     /// Try again to get and load this device's units for the current plan, if they failed.
     Retry,
     /// A tensor from the mesh: acknowledge it, then deliver it.
-    Inbound { peer: PeerId, id: InboundId, tensor: WireTensor },
+    Inbound {
+        peer: PeerId,
+        id: InboundId,
+        tensor: WireTensor,
+    },
     /// A tensor for a segment on this device (from the local initiator or a local segment).
     Deliver(Delivery),
-    StepDone { session: u64, segment: usize, step: u64, tokens: u32, state: SegmentState, result: Result<Activations, RunError> },
-    /// The initiator's view of the current plan (answered once it is loaded).
-    Route(RpcReplyPort<Result<Route, String>>),
+    /// `secs`: how long the step took, throttle included.
+    StepDone {
+        session: u64,
+        segment: usize,
+        step: u64,
+        tokens: u32,
+        secs: f64,
+        state: SegmentState,
+        result: Result<Activations, RunError>,
+    },
+    /// The initiator's view of a plan newer than epoch `after` (answered once it is loaded).
+    Route {
+        after: u64,
+        reply: RpcReplyPort<Result<Route, String>>,
+    },
     /// The initiator waits for a step's logits.
-    AwaitLogits { session: u64, step: u64, reply: oneshot::Sender<Result<Vec<f32>, String>> },
-    EndSession { session: u64 },
+    AwaitLogits {
+        session: u64,
+        step: u64,
+        reply: LogitsReply,
+    },
+    EndSession {
+        session: u64,
+    },
     PeerGone(PeerId),
+    /// The leader cannot plan (`reason`): initiators waiting for a new plan stop waiting.
+    NoPlan(String),
+    /// This device's measured pace since the last call, when there are enough steps.
+    TakePace(RpcReplyPort<Option<crate::pace::Pace>>),
 }
 
 struct Current {
     doc: PlanDoc,
+    /// The first epoch of this assignment: tensors routed by it or later run here.
+    first_epoch: u64,
     devices: Vec<PeerId>,
     /// The load whose outcome `ready` waits for; a newer epoch with the same assignment keeps it.
     load: u64,
@@ -89,8 +149,10 @@ struct Current {
     ready: Option<Result<Ready, String>>,
     /// Tensors that arrived before `ready`.
     early: Vec<Delivery>,
-    /// Initiators waiting for the route.
-    route_waiters: Vec<RpcReplyPort<Result<Route, String>>>,
+    /// Initiators waiting for a route newer than the epoch each names.
+    route_waiters: Vec<(u64, RpcReplyPort<Result<Route, String>>)>,
+    /// The leader said it cannot plan for the members left: why.
+    no_plan: Option<String>,
 }
 
 /// A plan this device can run its share of.
@@ -106,6 +168,17 @@ impl Current {
         self.ready.as_ref().and_then(|r| r.as_ref().ok())
     }
 
+    /// Answers the waiters this plan satisfies, once it is loaded.
+    fn answer_waiters(&mut self) {
+        let Some(route) = self.route() else { return };
+        let epoch = self.doc.epoch;
+        let (now, later): (Vec<_>, Vec<_>) = self.route_waiters.drain(..).partition(|(after, _)| *after < epoch);
+        self.route_waiters = later;
+        for (_, reply) in now {
+            let _ = reply.send(route.clone());
+        }
+    }
+
     fn route(&self) -> Option<Result<Route, String>> {
         let ready = self.ready.as_ref()?;
         Some(ready.as_ref().map_err(Clone::clone).map(|r| Route {
@@ -119,8 +192,12 @@ impl Current {
 
 struct Session {
     initiator: PeerId,
+    /// The plan epoch its initiator routes by.
+    epoch: u64,
     /// Each local segment's cache; `None` while a step runs.
     states: HashMap<usize, Option<SegmentState>>,
+    /// The step each local segment runs next (steps may arrive out of order).
+    next: HashMap<usize, u64>,
     /// Inputs gathered per (segment, step).
     inbox: HashMap<(usize, u64), (u32, Activations)>,
 }
@@ -129,9 +206,13 @@ pub struct ExecutionState {
     args: ExecutionArgs,
     current: Option<Current>,
     sessions: HashMap<u64, Session>,
-    waiting: HashMap<(u64, u64), oneshot::Sender<Result<Vec<f32>, String>>>,
+    waiting: HashMap<(u64, u64), LogitsReply>,
     /// Numbers loads, so that only the latest one's outcome counts.
     loads: u64,
+    /// Tensors routed by a plan this device has not received yet.
+    ahead: Vec<Delivery>,
+    /// Decode-step timings for the balancer.
+    pace: crate::pace::PaceWindow,
 }
 
 impl Actor for ExecutionActor {
@@ -140,14 +221,24 @@ impl Actor for ExecutionActor {
     type Arguments = ExecutionArgs;
 
     async fn pre_start(&self, _: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
-        Ok(ExecutionState { args, current: None, sessions: HashMap::new(), waiting: HashMap::new(), loads: 0 })
+        Ok(ExecutionState {
+            args,
+            current: None,
+            sessions: HashMap::new(),
+            waiting: HashMap::new(),
+            loads: 0,
+            ahead: Vec::new(),
+            pace: Default::default(),
+        })
     }
 
     async fn handle(&self, myself: ActorRef<ExecutionMsg>, msg: ExecutionMsg, state: &mut ExecutionState) -> Result<(), ActorProcessingErr> {
         match msg {
             ExecutionMsg::Plan(doc) => state.adopt(doc, &myself),
             ExecutionMsg::Loaded { load, result } => {
-                let Some(current) = state.current.as_mut().filter(|c| c.load == load) else { return Ok(()) };
+                let Some(current) = state.current.as_mut().filter(|c| c.load == load) else {
+                    return Ok(());
+                };
                 let epoch = current.doc.epoch;
                 match &result {
                     Ok(ready) => {
@@ -163,17 +254,14 @@ impl Actor for ExecutionActor {
                 }
                 let loaded = result.is_ok();
                 current.ready = Some(result);
-                let route = current.route().expect("just loaded");
-                for reply in current.route_waiters.drain(..) {
-                    let _ = reply.send(route.clone());
-                }
+                current.answer_waiters();
                 // Tensors that came early wait for a retry that succeeds.
                 if !loaded {
                     return Ok(());
                 }
                 for d in std::mem::take(&mut current.early) {
-                    if let Err(e) = state.deliver(d, &myself) {
-                        tracing::warn!("dropped an early tensor: {e}");
+                    if let Err(why) = state.deliver(d, &myself) {
+                        tracing::warn!("dropped an early tensor: {}", why.reason());
                     }
                 }
             }
@@ -188,7 +276,7 @@ impl Actor for ExecutionActor {
                     }
                     Ok(d) => match state.deliver(d, &myself) {
                         Ok(()) => TensorAck::Received,
-                        Err(reason) => TensorAck::Refused { reason },
+                        Err(why) => TensorAck::Refused { reason: why.reason() },
                     },
                     Err(reason) => TensorAck::Refused { reason },
                 };
@@ -196,7 +284,9 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Retry => {
                 // Whatever plan is current now: a newer epoch with the same assignment keeps the failure.
-                let Some(current) = state.current.as_ref().filter(|c| matches!(c.ready, Some(Err(_)))) else { return Ok(()) };
+                let Some(current) = state.current.as_ref().filter(|c| matches!(c.ready, Some(Err(_)))) else {
+                    return Ok(());
+                };
                 let doc = current.doc.clone();
                 let load = state.prepare(&doc, &myself);
                 let current = state.current.as_mut().expect("checked above");
@@ -205,30 +295,43 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Deliver(d) => {
                 let (session, initiator, step) = (d.session, d.initiator, d.step);
-                if let Err(e) = state.deliver(d, &myself) {
-                    state.fail(session, initiator, step, e);
+                if let Err(why) = state.deliver(d, &myself) {
+                    state.fail(session, initiator, step, why);
                 }
             }
-            ExecutionMsg::StepDone { session, segment, step, tokens, state: cache, result } => {
-                let Some(s) = state.sessions.get_mut(&session) else { return Ok(()) };
+            ExecutionMsg::StepDone { session, segment, step, tokens, secs, state: cache, result } => {
+                let Some(s) = state.sessions.get_mut(&session) else {
+                    return Ok(());
+                };
                 s.states.insert(segment, Some(cache));
+                s.next.insert(segment, step + 1);
                 let initiator = s.initiator;
+                if tokens == 1
+                    && result.is_ok()
+                    && let Some(stage) = state.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
+                {
+                    state.pace.record(segment, stage.units.clone(), secs);
+                }
                 match result {
                     Ok(outputs) => state.forward(session, initiator, segment, step, tokens, outputs, &myself),
                     Err(e) => {
                         tracing::error!(session, "segment {segment} failed at step {step}: {e}");
-                        state.fail(session, initiator, step, format!("segment {segment} failed: {e}"));
+                        state.fail(session, initiator, step, StepFail::Failed(format!("segment {segment} failed: {e}")));
                     }
                 }
                 // The next step's inputs may already be here.
                 state.try_run(session, segment, step + 1, &myself);
             }
-            ExecutionMsg::Route(reply) => match &mut state.current {
-                Some(c) => match c.route() {
-                    Some(route) => {
-                        let _ = reply.send(route);
+            ExecutionMsg::Route { after, reply } => match &mut state.current {
+                Some(c) => match &c.no_plan {
+                    // Waiting for a newer plan that the leader said cannot be made.
+                    Some(reason) if after >= c.doc.epoch => {
+                        let _ = reply.send(Err(format!("the mesh has no plan that can run the model: {reason}")));
                     }
-                    None => c.route_waiters.push(reply),
+                    _ => {
+                        c.route_waiters.push((after, reply));
+                        c.answer_waiters();
+                    }
                 },
                 None => {
                     let _ = reply.send(Err("no plan yet; `llnode plan` says what the mesh is waiting for".to_string()));
@@ -247,9 +350,22 @@ impl Actor for ExecutionActor {
                 // Steps waiting here for logits cannot finish without a stage's device.
                 if state.current.as_ref().is_some_and(|c| c.devices.contains(&peer)) {
                     for (_, reply) in state.waiting.drain() {
-                        let _ = reply.send(Err(format!("device {peer} left the mesh during the generation; ask again once `llnode plan` shows a new plan")));
+                        let _ = reply.send(Err(StepFail::Moved(format!("device {peer} left the mesh"))));
                     }
                 }
+            }
+            ExecutionMsg::NoPlan(reason) => {
+                let Some(current) = &mut state.current else {
+                    return Ok(());
+                };
+                current.no_plan = Some(reason.clone());
+                let epoch = current.doc.epoch;
+                for (_, reply) in current.route_waiters.extract_if(.., |(after, _)| *after >= epoch) {
+                    let _ = reply.send(Err(format!("the mesh has no plan that can run the model: {reason}")));
+                }
+            }
+            ExecutionMsg::TakePace(reply) => {
+                let _ = reply.send(state.pace.take());
             }
         }
         Ok(())
@@ -273,11 +389,20 @@ fn delivery(initiator_or_sender: PeerId, tensor: WireTensor) -> Result<Delivery,
         None => (initiator_or_sender, h.name),
     };
     let shape = h.shape.iter().map(|&d| d as usize).collect();
-    Ok(Delivery { session: h.session, initiator, step: h.step, tokens: h.tokens, name, value: RawTensor { dtype, shape, data: tensor.data } })
+    Ok(Delivery {
+        session: h.session,
+        epoch: h.epoch,
+        initiator,
+        step: h.step,
+        tokens: h.tokens,
+        name,
+        value: RawTensor { dtype, shape, data: tensor.data },
+    })
 }
 
 /// Puts a tensor on the wire.
-pub fn wire_tensor(session: u64, step: u64, tokens: u32, initiator: &PeerId, name: &str, value: &RawTensor) -> WireTensor {
+pub fn wire_tensor(d: &Delivery) -> WireTensor {
+    let value = &d.value;
     let dtype = match value.dtype {
         RawType::F32 => DType::F32,
         RawType::F16 => DType::F16,
@@ -287,10 +412,11 @@ pub fn wire_tensor(session: u64, step: u64, tokens: u32, initiator: &PeerId, nam
     };
     WireTensor {
         header: TensorHeader {
-            session,
-            step,
-            tokens,
-            name: format!("{initiator}/{name}"),
+            session: d.session,
+            step: d.step,
+            tokens: d.tokens,
+            epoch: d.epoch,
+            name: format!("{}/{}", d.initiator, d.name),
             dtype,
             shape: value.shape.iter().map(|&d| d as u64).collect(),
         },
@@ -307,20 +433,36 @@ impl ExecutionState {
             if current.doc.model == doc.model && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
                 // Same segments on the same devices: runners and sessions carry on.
                 current.doc = doc;
+                current.no_plan = None;
+                current.answer_waiters();
+                self.deliver_ahead(myself);
                 return;
             }
         }
         let devices: Vec<PeerId> = doc.plan.stages.iter().filter_map(|s| s.device.parse().ok()).collect();
-        // Sessions of an older plan cannot continue on this one (moving them is the balancer's work).
+        // Sessions of an older plan cannot continue on this one: their
+        // initiators replay them on the new plan.
         for id in self.sessions.drain().map(|(id, _)| id) {
-            tracing::info!(session = id, "ended by a new plan");
+            tracing::info!(session = id, "moved to plan epoch {}", doc.epoch);
         }
         for (_, reply) in self.waiting.drain() {
-            let _ = reply.send(Err(format!("the mesh changed its plan (epoch {}) during the generation; ask again", doc.epoch)));
+            let _ = reply.send(Err(StepFail::Moved(format!("the mesh moved to plan epoch {}", doc.epoch))));
         }
+        self.pace.reset(doc.epoch);
         let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
         let load = self.prepare(&doc, myself);
-        self.current = Some(Current { doc, devices, load, ready: None, early: Vec::new(), route_waiters: waiters });
+        let first_epoch = doc.epoch;
+        self.current = Some(Current { doc, first_epoch, devices, load, ready: None, early: Vec::new(), route_waiters: waiters, no_plan: None });
+        self.deliver_ahead(myself);
+    }
+
+    /// Delivers the tensors that came ahead of the plan now held.
+    fn deliver_ahead(&mut self, myself: &ActorRef<ExecutionMsg>) {
+        for d in std::mem::take(&mut self.ahead) {
+            if let Err(why) = self.deliver(d, myself) {
+                tracing::debug!("dropped a tensor that came ahead of its plan: {}", why.reason());
+            }
+        }
     }
 
     /// Gets and loads this device's share of `doc` in the background;
@@ -340,20 +482,36 @@ impl ExecutionState {
         load
     }
 
-    fn session(&mut self, session: u64, initiator: PeerId) -> &mut Session {
-        self.sessions.entry(session).or_insert_with(|| Session { initiator, states: HashMap::new(), inbox: HashMap::new() })
-    }
-
     /// A tensor for segments on this device: file it with every local segment that reads it.
-    fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) -> Result<(), String> {
-        let Some(current) = &mut self.current else { return Err("this device holds no plan; ask again in a moment".into()) };
+    /// A plan that moved on is [`StepFail::Moved`]; anything else wrong, [`StepFail::Failed`].
+    fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) -> Result<(), StepFail> {
+        let failed = |why: &str| Err(StepFail::Failed(why.to_string()));
+        let newer = self.current.as_ref().is_none_or(|c| d.epoch > c.doc.epoch);
+        if newer {
+            if self.ahead.len() >= MAX_EARLY {
+                return failed("busy: this device has not received the plan it is asked to run yet; retry in a moment");
+            }
+            self.ahead.push(d);
+            return Ok(());
+        }
+        let current = self.current.as_mut().expect("checked above");
+        if d.epoch < current.first_epoch {
+            return Err(StepFail::Moved(format!(
+                "routed by plan epoch {}, but this device runs epoch {}; the initiator moves to the new plan",
+                d.epoch, current.doc.epoch
+            )));
+        }
         let ready = match &current.ready {
-            None if current.early.len() >= MAX_EARLY => return Err("busy: this device is still loading its units; retry in a moment".into()),
+            None if current.early.len() >= MAX_EARLY => {
+                return failed("busy: this device is still loading its units; retry in a moment");
+            }
             None => {
                 current.early.push(d);
                 return Ok(());
             }
-            Some(Err(e)) => return Err(format!("this device cannot run its share of the plan yet: {e}")),
+            Some(Err(e)) => {
+                return Err(StepFail::Failed(format!("this device cannot run its share of the plan yet: {e}")));
+            }
             Some(Ok(ready)) => ready,
         };
         let me = self.args.me;
@@ -367,8 +525,14 @@ impl ExecutionState {
                 _ => None,
             })
             .collect();
-        let value = raw::from_raw(&d.value).map_err(|e| format!("bad tensor {}: {e}", d.name))?;
-        let session = self.session(d.session, d.initiator);
+        let value = raw::from_raw(&d.value).map_err(|e| StepFail::Failed(format!("bad tensor {}: {e}", d.name)))?;
+        let session = self.sessions.entry(d.session).or_insert_with(|| Session {
+            initiator: d.initiator,
+            epoch: d.epoch,
+            states: HashMap::new(),
+            next: HashMap::new(),
+            inbox: HashMap::new(),
+        });
         for s in &readers {
             let entry = session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, Activations::new()));
             entry.1.insert(d.name.clone(), value.clone());
@@ -379,23 +543,34 @@ impl ExecutionState {
         Ok(())
     }
 
-    /// Runs segment `s` for `step` once all its inputs are in and its cache is free.
+    /// Runs segment `s` for `step` once all its inputs are in, every earlier
+    /// step has run and its cache is free.
     fn try_run(&mut self, session: u64, s: usize, step: u64, myself: &ActorRef<ExecutionMsg>) {
-        let Some(ready) = self.current.as_ref().and_then(Current::ready) else { return };
-        let Some(runner) = ready.runners.get(&s).cloned() else { return };
+        let Some(ready) = self.current.as_ref().and_then(Current::ready) else {
+            return;
+        };
+        let Some(runner) = ready.runners.get(&s).cloned() else {
+            return;
+        };
         let needed: Vec<String> = ready.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
-        let Some(sess) = self.sessions.get_mut(&session) else { return };
+        let Some(sess) = self.sessions.get_mut(&session) else {
+            return;
+        };
         let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, acts)| needed.iter().all(|n| acts.contains_key(n)));
+        let turn = sess.next.get(&s).copied().unwrap_or(1) == step;
         let free = !matches!(sess.states.get(&s), Some(None));
-        if !ready || !free {
+        if !ready || !turn || !free {
             return;
         }
         let (tokens, acts) = sess.inbox.remove(&(s, step)).expect("ready");
         let mut cache = sess.states.insert(s, None).flatten().unwrap_or_else(|| runner.new_state());
-        let myself = myself.clone();
+        let (myself, throttle) = (myself.clone(), self.args.throttle.clone());
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let result = runner.run(&mut cache, tokens as usize, &acts);
-            let _ = myself.cast(ExecutionMsg::StepDone { session, segment: s, step, tokens, state: cache, result });
+            throttle.stretch(started.elapsed());
+            let secs = started.elapsed().as_secs_f64();
+            let _ = myself.cast(ExecutionMsg::StepDone { session, segment: s, step, tokens, secs, state: cache, result });
         });
     }
 
@@ -404,36 +579,35 @@ impl ExecutionState {
     fn forward(&mut self, session: u64, initiator: PeerId, s: usize, step: u64, tokens: u32, outputs: Activations, myself: &ActorRef<ExecutionMsg>) {
         let Some(current) = &self.current else { return };
         let Some(ready) = current.ready() else { return };
+        let Some(epoch) = self.sessions.get(&session).map(|sess| sess.epoch) else {
+            return;
+        };
         let (transfers, devices): (Vec<_>, _) = (ready.map.outputs_of(s).cloned().collect(), current.devices.clone());
         let me = self.args.me;
         let mut local = Vec::new();
         for t in &transfers {
-            let Some(value) = outputs.get(&t.tensor) else { continue };
-            let (to, raw) = match t.to {
-                Endpoint::Initiator => {
-                    let logits = match last_logits(value) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            self.fail(session, initiator, step, e.to_string());
-                            return;
-                        }
-                    };
+            let Some(value) = outputs.get(&t.tensor) else {
+                continue;
+            };
+            let converted = match t.to {
+                Endpoint::Initiator => last_logits(value).map(|logits| {
                     let data = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
                     (initiator, RawTensor { dtype: RawType::F32, shape: vec![1, 1, logits.len()], data })
-                }
-                Endpoint::Segment(d) => match raw::to_raw(value) {
-                    Ok(raw) => (devices[d], raw),
-                    Err(e) => {
-                        self.fail(session, initiator, step, e.to_string());
-                        return;
-                    }
-                },
+                }),
+                Endpoint::Segment(d) => raw::to_raw(value).map(|raw| (devices[d], raw)).map_err(|e| RunError::Remote(e.to_string())),
             };
-            let d = Delivery { session, initiator, step, tokens, name: t.tensor.clone(), value: raw };
+            let (to, raw) = match converted {
+                Ok(sent) => sent,
+                Err(e) => {
+                    self.fail(session, initiator, step, StepFail::Failed(e.to_string()));
+                    return;
+                }
+            };
+            let d = Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw };
             if to == me {
                 local.push(d);
             } else {
-                let tensor = wire_tensor(session, step, tokens, &initiator, &d.name, &d.value);
+                let tensor = wire_tensor(&d);
                 let (client, traffic) = (self.args.client.clone(), self.args.traffic.clone());
                 tokio::spawn(async move {
                     let bytes = tensor.data.len();
@@ -447,22 +621,24 @@ impl ExecutionState {
         for d in local {
             if d.name == "logits" {
                 self.logits(d);
-            } else if let Err(e) = self.deliver(d, myself) {
-                self.fail(session, initiator, step, e);
+            } else if let Err(why) = self.deliver(d, myself) {
+                self.fail(session, initiator, step, why);
             }
         }
     }
 
     fn logits(&mut self, d: Delivery) {
-        let Some(reply) = self.waiting.remove(&(d.session, d.step)) else { return };
+        let Some(reply) = self.waiting.remove(&(d.session, d.step)) else {
+            return;
+        };
         let values: Vec<f32> = d.value.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         let _ = reply.send(Ok(values));
     }
 
-    fn fail(&mut self, session: u64, initiator: PeerId, step: u64, reason: String) {
+    fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
         if initiator == self.args.me {
             if let Some(reply) = self.waiting.remove(&(session, step)) {
-                let _ = reply.send(Err(reason));
+                let _ = reply.send(Err(why));
             }
         }
     }

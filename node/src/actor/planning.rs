@@ -5,6 +5,15 @@
 //! change, signs the plan with its device key, numbers it by epoch and sends
 //! it to every member. Members keep only plans signed by a live member and
 //! newer than the one they hold.
+//!
+//! Balancing: every member compares the pace its segments really run at
+//! (timed by the execution actor) with what its profile promised; when the
+//! two drift apart by more than the rebalance threshold it re-profiles
+//! itself and sends the new profile, and the leader re-plans. A new
+//! assignment is published only when it beats the held one, costed on the
+//! same new profiles, by [`MIN_GAIN`]: two thresholds, so plans do not flap.
+//! Generations under way move to the new plan by replaying their tokens
+//! ([`crate::prompt`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -35,6 +44,8 @@ const LINK_CHANGE: f64 = 0.5;
 const MIN_GAIN: f64 = 0.1;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
+/// How often this device's measured pace is checked against its profile.
+const PACE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct PlanningActor;
 
@@ -49,6 +60,8 @@ pub struct PlanningArgs {
     /// Which members have which models; where a leader without one gets its manifest.
     pub store: std::sync::Arc<crate::store::Store>,
     pub traffic: std::sync::Arc<crate::traffic::Traffic>,
+    /// Re-profile when the measured pace drifts from the profile by more than this ratio; `None`: never.
+    pub rebalance: Option<f64>,
 }
 
 pub enum PlanningMsg {
@@ -56,7 +69,11 @@ pub enum PlanningMsg {
     MemberUp(PeerId),
     MemberDown(PeerId),
     /// A member's message; answer through the mesh with `respond(id, ..)`.
-    Inbound { peer: PeerId, id: llnode_mesh::event::InboundId, message: NodeMessage },
+    Inbound {
+        peer: PeerId,
+        id: llnode_mesh::event::InboundId,
+        message: NodeMessage,
+    },
     /// The manifest a node without a model asked a member for, or why it could not get it.
     ModelLearnt(Result<(String, ModelCost), String>),
     /// This device's own profile, measured.
@@ -68,7 +85,17 @@ pub enum PlanningMsg {
     Replan,
     /// If no member has turned up, lead alone.
     Alone,
-    Solved { generation: u64, result: Result<Plan, PlanError> },
+    /// `held_now`: the held assignment's objective on the same profiles, when it still fits.
+    Solved {
+        generation: u64,
+        result: Result<Plan, PlanError>,
+        held_now: Option<f64>,
+    },
+    /// Ask the execution actor for this device's measured pace.
+    CheckPace,
+    Paced(crate::pace::Pace),
+    /// Something worth a line in `llnode plan`'s history (a generation that moved).
+    Note(String),
     /// Asked locally: plan again with this objective (sent to the leader).
     SetObjective(Objective),
     Show(RpcReplyPort<PlanView>),
@@ -116,6 +143,8 @@ pub struct PlanningState {
     planned_for: usize,
     /// A manifest fetch for planning is under way.
     learning: bool,
+    /// Why the leader is planning again, for the next plan's history line.
+    reasons: Vec<String>,
 }
 
 impl Actor for PlanningActor {
@@ -141,12 +170,16 @@ impl Actor for PlanningActor {
             links: BTreeMap::new(),
             planned_for: 0,
             learning: false,
+            reasons: Vec::new(),
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<PlanningMsg>, _: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<PlanningMsg>, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
         myself.send_interval(LINK_INTERVAL, || PlanningMsg::MeasureLinks);
         myself.send_after(ALONE_GRACE, || PlanningMsg::Alone);
+        if state.args.rebalance.is_some() {
+            myself.send_interval(PACE_INTERVAL, || PlanningMsg::CheckPace);
+        }
         Ok(())
     }
 
@@ -172,6 +205,8 @@ impl Actor for PlanningActor {
             PlanningMsg::MemberDown(peer) => {
                 state.args.store.peer_gone(peer);
                 if state.members.remove(&peer) {
+                    let name = state.name_of(&peer.to_base58());
+                    state.reasons.push(format!("{name} left"));
                     state.profiles.remove(&peer.to_base58());
                     state.membership_changed();
                     state.changed(&myself);
@@ -241,14 +276,25 @@ impl Actor for PlanningActor {
                 state.replan_queued = false;
                 state.replan(&myself);
             }
-            PlanningMsg::Solved { generation, result } => {
+            PlanningMsg::Solved { generation, result, held_now } => {
                 state.solving = false;
                 if generation != state.generation {
                     state.changed(&myself); // things moved while solving: solve again
                 } else {
-                    state.publish(result);
+                    state.publish(result, held_now);
                 }
             }
+            PlanningMsg::CheckPace => {
+                let (execution, myself) = (state.args.execution.clone(), myself.clone());
+                tokio::spawn(async move {
+                    let asked = ractor::call_t!(execution, crate::actor::execution::ExecutionMsg::TakePace, crate::actor::CALL_TIMEOUT_MS);
+                    if let Ok(Some(pace)) = asked {
+                        let _ = myself.cast(PlanningMsg::Paced(pace));
+                    }
+                });
+            }
+            PlanningMsg::Paced(pace) => state.paced(pace, &myself),
+            PlanningMsg::Note(line) => state.note(line),
             PlanningMsg::SetObjective(objective) => {
                 state.args.objective = objective;
                 match state.election.current().map(|l| l.leader.clone()) {
@@ -281,6 +327,42 @@ impl Actor for PlanningActor {
 }
 
 impl PlanningState {
+    /// This device's pace, measured: when it has drifted from what the profile
+    /// says by more than the threshold, re-profile and let the leader re-plan.
+    fn paced(&mut self, pace: crate::pace::Pace, myself: &ActorRef<PlanningMsg>) {
+        let (Some(threshold), Some((_, cost))) = (self.args.rebalance, self.args.model.as_ref()) else {
+            return;
+        };
+        let Some((_, held)) = &self.held else { return };
+        let mine: Vec<std::ops::Range<usize>> = held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
+        let Some(profile) = self.profiles.get(&self.me) else {
+            return;
+        };
+        if pace.units != mine {
+            return; // measured on an assignment no longer held
+        }
+        let expected: f64 = mine.iter().flat_map(|r| r.clone()).filter_map(|u| Some(profile.compute_s(u, cost.units.get(u)?))).sum();
+        if expected <= 0.0 {
+            return;
+        }
+        let ratio = pace.secs_per_token / expected;
+        if ratio < threshold && ratio > 1.0 / threshold {
+            return;
+        }
+        let mut profile = profile.clone();
+        profile.slow_down(ratio);
+        self.note(format!(
+            "this device ran its units in {:.2} ms/token over {} tokens, {ratio:.2}× its profile's {:.2} ms; re-profiled",
+            pace.secs_per_token * 1e3,
+            pace.samples,
+            expected * 1e3
+        ));
+        self.profiles.insert(self.me.clone(), profile.clone());
+        self.reasons.push(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+        self.broadcast(NodeMessage::Profile(profile));
+        self.changed(myself);
+    }
+
     fn note(&mut self, event: String) {
         tracing::info!("{event}");
         self.history.push(event);
@@ -346,6 +428,12 @@ impl PlanningState {
                 if profile.id != peer.to_base58() {
                     return Err("a profile must be the sender's own".into());
                 }
+                if let Some(old) = self.profiles.get(&profile.id) {
+                    let ratio = old.flops_per_s / profile.flops_per_s;
+                    if (ratio - 1.0).abs() > 0.01 {
+                        self.reasons.push(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+                    }
+                }
                 self.profiles.insert(profile.id.clone(), profile);
                 self.changed(myself);
                 Ok(())
@@ -365,6 +453,15 @@ impl PlanningState {
                 Ok(())
             }
             NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
+            NodeMessage::NoPlan { reason } => {
+                if self.election.current().is_none_or(|l| l.leader != peer.to_base58()) {
+                    return Err("only the leader says there is no plan".into());
+                }
+                self.note(format!("the leader cannot plan: {reason}"));
+                self.problem = Some(reason.clone());
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::NoPlan(reason));
+                Ok(())
+            }
             NodeMessage::Replan { objective } => {
                 if !self.election.is_leader() {
                     return Err("this node does not lead; ask the leader".into());
@@ -388,8 +485,7 @@ impl PlanningState {
 
     fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan) -> Result<(), String> {
         let doc = signed.open()?;
-        let signer_live =
-            doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
+        let signer_live = doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
         if !signer_live {
             return Err("the plan is signed by a device that is not a live member".into());
         }
@@ -418,7 +514,8 @@ impl PlanningState {
         if !missing.is_empty() {
             let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() < PROFILE_WAIT {
-                self.problem = Some(format!("waiting for the profiles of {}", missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")));
+                self.problem =
+                    Some(format!("waiting for the profiles of {}", missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")));
                 self.replan_queued = true;
                 myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
                 return;
@@ -437,14 +534,20 @@ impl PlanningState {
         self.solving = true;
         let generation = self.generation;
         let myself = myself.clone();
+        let held: Option<Vec<(String, std::ops::Range<usize>)>> = self
+            .held
+            .as_ref()
+            .filter(|(_, d)| d.model == model_id)
+            .map(|(_, d)| d.plan.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect());
         self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
         tokio::task::spawn_blocking(move || {
             let result = llnode_planner::assign::plan(&cost, &devices, &config);
-            let _ = myself.cast(PlanningMsg::Solved { generation, result });
+            let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
+            let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
         });
     }
 
-    fn publish(&mut self, result: Result<Plan, PlanError>) {
+    fn publish(&mut self, result: Result<Plan, PlanError>, held_now: Option<f64>) {
         if !self.election.is_leader() {
             return;
         }
@@ -452,11 +555,17 @@ impl PlanningState {
             Ok(plan) => plan,
             Err(e) => {
                 self.note(format!("no plan: {e}"));
-                self.problem = Some(e.to_string());
+                let reason = e.to_string();
+                self.problem = Some(reason.clone());
+                // Generations waiting to move to a new plan must not wait for one that cannot come.
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::NoPlan(reason.clone()));
+                self.broadcast(NodeMessage::NoPlan { reason });
                 return;
             }
         };
-        let Some((model, _)) = self.args.model.clone() else { return };
+        let Some((model, _)) = self.args.model.clone() else {
+            return;
+        };
         let term = self.election.current().map_or(0, |l| l.term);
         if let Some((_, held)) = &self.held {
             // The same assignment under the same leadership is not worth a new epoch:
@@ -465,7 +574,8 @@ impl PlanningState {
                 return;
             }
             // With the same devices live and the same objective, move work only for a
-            // clear gain: switching ends the sessions running on the old assignment.
+            // clear gain over the held assignment costed on today's profiles:
+            // generations under way must replay their tokens to switch.
             let held_devices: BTreeSet<&str> = held.plan.stages.iter().map(|s| s.device.as_str()).collect();
             let all_live = held_devices.iter().all(|d| *d == self.me || self.members.iter().any(|m| m.to_base58() == *d));
             if held.leader == self.me
@@ -473,12 +583,21 @@ impl PlanningState {
                 && held.plan.objective == plan.objective
                 && all_live
                 && self.members.len() + 1 == self.planned_for
-                && plan.objective_s > held.plan.objective_s * (1.0 - MIN_GAIN)
+                && held_now.is_some_and(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
             {
                 return;
             }
         }
         let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
+        let reasons = std::mem::take(&mut self.reasons);
+        if let Some((_, held)) = &self.held {
+            let moved = moves(&held.plan, &plan);
+            if !moved.is_empty() {
+                let why = if reasons.is_empty() { String::new() } else { format!(" because {}", reasons.join(", ")) };
+                let gain = held_now.map_or(String::new(), |now| format!(" ({:.2} → {:.2} ms/token)", now * 1e3, plan.objective_s * 1e3));
+                self.note(format!("epoch {epoch}: moving units{why}: {}{gain}", moved.join("; ")));
+            }
+        }
         self.planned_for = self.members.len() + 1;
         let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now() };
         let signed = SignedPlan::sign(&doc, &self.args.key);
@@ -520,6 +639,7 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
             session: 0,
             step: 0,
             tokens: 0,
+            epoch: 0,
             name: PROBE.into(),
             dtype: llnode_mesh::wire::DType::U8,
             shape: vec![PROBE_BYTES as u64],
@@ -534,6 +654,27 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
 
 /// The name of bandwidth probes, which every node acknowledges and drops.
 pub const PROBE: &str = "llnode.probe";
+
+/// What changed between two plans, per device ("b: 0..4 → 0..2").
+fn moves(old: &Plan, new: &Plan) -> Vec<String> {
+    let units = |plan: &Plan, device: &str| -> String {
+        let held: Vec<String> = plan.stages.iter().filter(|s| s.device == device).map(|s| format!("{:?}", s.units)).collect();
+        if held.is_empty() { "nothing".into() } else { held.join("+") }
+    };
+    let mut devices: Vec<(&str, &str)> = Vec::new();
+    for s in old.stages.iter().chain(&new.stages) {
+        if !devices.iter().any(|(d, _)| *d == s.device) {
+            devices.push((&s.device, &s.device_name));
+        }
+    }
+    devices
+        .into_iter()
+        .filter_map(|(d, name)| {
+            let (before, after) = (units(old, d), units(new, d));
+            (before != after).then(|| format!("{name}: {before} → {after}"))
+        })
+        .collect()
+}
 
 /// Same devices running the same units, in the same order.
 pub fn same_assignment(a: &Plan, b: &Plan) -> bool {

@@ -1,0 +1,191 @@
+//! `just bench-balance`: runtime balancing and failover on a loopback mesh of
+//! three real `llnode start` processes with the built-in model (any two can
+//! hold it, so the plan leaves one spare). One greedy prompt runs; a quarter
+//! of the way in, the busiest stage other than the asking member is
+//! throttled 2× (`llnode throttle`). Once with `--no-rebalance`, once with
+//! balancing: tokens/s after the throttle and their ratio (target ≥ 1.3×),
+//! tokens until the pace is back within 15% of the pace before (target
+//! ≤ 20). Then a stage is killed (SIGKILL) halfway through a prompt: the
+//! time from the kill to the next token. Every answer is checked against
+//! `llnode run` in one process. Draws tokens/s over time to
+//! `$CARGO_TARGET_DIR/bench-balance.svg`. `LLNODE_BENCH_SIZE=tiny` and
+//! `LLNODE_BENCH_TOKENS=N` change the model and the answer's length.
+
+#[path = "../../tests/support.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use support::{Mesh, Streaming, ok, package_of, s, share_of, units_of};
+
+const PROMPT: &str = "The mesh of phones answers";
+const ASKING: usize = 0;
+/// Token intervals in the window that decides the pace has recovered.
+const WINDOW: usize = 8;
+
+struct Run {
+    label: &'static str,
+    /// Token arrival times, ms from the prefill's start.
+    token_ms: Vec<f64>,
+    /// The first token after the throttle.
+    throttled_at: usize,
+}
+
+fn main() {
+    let size = std::env::var("LLNODE_BENCH_SIZE").unwrap_or_else(|_| "bench".into());
+    let tokens = std::env::var("LLNODE_BENCH_TOKENS").unwrap_or_else(|_| "320".into());
+    let root = tempfile::tempdir().unwrap();
+    eprintln!("making the built-in `{size}` model…");
+    ok(&["model", "synth", "--size", &size, "-o", s(&root.path().join("export"))]);
+    let package = package_of(&root.path().join("export"), &root.path().join("package"));
+    eprintln!("the reference answer, in one process…");
+    let reference = ok(&["run", "-m", s(&package), "--max-tokens", &tokens, "--ignore-eos", PROMPT]);
+    println!("model: built-in {size}; 3 nodes on loopback; {tokens} greedy tokens; throttle 2x at a quarter of the answer");
+
+    let mut runs = Vec::new();
+    for (label, extra) in [("without balancing", &["--no-rebalance"][..]), ("with balancing", &[][..])] {
+        eprintln!("{label}: starting the mesh…");
+        let mut mesh = ready_mesh(&package, extra);
+        let slowed = busiest_other_stage(&mesh);
+        let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
+            ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
+        });
+        assert_eq!(out.stdout, reference, "{label}: the answer changed: {}", out.stderr);
+        let token_ms = timings(&out.stderr);
+        let throttled_at = token_ms.iter().position(|t| *t >= killed_or_throttled_ms).unwrap_or(token_ms.len());
+        let moved = mesh.view(ASKING)["history"].as_array().unwrap().iter().filter(|h| h.as_str().unwrap().contains("moving units")).count();
+        eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}");
+        runs.push(Run { label, token_ms, throttled_at });
+    }
+
+    println!("{:<20} {:>14} {:>18} {:>22}", "", "before tok/s", "after throttle tok/s", "tokens until recovery");
+    let mut after = Vec::new();
+    for run in &runs {
+        let before = rate(&run.token_ms[1..run.throttled_at.max(2)]);
+        let later = rate(&run.token_ms[run.throttled_at.saturating_sub(1)..]);
+        let recovery = recovery(run).map_or("never".to_string(), |n| n.to_string());
+        println!("{:<20} {:>14.1} {:>18.1} {:>22}", run.label, before, later, recovery);
+        after.push(later);
+    }
+    println!("after the throttle, balancing gives {:.2}x the tokens/s (target >= 1.3x)", after[1] / after[0]);
+
+    eprintln!("failover: starting the mesh…");
+    let mut mesh = ready_mesh(&package, &[]);
+    let victim = busiest_other_stage(&mesh);
+    let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| mesh.nodes[victim].kill());
+    assert_eq!(out.stdout, reference, "failover: the answer changed: {}", out.stderr);
+    let token_ms = timings(&out.stderr);
+    let next = token_ms.iter().find(|t| **t >= killed_ms).map_or(f64::NAN, |t| t - killed_ms);
+    let resumed = out.stderr.lines().find(|l| l.contains("resumed on plan epoch")).unwrap_or("(no move reported)");
+    println!("kill -9 of a stage halfway: next token {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
+    mesh.nodes.truncate(0);
+
+    let path = draw(&runs);
+    println!("plot: {}", path.display());
+}
+
+/// Three nodes, any two of which hold the model, after a warm-up prompt
+/// (the first steps re-profile the devices) and a steady plan.
+fn ready_mesh(package: &Path, extra: &[&str]) -> Mesh {
+    let mesh = Mesh::with_args(package, 3, 3, &share_of(package, 0.55), extra);
+    ok(&["prompt", "--data-dir", s(&mesh.nodes[ASKING].dir), "--max-tokens", "32", "--ignore-eos", PROMPT]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    mesh.wait_for_plan();
+    mesh
+}
+
+/// The node other than the asking one that runs the most units.
+fn busiest_other_stage(mesh: &Mesh) -> usize {
+    let view = mesh.view(ASKING);
+    (0..3).filter(|&i| i != ASKING).max_by_key(|&i| units_of(&view, &mesh.nodes[i].peer_id)).unwrap()
+}
+
+/// Runs the prompt, doing `act` once `at_bytes` of the answer have come;
+/// returns the output and when `act` happened on the prompt's clock (ms).
+fn prompt_with(mesh: &mut Mesh, tokens: &str, at_bytes: usize, act: impl FnOnce(&mut Mesh)) -> (support::Output, f64) {
+    let mut prompt = Streaming::start(&mesh.nodes[ASKING].dir, &["--max-tokens", tokens, "--ignore-eos", "--timings", PROMPT]);
+    prompt.read_at_least(1);
+    // The first text comes with the first token: that aligns the two clocks.
+    let first_text = Instant::now();
+    prompt.read_at_least(at_bytes);
+    act(mesh);
+    let since_first = first_text.elapsed().as_secs_f64() * 1e3;
+    let out = prompt.finish();
+    let first_token_ms = timings(&out.stderr).first().copied().unwrap_or(0.0);
+    (out, first_token_ms + since_first)
+}
+
+fn timings(stderr: &str) -> Vec<f64> {
+    let line = stderr.lines().find_map(|l| l.strip_prefix("timings_ms: ")).unwrap_or_else(|| panic!("no timings: {stderr}"));
+    line.split_whitespace().map(|t| t.parse().unwrap()).collect()
+}
+
+/// Tokens per second over arrival times.
+fn rate(times: &[f64]) -> f64 {
+    match times {
+        [first, .., last] if last > first => (times.len() - 1) as f64 / (last - first) * 1e3,
+        _ => f64::NAN,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Tokens after the throttle until a window of intervals is back within 15% of the pace before it.
+fn recovery(run: &Run) -> Option<usize> {
+    let intervals: Vec<f64> = run.token_ms.windows(2).map(|w| w[1] - w[0]).collect();
+    let start = run.throttled_at.checked_sub(1)?;
+    let before = median(intervals.get(1..start)?.to_vec());
+    (start..intervals.len().saturating_sub(WINDOW)).find(|&i| median(intervals[i..i + WINDOW].to_vec()) <= before * 1.15).map(|i| i - start)
+}
+
+/// Tokens/s over time (a moving window of `WINDOW` tokens) for each run,
+/// with the moment of the throttle marked.
+fn draw(runs: &[Run]) -> PathBuf {
+    let (left, top, width, height) = (60.0, 40.0, 640.0, 260.0);
+    let series: Vec<Vec<(f64, f64)>> =
+        runs.iter().map(|r| r.token_ms.windows(WINDOW + 1).map(|w| (w[WINDOW] / 1e3, WINDOW as f64 / (w[WINDOW] - w[0]) * 1e3)).collect()).collect();
+    let max_t = series.iter().flatten().map(|p| p.0).fold(1.0f64, f64::max);
+    let max_r = series.iter().flatten().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
+    let x = |t: f64| left + t / max_t * width;
+    let y = |r: f64| top + height - r / max_r * height;
+    let colours = ["#f58518", "#4c78a8"];
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+        left + width + 180.0,
+        top + height + 50.0
+    );
+    let _ = writeln!(svg, r#"<text x="{left}" y="20" font-size="13">Tokens/s over time; one stage throttled 2x (dashed line)</text>"#);
+    let _ = writeln!(svg, r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#000"/>"##, top + height);
+    let _ = writeln!(svg, r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##, left + width, b = top + height);
+    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#, left + width / 2.0, top + height + 35.0);
+    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">{max_r:.0}</text>"#, left - 6.0, top + 4.0);
+    for (k, (run, points)) in runs.iter().zip(&series).enumerate() {
+        let line: Vec<String> = points.iter().map(|(t, r)| format!("{:.1},{:.1}", x(*t), y(*r))).collect();
+        let _ = writeln!(svg, r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#, colours[k % 2], line.join(" "));
+        if let Some(t) = run.token_ms.get(run.throttled_at) {
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{tx}" x2="{tx}" y1="{top}" y2="{}" stroke="{}" stroke-dasharray="4 3"/>"#,
+                top + height,
+                colours[k % 2],
+                tx = x(t / 1e3)
+            );
+        }
+        let _ =
+            writeln!(svg, r#"<text x="{}" y="{}" fill="{}">{}</text>"#, left + width + 10.0, top + 20.0 + 16.0 * k as f64, colours[k % 2], run.label);
+    }
+    svg.push_str("</svg>\n");
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    let path = dir.join("bench-balance.svg");
+    let tmp = path.with_extension("svg.tmp");
+    std::fs::write(&tmp, svg).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}

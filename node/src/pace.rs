@@ -1,0 +1,146 @@
+//! How fast this device really runs its share of the plan, for the balancer:
+//! the execution actor times every decode step of its segments and the
+//! planning actor compares the average with what the device's profile
+//! promised. Also `--throttle`, a test aid that makes a device behave like a
+//! slower phone by stretching the time each segment step takes.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Decode steps of every local segment needed before a pace is reported.
+pub const MIN_SAMPLES: u32 = 6;
+
+/// `--throttle`: every segment step takes `factor` times as long as it
+/// computes (1 = full speed). Shared by the runner and the control socket.
+#[derive(Debug)]
+pub struct Throttle(AtomicU64);
+
+impl Throttle {
+    pub fn new(factor: f64) -> Throttle {
+        Throttle(AtomicU64::new(factor.to_bits()))
+    }
+
+    pub fn factor(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, factor: f64) {
+        self.0.store(factor.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Sleeps so that work that took `worked` takes `factor` times as long.
+    pub fn stretch(&self, worked: Duration) {
+        let factor = self.factor();
+        if factor > 1.0 {
+            std::thread::sleep(worked.mul_f64(factor - 1.0));
+        }
+    }
+}
+
+/// A throttle factor from the command line or the control socket.
+pub fn parse_factor(text: &str) -> Result<f64, String> {
+    let factor: f64 = text.parse().map_err(|_| format!("`{text}` is not a number; give a factor such as 2 (twice as slow)"))?;
+    if !(1.0..=1000.0).contains(&factor) {
+        return Err(format!("the throttle factor must be between 1 (full speed) and 1000, not {factor}"));
+    }
+    Ok(factor)
+}
+
+/// `llnode throttle FACTOR`: sets the running node's throttle.
+pub fn cli(data_dir: &std::path::Path, factor: f64) -> anyhow::Result<()> {
+    use crate::control::{LocalRequest, LocalResponse};
+    match crate::runtime()?.block_on(crate::control::call(data_dir, LocalRequest::Throttle { factor }))? {
+        LocalResponse::Throttled { was } => {
+            crate::outln!("throttle {was} -> {factor}");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the node: {other:?}"),
+    }
+}
+
+/// Measured seconds per decoded token of this device's segments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pace {
+    /// The plan epoch measured.
+    pub epoch: u64,
+    /// The units this device ran.
+    pub units: Vec<Range<usize>>,
+    /// Seconds per token for all of them together.
+    pub secs_per_token: f64,
+    /// Decode steps behind the figure (the fewest of any one segment).
+    pub samples: u32,
+}
+
+/// Decode-step timings since the last report, per local segment.
+#[derive(Default)]
+pub struct PaceWindow {
+    epoch: u64,
+    /// Segment index → (its units, seconds, steps).
+    segments: BTreeMap<usize, (Range<usize>, f64, u32)>,
+}
+
+impl PaceWindow {
+    /// Starts over for a new plan.
+    pub fn reset(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.segments.clear();
+    }
+
+    pub fn record(&mut self, segment: usize, units: Range<usize>, secs: f64) {
+        let entry = self.segments.entry(segment).or_insert((units, 0.0, 0));
+        entry.1 += secs;
+        entry.2 += 1;
+    }
+
+    /// The pace so far, once every segment has [`MIN_SAMPLES`] steps; the window then starts over.
+    pub fn take(&mut self) -> Option<Pace> {
+        let samples = self.segments.values().map(|(_, _, n)| *n).min()?;
+        if samples < MIN_SAMPLES {
+            return None;
+        }
+        let pace = Pace {
+            epoch: self.epoch,
+            units: self.segments.values().map(|(u, _, _)| u.clone()).collect(),
+            secs_per_token: self.segments.values().map(|(_, secs, n)| secs / *n as f64).sum(),
+            samples,
+        };
+        self.segments.clear();
+        Some(pace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pace_needs_enough_steps_of_every_segment() {
+        let mut w = PaceWindow::default();
+        w.reset(3);
+        for _ in 0..MIN_SAMPLES {
+            w.record(0, 0..2, 0.010);
+        }
+        w.record(2, 4..6, 0.030);
+        assert_eq!(w.take(), None, "segment 2 has one step");
+        for _ in 1..MIN_SAMPLES {
+            w.record(2, 4..6, 0.030);
+        }
+        let pace = w.take().unwrap();
+        assert_eq!(pace.epoch, 3);
+        assert_eq!(pace.units, vec![0..2, 4..6]);
+        assert!((pace.secs_per_token - 0.040).abs() < 1e-12);
+        assert_eq!(w.take(), None, "the window starts over");
+    }
+
+    #[test]
+    fn throttle_factors_are_checked() {
+        assert_eq!(parse_factor("2"), Ok(2.0));
+        assert!(parse_factor("0.5").unwrap_err().contains("between 1"));
+        assert!(parse_factor("fast").unwrap_err().contains("not a number"));
+        let t = Throttle::new(1.0);
+        t.set(3.0);
+        assert_eq!(t.factor(), 3.0);
+    }
+}
