@@ -89,7 +89,15 @@ fn a_node_without_the_model_fetches_only_its_own_units() {
             .map(|st| (st["units"]["start"].as_u64().unwrap(), st["units"]["end"].as_u64().unwrap()))
             .collect();
         assert!(!units.is_empty(), "n{i} runs units: {view:#}");
-        let mut expected = unit_files(&manifest, &units);
+        // Plus the spare units the plan asks it to keep for failover, if any.
+        let spares: Vec<(u64, u64)> = view["plan"]["spares"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|sp| sp["device"] == node.peer_id.as_str())
+            .map(|sp| (sp["units"]["start"].as_u64().unwrap(), sp["units"]["end"].as_u64().unwrap()))
+            .collect();
+        let mut expected = unit_files(&manifest, &[units.clone(), spares].concat());
         if i == 2 {
             for side in ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"] {
                 if manifest["files"].get(side).is_some() {
@@ -98,8 +106,14 @@ fn a_node_without_the_model_fetches_only_its_own_units() {
             }
         }
         let dir = node.dir.join("models").join(id.trim());
-        let on_disk = files_under(&dir);
-        assert_eq!(on_disk, expected, "n{i} holds exactly its units' files");
+        // Spares come in the background, after a device's own units.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut on_disk = files_under(&dir);
+        while on_disk != expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            on_disk = files_under(&dir);
+        }
+        assert_eq!(on_disk, expected, "n{i} holds exactly its units' files (and spares)");
         assert_verified(&dir, &manifest, &on_disk);
     }
     // The source's package is its own: nothing was copied into its store.

@@ -25,17 +25,19 @@ fn reference(package: &Path, tokens: &str) -> String {
 /// 20 trials on one 3-node mesh where any two devices can hold the model:
 /// a stage other than the asking member is killed at a different moment of
 /// the generation each time (first and last stages, the leader among them);
-/// the answer equals the uninterrupted one. The two left must both run
-/// stages, so from the second trial on, the plan after a kill also shows
-/// that the node killed before came back, was admitted again and is used.
+/// the answer equals the uninterrupted one. Two nodes have the package; the
+/// asking one fetches whatever units each new plan gives it from the source
+/// left. The two left must both run stages, so from the second trial on, the
+/// plan after a kill also shows that the node killed before came back, was
+/// admitted again and is used.
 #[test]
 fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
     let root = tempfile::tempdir().unwrap();
     let package = tiny(root.path());
     let tokens = "200";
     let reference = reference(&package, tokens);
-    let mut mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
-    let asking = 1;
+    let mut mesh = Mesh::with_sources(&package, 3, 2, &share_of(&package, 0.55));
+    let asking = 2;
     let trials = 20;
     for trial in 0..trials {
         let view = mesh.view(asking);

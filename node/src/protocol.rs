@@ -99,6 +99,7 @@ mod tests {
             bottleneck_s: 0.1,
             context_tokens: 16,
             stages: Vec::new(),
+            spares: Vec::new(),
             excluded: Vec::new(),
             method: Method::Baseline { name: "test".into() },
         };

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::config::{Config, Objective};
 use crate::cost::{Bytes, ModelCost};
-use crate::plan::{Excluded, Method, Plan, PlanError, Stage};
+use crate::plan::{Excluded, Method, Plan, PlanError, Spare, Stage};
 use crate::profile::{DeviceProfile, Link};
 
 /// A skip tensor with its consumers sorted and deduplicated.
@@ -378,9 +378,46 @@ impl Instance {
                     mem_capacity_bytes: self.cap[*d],
                 })
                 .collect(),
+            spares: self.spares(stages),
             excluded: self.excluded.clone(),
             method,
         }
+    }
+
+    /// Spare units for failover, in the memory each device's own stages
+    /// leave: whole copies of the stages next to its own (the next one
+    /// first, the one that feeds it next), or, for a device the plan leaves
+    /// idle, of any stage, first stage first.
+    pub fn spares(&self, stages: &[(usize, Range<usize>)]) -> Vec<Spare> {
+        let mut used = vec![0u64; self.devices()];
+        for (d, units) in stages {
+            used[*d] += self.range_need(units);
+        }
+        let mut spares = Vec::new();
+        for d in 0..self.devices() {
+            let mine: Vec<usize> = (0..stages.len()).filter(|&i| stages[i].0 == d).collect();
+            let candidates: Vec<usize> = if mine.is_empty() {
+                (0..stages.len()).collect()
+            } else {
+                mine.iter()
+                    .flat_map(|&i| [i + 1, i.wrapping_sub(1)])
+                    .filter(|&c| c < stages.len() && stages[c].0 != d)
+                    .collect()
+            };
+            let mut kept: Vec<usize> = Vec::new();
+            for c in candidates {
+                let need = self.range_need(&stages[c].1);
+                if !kept.contains(&c) && used[d] + need <= self.cap[d] {
+                    used[d] += need;
+                    kept.push(c);
+                    spares.push(Spare {
+                        device: self.ids[d].clone(),
+                        units: stages[c].1.clone(),
+                    });
+                }
+            }
+        }
+        spares
     }
 }
 
@@ -506,6 +543,37 @@ pub(crate) mod tests {
             }],
             kv_bytes_per_token: vec![0; 4],
         }
+    }
+
+    #[test]
+    fn spares_fill_the_memory_own_stages_leave() {
+        let mut devices = devices();
+        // c is idle in the stages below and can hold two units; a can hold one more.
+        devices[0].mem_bytes = 400_000_000;
+        devices.push(DeviceProfile::new("c", "C", 200_000_000, 1e10));
+        connect_all(
+            &mut devices,
+            Link {
+                bandwidth_bytes_per_s: 1e7,
+                rtt_s: 0.01,
+            },
+        );
+        let instance = Instance::new(&model(), &devices, &Config::default()).unwrap();
+        let stages = vec![(0, 0..2), (1, 2..3), (0, 3..4)];
+        // a runs two stages here only to exercise neighbours on both sides: its
+        // spare room (one unit) takes b's stage, next after its first; b's
+        // (150 MB) takes the stage after its own; idle c takes the first.
+        let spare = |d: &str, u: Range<usize>| Spare {
+            device: d.into(),
+            units: u,
+        };
+        assert_eq!(
+            instance.spares(&stages),
+            vec![spare("a", 2..3), spare("b", 3..4), spare("c", 0..2)],
+        );
+        // Nobody keeps a copy it has no room for.
+        let tight = Instance::new(&model(), &super::tests::devices(), &Config::default()).unwrap();
+        assert_eq!(tight.spares(&[(0, 0..2), (1, 2..4)]), vec![]);
     }
 
     pub fn devices() -> Vec<DeviceProfile> {

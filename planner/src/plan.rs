@@ -85,8 +85,20 @@ pub struct Plan {
     /// Tokens of context the KV cache memory was reserved for.
     pub context_tokens: u64,
     pub stages: Vec<Stage>,
+    /// Copies of other stages' units that devices keep on hand in the
+    /// memory their own stages leave, so that a device that leaves can be
+    /// replaced without waiting for a transfer.
+    #[serde(default)]
+    pub spares: Vec<Spare>,
     pub excluded: Vec<Excluded>,
     pub method: Method,
+}
+
+/// Units a device keeps for failover without running them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spare {
+    pub device: String,
+    pub units: Range<usize>,
 }
 
 /// Why no plan could be made.
@@ -316,6 +328,12 @@ impl Plan {
                 .join(", ")
         ));
         lines.extend(self.why());
+        for spare in &self.spares {
+            lines.push(format!(
+                "{} keeps units {}..{} on hand, to take over if their device leaves",
+                spare.device, spare.units.start, spare.units.end
+            ));
+        }
         for e in &self.excluded {
             lines.push(format!("{} was left out: {}", e.device, e.reason));
         }

@@ -161,6 +161,8 @@ pub struct Ready {
     runners: HashMap<usize, Arc<SegmentRunner>>,
     /// The package files its segments read.
     files: BTreeSet<String>,
+    /// Files of the spare units the plan gives it ([`llnode_planner::plan::Spare`]), not among `files`.
+    spare_files: BTreeSet<String>,
 }
 
 impl Current {
@@ -243,9 +245,21 @@ impl Actor for ExecutionActor {
                 match &result {
                     Ok(ready) => {
                         tracing::info!("epoch {epoch}: loaded {} segment(s)", ready.runners.len());
-                        // Units this device no longer runs leave its disk.
-                        let (store, model, keep) = (state.args.store.clone(), current.doc.model.clone(), ready.files.clone());
-                        tokio::task::spawn_blocking(move || store.retain(&model, &keep));
+                        // Units this device neither runs nor keeps spare leave its disk;
+                        // spares are fetched in the background, after its own.
+                        let (store, model) = (state.args.store.clone(), current.doc.model.clone());
+                        let keep: BTreeSet<String> = ready.files.union(&ready.spare_files).cloned().collect();
+                        let (spare, client) = (ready.spare_files.clone(), state.args.client.clone());
+                        tokio::spawn(async move {
+                            let (retained, id) = (store.clone(), model.clone());
+                            let _ = tokio::task::spawn_blocking(move || retained.retain(&id, &keep)).await;
+                            if !spare.is_empty() {
+                                match store.ensure(&client, &model, &spare).await {
+                                    Ok(_) => tracing::info!("holding {} spare file(s) for failover", spare.len()),
+                                    Err(e) => tracing::warn!("cannot fetch the spare units the plan gives this device: {e}"),
+                                }
+                            }
+                        });
                     }
                     Err(e) => {
                         tracing::error!("epoch {epoch}: cannot run this device's share of the plan: {e}; trying again in {} s", RETRY.as_secs());
@@ -473,10 +487,11 @@ impl ExecutionState {
         let me = self.args.me.to_base58();
         let segments: Vec<Range<usize>> = doc.plan.stages.iter().map(|s| s.units.clone()).collect();
         let mine: Vec<usize> = doc.plan.stages.iter().enumerate().filter(|(_, s)| s.device == me).map(|(i, _)| i).collect();
+        let spares: Vec<Range<usize>> = doc.plan.spares.iter().filter(|s| s.device == me).map(|s| s.units.clone()).collect();
         let model = doc.model.clone();
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
         tokio::spawn(async move {
-            let result = prepare(&store, &client, &model, segments, mine).await;
+            let result = prepare(&store, &client, &model, segments, mine, spares).await;
             let _ = myself.cast(ExecutionMsg::Loaded { load, result });
         });
         load
@@ -646,13 +661,21 @@ impl ExecutionState {
 
 /// Gets the manifest and this device's unit files (fetching what is missing)
 /// and loads a runner for each of its segments.
-async fn prepare(store: &Arc<Store>, client: &MeshClient, model: &str, segments: Vec<Range<usize>>, mine: Vec<usize>) -> Result<Ready, String> {
+async fn prepare(
+    store: &Arc<Store>,
+    client: &MeshClient,
+    model: &str,
+    segments: Vec<Range<usize>>,
+    mine: Vec<usize>,
+    spares: Vec<Range<usize>>,
+) -> Result<Ready, String> {
     let manifest = store.ensure_manifest(client, model).await?;
     let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
     let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
+    let spare_files: BTreeSet<String> = spares.into_iter().flat_map(|r| manifest.unit_files(r)).filter(|f| !files.contains(f)).collect();
     if mine.is_empty() {
-        return Ok(Ready { map, runners: HashMap::new(), files });
+        return Ok(Ready { map, runners: HashMap::new(), files, spare_files });
     }
     let dir = store.ensure(client, model, &files).await?;
     let loading = map.clone();
@@ -668,5 +691,5 @@ async fn prepare(store: &Arc<Store>, client: &MeshClient, model: &str, segments:
     })
     .await
     .map_err(|e| format!("loading failed: {e}"))??;
-    Ok(Ready { map, runners, files })
+    Ok(Ready { map, runners, files, spare_files })
 }

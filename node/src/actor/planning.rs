@@ -44,8 +44,9 @@ const LINK_CHANGE: f64 = 0.5;
 const MIN_GAIN: f64 = 0.1;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
-/// How often this device's measured pace is checked against its profile.
-const PACE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often this device's measured pace is checked against its profile,
+/// and the models it can serve (fetching adds some) are announced anew.
+const TICK: Duration = Duration::from_secs(1);
 
 pub struct PlanningActor;
 
@@ -91,8 +92,8 @@ pub enum PlanningMsg {
         result: Result<Plan, PlanError>,
         held_now: Option<f64>,
     },
-    /// Ask the execution actor for this device's measured pace.
-    CheckPace,
+    /// Check this device's measured pace; announce the models it can serve if they changed.
+    Tick,
     Paced(crate::pace::Pace),
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
@@ -143,6 +144,8 @@ pub struct PlanningState {
     planned_for: usize,
     /// A manifest fetch for planning is under way.
     learning: bool,
+    /// The models last announced to members with `Have`.
+    announced: Vec<String>,
     /// Why the leader is planning again, for the next plan's history line.
     reasons: Vec<String>,
 }
@@ -154,6 +157,7 @@ impl Actor for PlanningActor {
 
     async fn pre_start(&self, _: ActorRef<PlanningMsg>, args: PlanningArgs) -> Result<PlanningState, ActorProcessingErr> {
         let me = args.key.peer_id().to_base58();
+        let announced = args.store.models();
         Ok(PlanningState {
             election: Election::new(&me),
             me,
@@ -170,16 +174,15 @@ impl Actor for PlanningActor {
             links: BTreeMap::new(),
             planned_for: 0,
             learning: false,
+            announced,
             reasons: Vec::new(),
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<PlanningMsg>, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<PlanningMsg>, _: &mut PlanningState) -> Result<(), ActorProcessingErr> {
         myself.send_interval(LINK_INTERVAL, || PlanningMsg::MeasureLinks);
         myself.send_after(ALONE_GRACE, || PlanningMsg::Alone);
-        if state.args.rebalance.is_some() {
-            myself.send_interval(PACE_INTERVAL, || PlanningMsg::CheckPace);
-        }
+        myself.send_interval(TICK, || PlanningMsg::Tick);
         Ok(())
     }
 
@@ -284,7 +287,17 @@ impl Actor for PlanningActor {
                     state.publish(result, held_now);
                 }
             }
-            PlanningMsg::CheckPace => {
+            PlanningMsg::Tick => {
+                // Units fetched make this device a holder others can fetch from in turn
+                // (a failover then need not wait for the source).
+                let models = state.args.store.models();
+                if models != state.announced {
+                    state.broadcast(NodeMessage::Have { models: models.clone() });
+                    state.announced = models;
+                }
+                if state.args.rebalance.is_none() {
+                    return Ok(());
+                }
                 let (execution, myself) = (state.args.execution.clone(), myself.clone());
                 tokio::spawn(async move {
                     let asked = ractor::call_t!(execution, crate::actor::execution::ExecutionMsg::TakePace, crate::actor::CALL_TIMEOUT_MS);
