@@ -55,7 +55,15 @@ fn main() {
         assert_eq!(out.stdout, reference, "{label}: the answer changed: {}", out.stderr);
         let token_ms = timings(&out.stderr);
         let throttled_at = token_ms.iter().position(|t| *t >= killed_or_throttled_ms).unwrap_or(token_ms.len());
-        let moved = mesh.view(ASKING)["history"].as_array().unwrap().iter().filter(|h| h.as_str().unwrap().contains("moving units")).count();
+        // The leader's history says what moved and why.
+        let moves: Vec<String> = (0..3)
+            .flat_map(|i| mesh.view(i)["history"].as_array().unwrap().clone())
+            .filter_map(|h| h.as_str().filter(|h| h.contains("moving units")).map(str::to_string))
+            .collect();
+        let moved = moves.len();
+        for line in &moves {
+            eprintln!("{label}: {line}");
+        }
         let resumed: Vec<&str> =
             out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).map(|l| l.trim_start_matches("llnode: ")).collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
@@ -150,12 +158,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Tokens after the throttle until a window of intervals is back within 15% of the pace before it.
+/// Tokens after the throttle until a window of intervals is back within 15%
+/// of the pace before it (its median), with no pause in it (no interval over
+/// three times that pace).
 fn recovery(run: &Run) -> Option<usize> {
     let intervals: Vec<f64> = run.token_ms.windows(2).map(|w| w[1] - w[0]).collect();
     let start = run.throttled_at.checked_sub(1)?;
     let before = median(intervals.get(1..start)?.to_vec());
-    (start..intervals.len().saturating_sub(WINDOW)).find(|&i| median(intervals[i..i + WINDOW].to_vec()) <= before * 1.15).map(|i| i - start)
+    (start..intervals.len().saturating_sub(WINDOW))
+        .find(|&i| {
+            let window = &intervals[i..i + WINDOW];
+            median(window.to_vec()) <= before * 1.15 && window.iter().all(|t| *t <= before * 3.0)
+        })
+        .map(|i| i - start)
 }
 
 /// Tokens/s over time (a moving window of `WINDOW` tokens) for each run,
