@@ -68,6 +68,34 @@ fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
     }
 }
 
+/// A stage that freezes (SIGSTOP: its sockets stay open, as with a phone
+/// that hangs or a network that drops packets) stops answering pings; the
+/// others drop it within the ping interval plus the ping timeout (15 s), and
+/// the answer goes on unchanged.
+#[test]
+fn a_frozen_stage_is_dropped_and_the_answer_is_unchanged() {
+    let root = tempfile::tempdir().unwrap();
+    let package = tiny(root.path());
+    let tokens = "200";
+    let reference = reference(&package, tokens);
+    let mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
+    let asking = 0;
+    let view = mesh.view(asking);
+    let frozen = (0..3).filter(|&i| i != asking).max_by_key(|&i| units_of(&view, &mesh.nodes[i].peer_id)).unwrap();
+    assert!(units_of(&view, &mesh.nodes[frozen].peer_id) > 0, "{}", view["plan"]["stages"]);
+    let mut prompt = Streaming::start(&mesh.nodes[asking].dir, &["--max-tokens", tokens, "--ignore-eos", PROMPT]);
+    prompt.read_at_least(reference.len() / 3);
+    let froze = Instant::now();
+    mesh.nodes[frozen].signal("STOP");
+    let out = prompt.finish();
+    let took = froze.elapsed();
+    mesh.nodes[frozen].signal("CONT");
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout, reference, "{}", out.stderr);
+    assert!(out.stderr.contains("resumed on plan epoch"), "{}", out.stderr);
+    assert!(took < Duration::from_secs(45), "the frozen stage was dropped only after {took:?}");
+}
+
 /// When the devices left cannot hold the model, the asking member gets one
 /// clear line saying so, soon, instead of a hang.
 #[test]

@@ -134,6 +134,12 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal by name (`STOP` freezes the process as a hung phone would, `CONT` thaws it).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args(["-s", name, &self.child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()

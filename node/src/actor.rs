@@ -9,9 +9,11 @@
 //! ├── TrustActor       certificates, invites and joins, revocations on disk
 //! ├── PlanningActor    election, members' profiles, the signed plan
 //! ├── ExecutionActor   this device's segments, KV caches per session, routing
+//! ├── BalancingActor   this device's measured pace against its profile
 //! └── control server   (task; Unix socket in the data directory)
 //! ```
 
+pub mod balancing;
 pub mod discovery;
 pub mod execution;
 pub mod planning;

@@ -95,7 +95,8 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     let mut summary = String::new();
     rt.block_on(crate::control::prompt(&dirs[1], request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
-        PromptEvent::Resumed { why, epoch, .. } => eprintln!("\n({why}; the answer goes on on plan epoch {epoch})"),
+        PromptEvent::Moving { why } => eprintln!("\n({why}; waiting for the next plan)"),
+        PromptEvent::Resumed { epoch, .. } => eprintln!("(the answer goes on on plan epoch {epoch})"),
         PromptEvent::Done { tokens, decode_tokens_per_s, .. } => {
             summary = format!("({tokens} tokens, {decode_tokens_per_s:.1} tokens/s across the mesh; the built-in model has random weights, so the text is gibberish)");
         }

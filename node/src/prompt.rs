@@ -37,6 +37,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const ROUTE_WAIT_MS: u64 = 600_000;
 /// How many times one generation moves to a new plan before it gives up.
 const MAX_MOVES: usize = 8;
+/// Replayed steps in flight at once when a generation moves to a new plan.
+const REPLAY_WINDOW: u64 = 64;
 /// How long an interrupted generation waits for the next plan to be loaded here.
 const MOVE_WAIT_MS: u64 = 300_000;
 
@@ -57,6 +59,8 @@ pub struct PromptRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PromptEvent {
     Text(String),
+    /// The plan changed under the generation (`why`): it waits for the next one.
+    Moving { why: String },
     /// The generation moved to a new plan (`why`) and went on after
     /// replaying `replayed` steps, `pause_s` after the interruption.
     Resumed {
@@ -102,13 +106,13 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         .try_acquire_owned()
         .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
     let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
-    if let Some(wanted) = &request.model {
-        if wanted.is_empty() || !route.model.starts_with(wanted.as_str()) {
-            return Err(format!(
-                "the mesh's plan runs model {}, not {wanted}; start a node with --model <package> of it, or leave out --model",
-                crate::store::short(&route.model)
-            ));
-        }
+    if let Some(wanted) = &request.model
+        && (wanted.is_empty() || !route.model.starts_with(wanted.as_str()))
+    {
+        return Err(format!(
+            "the mesh's plan runs model {}, not {wanted}; start a node with --model <package> of it, or leave out --model",
+            crate::store::short(&route.model)
+        ));
     }
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
@@ -205,8 +209,16 @@ impl Forward for MeshForward {
         // Why and since when this step has been interrupted, once it has.
         let mut moved: Option<(String, std::time::Instant)> = None;
         for _ in 0..=MAX_MOVES {
-            if let Some((why, _)) = &moved {
-                self.move_on(why).map_err(RunError::Remote)?;
+            if let Some((why, since)) = &moved {
+                match self.move_on(why) {
+                    Ok(()) => {}
+                    Err(StepFail::Failed(e)) => return Err(RunError::Remote(e)),
+                    // The plan moved again during the replay: move again.
+                    Err(StepFail::Moved(again)) => {
+                        moved = Some((again, *since));
+                        continue;
+                    }
+                }
             }
             match self.step_through(tokens) {
                 Ok(logits) => {
@@ -225,6 +237,10 @@ impl Forward for MeshForward {
                 Err(StepFail::Failed(why)) => return Err(RunError::Remote(why)),
                 Err(StepFail::Moved(why)) => {
                     tracing::info!(session = self.session, "{why}: moving the generation to the next plan");
+                    // Said once, and only once text has started to come.
+                    if moved.is_none() && !self.history.is_empty() {
+                        let _ = self.events.send(PromptEvent::Moving { why: why.clone() });
+                    }
                     let since = moved.map_or_else(std::time::Instant::now, |(_, since)| since);
                     moved = Some((why, since));
                 }
@@ -243,11 +259,21 @@ impl MeshForward {
     /// Runs one step on the current route and waits for its logits.
     fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
         self.step += 1;
+        let logits = self.expect_logits(self.step)?;
+        self.send_step(self.step, tokens, self.past)?;
+        self.wait(logits)
+    }
+
+    /// Asks this node's execution actor for `step`'s logits, before the step is sent.
+    fn expect_logits(&self, step: u64) -> Result<oneshot::Receiver<Result<Vec<f32>, StepFail>>, StepFail> {
         let (reply, logits) = oneshot::channel();
         self.execution
-            .cast(ExecutionMsg::AwaitLogits { session: self.session, step: self.step, reply })
+            .cast(ExecutionMsg::AwaitLogits { session: self.session, step, reply })
             .map_err(|e| StepFail::Failed(format!("the node is stopping: {e}")))?;
-        self.send_step(self.step, tokens, self.past)?;
+        Ok(logits)
+    }
+
+    fn wait(&self, logits: oneshot::Receiver<Result<Vec<f32>, StepFail>>) -> Result<Vec<f32>, StepFail> {
         self.handle
             .block_on(async { tokio::time::timeout(STEP_TIMEOUT, logits).await })
             .map_err(|_| StepFail::Moved(format!("no logits within {} s", STEP_TIMEOUT.as_secs())))?
@@ -288,33 +314,37 @@ impl MeshForward {
     }
 
     /// Waits for a plan newer than the current route, opens a session on it
-    /// and replays every step so far into it, without waiting for logits.
-    fn move_on(&mut self, why: &str) -> Result<(), String> {
+    /// and replays every step so far into it. Steps go out without waiting
+    /// for their logits, except at the end of every [`REPLAY_WINDOW`] steps,
+    /// so stages still loading hold a bounded number of tensors.
+    fn move_on(&mut self, why: &str) -> Result<(), StepFail> {
         let execution = self.execution.clone();
         let after = self.route.epoch;
         let route = self
             .handle
             .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
-            .map_err(|e| format!("{why}, and no new plan came: {e}"))?
-            .map_err(|e| format!("{why}; {e}"))?;
+            .map_err(|e| StepFail::Failed(format!("{why}, and no new plan came: {e}")))?
+            .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
         self.route = route;
         self.session = rand::random();
         self.sessions.push((self.session, self.route.devices.clone()));
         self.step = 0;
         let mut past = 0;
-        for tokens in self.history.clone() {
+        let history = self.history.clone();
+        for (i, tokens) in history.iter().enumerate() {
             self.step += 1;
-            if let Err(why) = self.send_step(self.step, &tokens, past) {
-                // The next step's wait notices a plan that moved again.
-                tracing::info!("replaying step {}: {}", self.step, why.reason());
-            }
+            let checkpoint = self.step.is_multiple_of(REPLAY_WINDOW) && i + 1 < history.len();
+            let logits = if checkpoint { Some(self.expect_logits(self.step)?) } else { None };
+            self.send_step(self.step, tokens, past)?;
             past += tokens.len();
+            if let Some(logits) = logits {
+                self.wait(logits)?;
+            }
         }
         Ok(())
     }
 }
 
-/// `llnode prompt`: asks the local node and prints the answer as it streams.
 /// What `llnode prompt` prints besides the text.
 pub struct Report {
     /// The plan epoch and speed, to stderr, when done.
@@ -323,6 +353,7 @@ pub struct Report {
     pub timings: bool,
 }
 
+/// `llnode prompt`: asks the local node and prints the answer as it streams.
 pub fn cli(
     data_dir: &std::path::Path,
     args: &crate::cli::GenerationArgs,
@@ -343,8 +374,9 @@ pub fn cli(
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
+        PromptEvent::Moving { why } => eprintln!("\nllnode: {why}; waiting for the mesh's next plan…"),
         PromptEvent::Resumed { why, epoch, replayed, pause_s } => eprintln!(
-            "\nllnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",
+            "llnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",
             pause_s * 1e3
         ),
         PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch, token_ms } => {

@@ -9,6 +9,7 @@ use llnode_mesh::{DeviceKey, MeshConfig, MeshEvent, Multiaddr, Trust};
 use ractor::Actor;
 use tokio_util::sync::CancellationToken;
 
+use crate::actor::balancing::{BalancingActor, BalancingArgs};
 use crate::actor::discovery::{DiscoveryActor, DiscoveryArgs, DiscoveryMsg};
 use crate::actor::execution::{ExecutionActor, ExecutionArgs, ExecutionMsg};
 use crate::actor::planning::{PlanningActor, PlanningArgs, PlanningMsg};
@@ -91,9 +92,15 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         execution: execution.clone(),
         store: store.clone(),
         traffic: traffic.clone(),
-        rebalance: options.rebalance,
     };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
+    let balancing = match options.rebalance {
+        Some(threshold) => {
+            let args = BalancingArgs { execution: execution.clone(), planning: planning.clone(), threshold };
+            Some(Actor::spawn(None, BalancingActor, args).await?)
+        }
+        None => None,
+    };
     {
         // Measuring runs every unit once: seconds for big models, so off the runtime.
         // Members know each other by their certificates' names.
@@ -211,6 +218,10 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     trust_actor.stop(None);
     planning.stop(None);
     execution.stop(None);
+    if let Some((balancing, handle)) = balancing {
+        balancing.stop(None);
+        let _ = handle.await;
+    }
     let _ = planning_handle.await;
     let _ = execution_handle.await;
     let _ = discovery_handle.await;

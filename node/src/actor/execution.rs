@@ -153,6 +153,8 @@ struct Current {
     route_waiters: Vec<(u64, RpcReplyPort<Result<Route, String>>)>,
     /// The leader said it cannot plan for the members left: why.
     no_plan: Option<String>,
+    /// Devices of this plan that left the mesh since it came.
+    gone: BTreeSet<PeerId>,
 }
 
 /// A plan this device can run its share of.
@@ -351,9 +353,15 @@ impl Actor for ExecutionActor {
                     let _ = reply.send(Err("no plan yet; `llnode plan` says what the mesh is waiting for".to_string()));
                 }
             },
-            ExecutionMsg::AwaitLogits { session, step, reply } => {
-                state.waiting.insert((session, step), reply);
-            }
+            ExecutionMsg::AwaitLogits { session, step, reply } => match state.current.as_ref().and_then(|c| c.gone.first()) {
+                // A stage of the plan held here has left: no step on it can finish.
+                Some(peer) => {
+                    let _ = reply.send(Err(StepFail::Moved(format!("device {peer} left the mesh"))));
+                }
+                None => {
+                    state.waiting.insert((session, step), reply);
+                }
+            },
             ExecutionMsg::EndSession { session } => {
                 state.sessions.remove(&session);
                 state.waiting.retain(|(s, _), _| *s != session);
@@ -361,8 +369,10 @@ impl Actor for ExecutionActor {
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
                 state.sessions.retain(|_, s| s.initiator != peer);
-                // Steps waiting here for logits cannot finish without a stage's device.
-                if state.current.as_ref().is_some_and(|c| c.devices.contains(&peer)) {
+                // Steps waiting here for logits cannot finish without a stage's device,
+                // nor can later ones until a new plan comes.
+                if let Some(current) = state.current.as_mut().filter(|c| c.devices.contains(&peer)) {
+                    current.gone.insert(peer);
                     for (_, reply) in state.waiting.drain() {
                         let _ = reply.send(Err(StepFail::Moved(format!("device {peer} left the mesh"))));
                     }
@@ -444,7 +454,8 @@ impl ExecutionState {
             if current.doc.epoch >= doc.epoch {
                 return;
             }
-            if current.doc.model == doc.model && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
+            // A device that left lost its caches, even if it is back in the same place.
+            if current.doc.model == doc.model && current.gone.is_empty() && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
                 // Same segments on the same devices: runners and sessions carry on.
                 current.doc = doc;
                 current.no_plan = None;
@@ -466,7 +477,17 @@ impl ExecutionState {
         let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
         let load = self.prepare(&doc, myself);
         let first_epoch = doc.epoch;
-        self.current = Some(Current { doc, first_epoch, devices, load, ready: None, early: Vec::new(), route_waiters: waiters, no_plan: None });
+        self.current = Some(Current {
+            doc,
+            first_epoch,
+            devices,
+            load,
+            ready: None,
+            early: Vec::new(),
+            route_waiters: waiters,
+            no_plan: None,
+            gone: BTreeSet::new(),
+        });
         self.deliver_ahead(myself);
     }
 
@@ -651,10 +672,10 @@ impl ExecutionState {
     }
 
     fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
-        if initiator == self.args.me {
-            if let Some(reply) = self.waiting.remove(&(session, step)) {
-                let _ = reply.send(Err(why));
-            }
+        if initiator == self.args.me
+            && let Some(reply) = self.waiting.remove(&(session, step))
+        {
+            let _ = reply.send(Err(why));
         }
     }
 }

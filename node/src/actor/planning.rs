@@ -6,14 +6,11 @@
 //! it to every member. Members keep only plans signed by a live member and
 //! newer than the one they hold.
 //!
-//! Balancing: every member compares the pace its segments really run at
-//! (timed by the execution actor) with what its profile promised; when the
-//! two drift apart by more than the rebalance threshold it re-profiles
-//! itself and sends the new profile, and the leader re-plans. A new
-//! assignment is published only when it beats the held one, costed on the
-//! same new profiles, by [`MIN_GAIN`]: two thresholds, so plans do not flap.
-//! Generations under way move to the new plan by replaying their tokens
-//! ([`crate::prompt`]).
+//! Balancing: when the balancing actor finds this device's pace off its
+//! profile, planning re-profiles it and sends the new profile; the leader
+//! re-plans, and publishes a new assignment only when it beats the held one,
+//! costed on the same new profiles, by [`MIN_GAIN`]. Generations under way
+//! move to the new plan by replaying their tokens ([`crate::prompt`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -44,8 +41,7 @@ const LINK_CHANGE: f64 = 0.5;
 const MIN_GAIN: f64 = 0.1;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
-/// How often this device's measured pace is checked against its profile,
-/// and the models it can serve (fetching adds some) are announced anew.
+/// How often the models this device can serve (fetching adds some) are announced anew.
 const TICK: Duration = Duration::from_secs(1);
 
 pub struct PlanningActor;
@@ -61,8 +57,6 @@ pub struct PlanningArgs {
     /// Which members have which models; where a leader without one gets its manifest.
     pub store: std::sync::Arc<crate::store::Store>,
     pub traffic: std::sync::Arc<crate::traffic::Traffic>,
-    /// Re-profile when the measured pace drifts from the profile by more than this ratio; `None`: never.
-    pub rebalance: Option<f64>,
 }
 
 pub enum PlanningMsg {
@@ -92,9 +86,13 @@ pub enum PlanningMsg {
         result: Result<Plan, PlanError>,
         held_now: Option<f64>,
     },
-    /// Check this device's measured pace; announce the models it can serve if they changed.
+    /// Announce the models this device can serve, if they changed.
     Tick,
-    Paced(crate::pace::Pace),
+    /// The balancer asks what this device's profile promises for `units`
+    /// (seconds per token), if they are its share of the held plan.
+    Expected { units: Vec<std::ops::Range<usize>>, reply: RpcReplyPort<Option<f64>> },
+    /// The balancer measured this device `ratio` times slower than `expected`.
+    Reprofile { ratio: f64, pace: crate::pace::Pace, expected: f64 },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
     /// Asked locally: plan again with this objective (sent to the leader).
@@ -295,18 +293,11 @@ impl Actor for PlanningActor {
                     state.broadcast(NodeMessage::Have { models: models.clone() });
                     state.announced = models;
                 }
-                if state.args.rebalance.is_none() {
-                    return Ok(());
-                }
-                let (execution, myself) = (state.args.execution.clone(), myself.clone());
-                tokio::spawn(async move {
-                    let asked = ractor::call_t!(execution, crate::actor::execution::ExecutionMsg::TakePace, crate::actor::CALL_TIMEOUT_MS);
-                    if let Ok(Some(pace)) = asked {
-                        let _ = myself.cast(PlanningMsg::Paced(pace));
-                    }
-                });
             }
-            PlanningMsg::Paced(pace) => state.paced(pace, &myself),
+            PlanningMsg::Expected { units, reply } => {
+                let _ = reply.send(state.expected(&units));
+            }
+            PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
             PlanningMsg::Note(line) => state.note(line),
             PlanningMsg::SetObjective(objective) => {
                 state.args.objective = objective;
@@ -342,27 +333,24 @@ impl Actor for PlanningActor {
 impl PlanningState {
     /// This device's pace, measured: when it has drifted from what the profile
     /// says by more than the threshold, re-profile and let the leader re-plan.
-    fn paced(&mut self, pace: crate::pace::Pace, myself: &ActorRef<PlanningMsg>) {
-        let (Some(threshold), Some((_, cost))) = (self.args.rebalance, self.args.model.as_ref()) else {
-            return;
-        };
-        let Some((_, held)) = &self.held else { return };
+    /// Seconds per token this device's profile promises for `units`, if they
+    /// are its share of the held plan.
+    fn expected(&self, units: &[std::ops::Range<usize>]) -> Option<f64> {
+        let (_, cost) = self.args.model.as_ref()?;
+        let (_, held) = self.held.as_ref()?;
+        let profile = self.profiles.get(&self.me)?;
         let mine: Vec<std::ops::Range<usize>> = held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
-        let Some(profile) = self.profiles.get(&self.me) else {
-            return;
-        };
-        if pace.units != mine {
-            return; // measured on an assignment no longer held
+        if units != mine {
+            return None; // measured on an assignment no longer held
         }
         let expected: f64 = mine.iter().flat_map(|r| r.clone()).filter_map(|u| Some(profile.compute_s(u, cost.units.get(u)?))).sum();
-        if expected <= 0.0 {
-            return;
-        }
-        let ratio = pace.secs_per_token / expected;
-        if ratio < threshold && ratio > 1.0 / threshold {
-            return;
-        }
-        let mut profile = profile.clone();
+        (expected > 0.0).then_some(expected)
+    }
+
+    /// The balancer measured this device `ratio` times slower than its
+    /// profile: scale the profile, tell every member, and let the leader re-plan.
+    fn reprofile(&mut self, ratio: f64, pace: crate::pace::Pace, expected: f64, myself: &ActorRef<PlanningMsg>) {
+        let Some(mut profile) = self.profiles.get(&self.me).cloned() else { return };
         profile.slow_down(ratio);
         self.note(format!(
             "this device ran its units in {:.2} ms/token over {} tokens, {ratio:.2}× its profile's {:.2} ms; re-profiled",

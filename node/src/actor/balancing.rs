@@ -1,0 +1,57 @@
+//! BalancingActor: child of `llnode start`, spawned unless `--no-rebalance`.
+//! Once a second it takes this device's measured pace from the execution
+//! actor (seconds per decoded token of its own segments, [`crate::pace`])
+//! and asks the planning actor what the device's profile promised for those
+//! units. When the two differ by more than the threshold, planning
+//! re-profiles the device and sends the new profile to every member, and
+//! the leader re-plans. Two thresholds keep plans from flapping: this one,
+//! then the leader's rule that a new assignment must beat the held one,
+//! costed on the same profiles, by 10%.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
+
+use crate::actor::CALL_TIMEOUT_MS;
+use crate::actor::execution::ExecutionMsg;
+use crate::actor::planning::PlanningMsg;
+
+/// How often the pace is checked.
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub struct BalancingActor;
+
+pub struct BalancingArgs {
+    pub execution: ActorRef<ExecutionMsg>,
+    pub planning: ActorRef<PlanningMsg>,
+    /// `--rebalance-threshold`: a pace this many times off the profile (either way) re-profiles.
+    pub threshold: f64,
+}
+
+pub enum BalancingMsg {
+    Tick,
+}
+
+impl Actor for BalancingActor {
+    type Msg = BalancingMsg;
+    type State = BalancingArgs;
+    type Arguments = BalancingArgs;
+
+    async fn pre_start(&self, myself: ActorRef<BalancingMsg>, args: BalancingArgs) -> Result<BalancingArgs, ActorProcessingErr> {
+        myself.send_interval(TICK, || BalancingMsg::Tick);
+        Ok(args)
+    }
+
+    async fn handle(&self, _: ActorRef<BalancingMsg>, msg: BalancingMsg, state: &mut BalancingArgs) -> Result<(), ActorProcessingErr> {
+        match msg {
+            BalancingMsg::Tick => {
+                let Ok(Some(pace)) = call_t!(state.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else { return Ok(()) };
+                let asked = call_t!(state.planning, |reply| PlanningMsg::Expected { units: pace.units.clone(), reply }, CALL_TIMEOUT_MS);
+                let Ok(Some(expected)) = asked else { return Ok(()) };
+                let ratio = pace.secs_per_token / expected;
+                if ratio >= state.threshold || ratio <= 1.0 / state.threshold {
+                    state.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
