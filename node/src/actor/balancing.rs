@@ -4,9 +4,11 @@
 //! and asks the planning actor what the device's profile promised for those
 //! units. When the two differ by more than the threshold, planning
 //! re-profiles the device and sends the new profile to every member, and
-//! the leader re-plans. Two thresholds keep plans from flapping: this one,
-//! then the leader's rule that a new assignment must beat the held one,
-//! costed on the same profiles, by 10%.
+//! the leader re-plans. Two windows in a row must agree (both slower or both
+//! faster) before anything happens, and the newer one's ratio is used: a
+//! window that straddles a change would re-profile half-way and cost a
+//! second move. Plans do not flap: besides this threshold, a new assignment
+//! must beat the held one, costed on the same profiles, by 10%.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
 
@@ -30,25 +32,50 @@ pub enum BalancingMsg {
     Tick,
 }
 
+pub struct BalancingState {
+    args: BalancingArgs,
+    /// How the last window compared with the profile.
+    last: Drift,
+}
+
+/// A window's pace against the profile, by the threshold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drift {
+    Within,
+    Slower,
+    Faster,
+}
+
 impl Actor for BalancingActor {
     type Msg = BalancingMsg;
-    type State = BalancingArgs;
+    type State = BalancingState;
     type Arguments = BalancingArgs;
 
-    async fn pre_start(&self, myself: ActorRef<BalancingMsg>, args: BalancingArgs) -> Result<BalancingArgs, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<BalancingMsg>, args: BalancingArgs) -> Result<BalancingState, ActorProcessingErr> {
         myself.send_interval(TICK, || BalancingMsg::Tick);
-        Ok(args)
+        Ok(BalancingState { args, last: Drift::Within })
     }
 
-    async fn handle(&self, _: ActorRef<BalancingMsg>, msg: BalancingMsg, state: &mut BalancingArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _: ActorRef<BalancingMsg>, msg: BalancingMsg, state: &mut BalancingState) -> Result<(), ActorProcessingErr> {
         match msg {
             BalancingMsg::Tick => {
-                let Ok(Some(pace)) = call_t!(state.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else { return Ok(()) };
-                let asked = call_t!(state.planning, |reply| PlanningMsg::Expected { units: pace.units.clone(), reply }, CALL_TIMEOUT_MS);
+                let args = &state.args;
+                let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else { return Ok(()) };
+                let asked = call_t!(args.planning, |reply| PlanningMsg::Expected { units: pace.units.clone(), reply }, CALL_TIMEOUT_MS);
                 let Ok(Some(expected)) = asked else { return Ok(()) };
                 let ratio = pace.secs_per_token / expected;
-                if ratio >= state.threshold || ratio <= 1.0 / state.threshold {
-                    state.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
+                let drift = if ratio >= args.threshold {
+                    Drift::Slower
+                } else if ratio <= 1.0 / args.threshold {
+                    Drift::Faster
+                } else {
+                    Drift::Within
+                };
+                if drift != Drift::Within && drift == state.last {
+                    args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
+                    state.last = Drift::Within;
+                } else {
+                    state.last = drift;
                 }
             }
         }
