@@ -67,6 +67,9 @@ fn main() {
         let resumed: Vec<&str> =
             out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).map(|l| l.trim_start_matches("llnode: ")).collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
+        if extra.is_empty() && moved == 0 {
+            eprintln!("{label}: WARNING: no plan moved units, so this run says nothing about the balancer (the throttled stage may run a small share)");
+        }
         runs.push(Run { label, token_ms, throttled_at });
     }
 
