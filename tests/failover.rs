@@ -81,7 +81,7 @@ fn a_frozen_stage_is_dropped_and_the_answer_is_unchanged() {
     let mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
     let asking = 0;
     let view = mesh.view(asking);
-    let frozen = (0..3).filter(|&i| i != asking).max_by_key(|&i| units_of(&view, &mesh.nodes[i].peer_id)).unwrap();
+    let frozen = mesh.busiest_besides(asking);
     assert!(units_of(&view, &mesh.nodes[frozen].peer_id) > 0, "{}", view["plan"]["stages"]);
     let mut prompt = Streaming::start(&mesh.nodes[asking].dir, &["--max-tokens", tokens, "--ignore-eos", PROMPT]);
     prompt.read_at_least(reference.len() / 3);
@@ -130,7 +130,7 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     let mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &["--objective", "throughput"]);
     let asking = 0;
     let before = mesh.view(asking);
-    let slowed = (0..3).filter(|&i| i != asking).max_by_key(|&i| units_of(&before, &mesh.nodes[i].peer_id)).unwrap();
+    let slowed = mesh.busiest_besides(asking);
     let had = units_of(&before, &mesh.nodes[slowed].peer_id);
     assert!(had > 0, "{before:#}");
     let mut prompt = Streaming::start(&mesh.nodes[asking].dir, &["--max-tokens", tokens, "--ignore-eos", PROMPT]);

@@ -216,6 +216,12 @@ impl Mesh {
         self.nodes[i] = node;
     }
 
+    /// The node other than `asking` that runs the most units in the plan `asking` holds.
+    pub fn busiest_besides(&self, asking: usize) -> usize {
+        let view = self.view(asking);
+        (0..self.nodes.len()).filter(|&i| i != asking).max_by_key(|&i| units_of(&view, &self.nodes[i].peer_id)).unwrap()
+    }
+
     /// The plan node `i` holds, as `llnode plan --json` shows it.
     pub fn view(&self, i: usize) -> serde_json::Value {
         serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(&self.nodes[i].dir)])).unwrap()

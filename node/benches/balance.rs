@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use support::{Mesh, Streaming, ok, package_of, s, share_of, units_of};
+use support::{Mesh, Streaming, ok, package_of, s, share_of};
 
 const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
@@ -48,7 +48,7 @@ fn main() {
     for (label, extra) in [("without balancing", &["--no-rebalance"][..]), ("with balancing", &[][..])] {
         eprintln!("{label}: starting the mesh…");
         let mut mesh = ready_mesh(&package, extra);
-        let slowed = busiest_other_stage(&mesh);
+        let slowed = mesh.busiest_besides(ASKING);
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
             ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
         });
@@ -99,7 +99,7 @@ fn main() {
 
     eprintln!("failover: starting the mesh…");
     let mut mesh = ready_mesh(&package, &[]);
-    let victim = busiest_other_stage(&mesh);
+    let victim = mesh.busiest_besides(ASKING);
     let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| mesh.nodes[victim].kill());
     assert_eq!(out.stdout, reference, "failover: the answer changed: {}", out.stderr);
     let token_ms = timings(&out.stderr);
@@ -121,12 +121,6 @@ fn ready_mesh(package: &Path, extra: &[&str]) -> Mesh {
     std::thread::sleep(std::time::Duration::from_secs(2));
     mesh.wait_for_plan();
     mesh
-}
-
-/// The node other than the asking one that runs the most units.
-fn busiest_other_stage(mesh: &Mesh) -> usize {
-    let view = mesh.view(ASKING);
-    (0..3).filter(|&i| i != ASKING).max_by_key(|&i| units_of(&view, &mesh.nodes[i].peer_id)).unwrap()
 }
 
 /// Runs the prompt, doing `act` once `at_bytes` of the answer have come;
@@ -222,8 +216,6 @@ fn draw(runs: &[Run]) -> PathBuf {
     svg.push_str("</svg>\n");
     let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
     let path = dir.join("bench-balance.svg");
-    let tmp = path.with_extension("svg.tmp");
-    std::fs::write(&tmp, svg).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
+    llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
     path
 }

@@ -207,9 +207,10 @@ impl Actor for PlanningActor {
                 state.args.store.peer_gone(peer);
                 if state.members.remove(&peer) {
                     let name = state.name_of(&peer.to_base58());
-                    state.reasons.push(format!("{name} left"));
                     state.profiles.remove(&peer.to_base58());
+                    // After the election: the device that left may have led.
                     state.membership_changed();
+                    state.reason(format!("{name} left"));
                     state.changed(&myself);
                 }
             }
@@ -359,9 +360,16 @@ impl PlanningState {
             expected * 1e3
         ));
         self.profiles.insert(self.me.clone(), profile.clone());
-        self.reasons.push(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+        self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
         self.broadcast(NodeMessage::Profile(profile));
         self.changed(myself);
+    }
+
+    /// Something the next plan answers, kept by the leader only (members do not plan).
+    fn reason(&mut self, why: String) {
+        if self.election.is_leader() {
+            self.reasons.push(why);
+        }
     }
 
     fn note(&mut self, event: String) {
@@ -432,7 +440,7 @@ impl PlanningState {
                 if let Some(old) = self.profiles.get(&profile.id) {
                     let ratio = old.flops_per_s / profile.flops_per_s;
                     if (ratio - 1.0).abs() > 0.01 {
-                        self.reasons.push(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+                        self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
                     }
                 }
                 self.profiles.insert(profile.id.clone(), profile);
@@ -552,6 +560,8 @@ impl PlanningState {
         if !self.election.is_leader() {
             return;
         }
+        // Why this plan was made: said with it if it moves units, forgotten if not.
+        let reasons = std::mem::take(&mut self.reasons);
         let plan = match result {
             Ok(plan) => plan,
             Err(e) => {
@@ -590,7 +600,6 @@ impl PlanningState {
             }
         }
         let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
-        let reasons = std::mem::take(&mut self.reasons);
         if let Some((_, held)) = &self.held {
             let moved = moves(&held.plan, &plan);
             if !moved.is_empty() {
