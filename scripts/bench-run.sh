@@ -20,22 +20,36 @@ decode=${DECODE:-64}
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p"; }
 weights=$(du -bc "$dir"/export/model.onnx_data | tail -1 | cut -f1)
 
-for segments in 1 3; do
-  line=$($llnode run -m "$dir/pkg" --segments $segments --max-tokens "$decode" --ignore-eos --stats "$prompt" 2>&1 >/dev/null | grep '^stats:')
-  echo "llnode ($segments segment(s)): $line"
-  [ $segments = 1 ] && ours=$line
+# The machine's speed drifts (shared cores), so the three runs are
+# interleaved for several rounds and each figure is the median over rounds.
+rounds=${ROUNDS:-3}
+ours=() split=() theirs=()
+for round in $(seq 1 "$rounds"); do
+  for segments in 1 3; do
+    line=$($llnode run -m "$dir/pkg" --segments $segments --max-tokens "$decode" --ignore-eos --stats "$prompt" 2>&1 >/dev/null | grep '^stats:')
+    echo "round $round, llnode ($segments segment(s)): $line"
+    if [ $segments = 1 ]; then ours+=("$line"); else split+=("$line"); fi
+  done
+  line=$("$venv/bin/python" scripts/ort_bench.py "$dir/export" --prompt "$prompt" --decode "$decode")
+  echo "round $round, onnxruntime:          $line"
+  theirs+=("$line")
 done
-theirs=$("$venv/bin/python" scripts/ort_bench.py "$dir/export" --prompt "$prompt" --decode "$decode")
-echo "onnxruntime:          $theirs"
 
-python3 - "$ours" "$theirs" "$weights" <<'PY'
-import sys
+python3 - "$weights" "$rounds" "${ours[@]}" "${split[@]}" "${theirs[@]}" <<'PY'
+import statistics, sys
+weights, rounds = int(sys.argv[1]), int(sys.argv[2])
+lines = sys.argv[3:]
 def kv(line): return dict(p.split("=", 1) for p in line.split()[1:])
-ours, theirs, weights = kv(sys.argv[1]), kv(sys.argv[2]), int(sys.argv[3])
+ours, split, theirs = ([kv(l) for l in lines[i * rounds:(i + 1) * rounds]] for i in range(3))
+def med(runs, key): return statistics.median(float(r[key]) for r in runs)
+print(f"medians of {rounds} interleaved round(s):")
 for key, target in (("prefill_tok_s", 1.0), ("decode_tok_s", 1.2)):
-    r = float(ours[key]) / float(theirs[key])
-    print(f"{key:>14}: llnode {float(ours[key]):8.1f}  onnxruntime {float(theirs[key]):8.1f}  ratio {r:.2f} (target {target})")
+    o, s, t = med(ours, key), med(split, key), med(theirs, key)
+    per_round = " ".join(f"{float(a[key]) / float(b[key]):.2f}" for a, b in zip(ours, theirs))
+    print(f"{key:>14}: llnode {o:8.1f} (3 segments {s:.1f})  onnxruntime {t:8.1f}  "
+          f"ratio {o / t:.2f} (target {target}; per round {per_round})")
 mib = weights / 2**20
-print(f"{'peak RSS':>14}: llnode {ours['peak_rss_mib']} MiB, onnxruntime {theirs['peak_rss_mib']} MiB, weights {mib:.0f} MiB "
-      f"(llnode {int(ours['peak_rss_mib']) / mib:.2f}x weights)")
+rss = max(int(r["peak_rss_mib"]) for r in ours)
+print(f"{'peak RSS':>14}: llnode {rss} MiB, onnxruntime {max(int(r['peak_rss_mib']) for r in theirs)} MiB, weights {mib:.0f} MiB "
+      f"(llnode {rss / mib:.2f}x weights)")
 PY

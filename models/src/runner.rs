@@ -33,6 +33,49 @@ pub enum RunError {
     Remote(String),
 }
 
+/// Cuts output `ix` (`logits`, batch × positions × vocabulary) to the last
+/// position, the only one generation reads. tract pushes the slice up
+/// through the LM head and the final norm, so a prompt's prefill projects one
+/// position onto the vocabulary instead of all of them.
+fn last_position_only(model: &mut TypedModel, ix: usize) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    let outlet = model.outputs[ix];
+    let fact = model.outlet_fact(outlet)?;
+    if fact.rank() != 3 {
+        return Ok(());
+    }
+    let len = fact.shape[1].clone();
+    let name = format!("{}.last_position", model.node(outlet.node).name);
+    model.outputs[ix] = model.wire_node(name, Slice::new(1, len.clone() - 1, len), &[outlet])?[0];
+    Ok(())
+}
+
+/// Gives every reader of a large constant its own `Const` node (sharing the
+/// same tensor). tract folds a constant into what reads it (a weight packed
+/// for the matrix product) only when that reader is its sole one; a tied
+/// embedding read by both the prologue's `Gather` and the epilogue's LM head
+/// would otherwise be re-packed on every step, 4× slower decoding when one
+/// segment holds both ends of the model.
+fn unshare_big_consts(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::optim::CONST_FOLD_MEM_BUDGET;
+    for id in 0..model.nodes.len() {
+        let node = &model.nodes[id];
+        let Some(konst) = node.op_as::<Const>() else { continue };
+        let readers = node.outputs[0].successors.clone();
+        let big = node.outputs[0].fact.mem_size().as_i64().is_some_and(|m| m as u64 > CONST_FOLD_MEM_BUDGET);
+        if readers.len() < 2 || !big {
+            continue;
+        }
+        let (name, konst) = (node.name.clone(), konst.clone());
+        for (ix, inlet) in readers.into_iter().enumerate().skip(1) {
+            let copy = model.add_node(format!("{name}.reader{ix}"), konst.clone(), tvec!(model.nodes[id].outputs[0].fact.clone()))?;
+            model.add_edge(copy.into(), inlet)?;
+        }
+    }
+    Ok(())
+}
+
 /// A cache input, the output that replaces it, and its value before any token.
 struct CacheSlot {
     past: String,
@@ -67,7 +110,7 @@ impl SegmentRunner {
             .filter(|n| !specs().any(|s| s.inputs.contains(n)))
             .cloned()
             .collect();
-        SegmentRunner::from_proto(&proto, &model.dir, units.clone(), &shape_only, |name| model.empty_cache_shape(name))
+        SegmentRunner::from_proto(&proto, &model.dir, units.clone(), &shape_only, true, |name| model.empty_cache_shape(name))
     }
 
     /// The whole export in `dir`, unsegmented: the slow, obviously correct
@@ -79,7 +122,7 @@ impl SegmentRunner {
         shape::normalize(graph);
         let declared = graph.input.clone();
         let empty = |name: &str| shape::concrete(declared.iter().find(|i| i.name == name)?, 0, 0);
-        SegmentRunner::from_proto(&proto, dir, 0..0, &[], empty)
+        SegmentRunner::from_proto(&proto, dir, 0..0, &[], false, empty)
     }
 
     fn from_proto(
@@ -87,6 +130,7 @@ impl SegmentRunner {
         dir: &Path,
         units: Range<usize>,
         shape_only: &[String],
+        last_logits_only: bool,
         empty_cache: impl Fn(&str) -> Option<(i32, Vec<usize>)>,
     ) -> Result<SegmentRunner, RunError> {
         let fail = |e: TractError| RunError::Load { units: units.clone(), reason: format!("{e:#}") };
@@ -100,7 +144,22 @@ impl SegmentRunner {
                 reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs),
             });
         }
-        let plan = parsed.model.into_optimized().and_then(|m| m.into_runnable()).map_err(fail)?;
+        let plan = parsed
+            .model
+            .into_typed()
+            .and_then(|mut m| {
+                match outputs.iter().position(|o| o == "logits") {
+                    Some(ix) if last_logits_only => last_position_only(&mut m, ix)?,
+                    _ => (),
+                }
+                m.into_decluttered()
+            })
+            .and_then(|mut m| {
+                unshare_big_consts(&mut m)?;
+                m.into_optimized()
+            })
+            .and_then(|m| m.into_runnable())
+            .map_err(fail)?;
         let mut caches = Vec::new();
         for name in inputs.iter().filter(|n| is_past(n)) {
             let (elem, shape) = empty_cache(name).ok_or_else(|| RunError::Load {

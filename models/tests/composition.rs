@@ -9,6 +9,7 @@ use llnode_models::model::Model;
 use llnode_models::pipeline::{Forward, LocalPipeline, last_logits, step_inputs};
 use llnode_models::runner::SegmentRunner;
 use llnode_models::segment::UnitKind;
+use llnode_models::transmission::TransmissionMap;
 use proptest::prelude::*;
 
 const PROMPT: [u32; 5] = [17, 300, 42, 9, 511];
@@ -73,6 +74,30 @@ fn whole_model_through_units_matches_reference() {
     // Greedy tokens differ between steps: the model is not degenerate.
     let argmaxes: Vec<u32> = reference.iter().map(|l| llnode_models::sampling::argmax(l)).collect();
     assert!(argmaxes.windows(2).any(|w| w[0] != w[1]), "{argmaxes:?}");
+}
+
+/// Generation reads the last position's logits only, so segments project only
+/// that position onto the vocabulary; the reference returns them all.
+#[test]
+fn segments_return_the_last_position_logits() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let units = model.units.len();
+    let acts = step_inputs(&PROMPT, 0, true);
+    for segments in [vec![0..units], vec![0..units - 1, units - 1..units]] {
+        let map = TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), &segments).unwrap();
+        let last = segments.len() - 1;
+        let runner = SegmentRunner::load(&model, segments[last].clone(), &map.output_names(last)).unwrap();
+        let mut inputs = acts.clone();
+        if last > 0 {
+            let first = SegmentRunner::load(&model, segments[0].clone(), &map.output_names(0)).unwrap();
+            inputs.extend(first.run(&mut first.new_state(), PROMPT.len(), &acts).unwrap());
+        }
+        let logits = &runner.run(&mut runner.new_state(), PROMPT.len(), &inputs).unwrap()["logits"];
+        assert_eq!(&logits.shape()[..2], &[1, 1], "segments {segments:?}");
+    }
+    let reference = SegmentRunner::load_reference(common::tiny_export()).unwrap();
+    let logits = &reference.run(&mut reference.new_state(), PROMPT.len(), &acts).unwrap()["logits"];
+    assert_eq!(&logits.shape()[..2], &[1, PROMPT.len()]);
 }
 
 #[test]

@@ -23,6 +23,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[cfg(target_env = "gnu")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
