@@ -92,6 +92,22 @@ fn bad_input_gets_one_clear_error_line() {
     std::fs::write(not_onnx.join("model.onnx"), b"garbage").unwrap();
     assert_one_error(&llnode(&["import", path(&not_onnx), "-o", path(&root.path().join("out"))]), "model.onnx");
     assert!(!root.path().join("out").exists(), "no partial package");
+
+    // An operator nobody implements is named, with its node.
+    let strange = root.path().join("strange");
+    std::fs::create_dir(&strange).unwrap();
+    for f in ["tokenizer.json", "config.json", "model.onnx_data"] {
+        std::fs::copy(export.join(f), strange.join(f)).unwrap();
+    }
+    let mut proto = llnode_models::onnx::read_model(&export.join("model.onnx")).unwrap();
+    let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "Softmax").unwrap();
+    node.op_type = "FancySoftmax".into();
+    let name = node.name.clone();
+    std::fs::write(strange.join("model.onnx"), llnode_models::onnx::encode(&proto)).unwrap();
+    let out = llnode(&["import", path(&strange), "-o", path(&root.path().join("out"))]);
+    assert_one_error(&out, "FancySoftmax");
+    assert!(out.stderr.contains(&name), "names the node {name}: {}", out.stderr);
+    assert!(!root.path().join("out").exists(), "no partial package");
 }
 
 /// The text a person sees for each test export equals onnxruntime's greedy

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tract_onnx::prelude::*;
 
 use crate::model::Model;
+use crate::progress::{Progress, Silent};
 use crate::runner::{Activations, RunError, SegmentRunner, SegmentState};
 use crate::transmission::{GroupingError, TransmissionMap};
 
@@ -66,12 +67,25 @@ pub struct LocalPipeline {
 impl LocalPipeline {
     /// Loads `model` as the given consecutive segments.
     pub fn load(model: &Model, segments: &[Range<usize>]) -> Result<LocalPipeline, PipelineError> {
+        LocalPipeline::load_with(model, segments, &Silent)
+    }
+
+    /// [`LocalPipeline::load`], counting the weight bytes of each segment as it is ready.
+    pub fn load_with(model: &Model, segments: &[Range<usize>], progress: &dyn Progress) -> Result<LocalPipeline, PipelineError> {
         let specs: Vec<_> = model.units.iter().map(|u| u.spec.clone()).collect();
         let map = TransmissionMap::new(&specs, segments)?;
+        let bytes = |range: &Range<usize>| -> u64 {
+            model.units[range.clone()].iter().flat_map(|u| &u.graph.initializer).map(crate::onnx::tensor_bytes).sum()
+        };
+        progress.phase("loading", segments.iter().map(bytes).sum());
         let runners = segments
             .iter()
             .enumerate()
-            .map(|(s, range)| SegmentRunner::load(model, range.clone(), &map.output_names(s)))
+            .map(|(s, range)| {
+                let runner = SegmentRunner::load(model, range.clone(), &map.output_names(s));
+                progress.advance(bytes(range));
+                runner
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
         Ok(LocalPipeline::new(runners, with_positions))
@@ -90,16 +104,10 @@ impl LocalPipeline {
 }
 
 impl LocalPipeline {
-    /// One step; adds each segment's seconds to `times` when given.
-    fn step(&mut self, tokens: &[u32], mut times: Option<&mut [f64]>) -> Result<Vec<f32>, RunError> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
         let mut acts = step_inputs(tokens, self.past, self.with_positions);
-        for (s, (runner, state)) in self.runners.iter().zip(self.states.iter_mut()).enumerate() {
-            let started = Instant::now();
-            let out = runner.run(state, tokens.len(), &acts)?;
-            if let Some(t) = times.as_deref_mut() {
-                t[s] += started.elapsed().as_secs_f64();
-            }
-            acts.extend(out);
+        for (runner, state) in self.runners.iter().zip(self.states.iter_mut()) {
+            acts.extend(runner.run(state, tokens.len(), &acts)?);
         }
         let logits = acts.get("logits").ok_or_else(|| RunError::MissingInput { units: 0..0, name: "logits".into() })?;
         self.past += tokens.len();
@@ -117,35 +125,44 @@ pub struct UnitTiming {
 }
 
 /// Times every unit of `model` on this device, each as its own segment: a
-/// prefill of `prompt` tokens, then `steps` single-token decode steps.
+/// prefill of `prompt` tokens, then `steps` single-token decode steps. One
+/// unit is loaded at a time, fed what the units before it produced at each
+/// step, and dropped before the next loads, so measuring a model takes the
+/// memory of its biggest unit, not of the whole model.
 pub fn time_units(model: &Model, prompt: usize, steps: usize) -> Result<Vec<UnitTiming>, PipelineError> {
     let n = model.units.len();
-    let segments: Vec<Range<usize>> = (0..n).map(|i| i..i + 1).collect();
-    let mut pipeline = LocalPipeline::load(model, &segments)?;
-    let tokens: Vec<u32> = (0..prompt.max(1) as u32).map(|t| t % 64 + 1).collect();
-    let mut prefill = vec![0.0; n];
-    pipeline.step(&tokens, Some(&mut prefill))?;
-    let mut decode: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); n];
-    for step in 0..steps.max(1) {
-        let mut t = vec![0.0; n];
-        pipeline.step(&[(step % 64 + 1) as u32], Some(&mut t))?;
-        for (unit, secs) in t.into_iter().enumerate() {
-            decode[unit].push(secs);
-        }
+    let specs: Vec<_> = model.units.iter().map(|u| u.spec.clone()).collect();
+    let singles: Vec<Range<usize>> = (0..n).map(|i| i..i + 1).collect();
+    let map = TransmissionMap::new(&specs, &singles)?;
+    let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
+    let prompt: Vec<u32> = (0..prompt.max(1) as u32).map(|t| t % 64 + 1).collect();
+    let mut past = 0;
+    let mut feeds: Vec<(usize, Activations)> = Vec::new();
+    for step in std::iter::once(prompt).chain((0..steps.max(1)).map(|s| vec![(s % 64 + 1) as u32])) {
+        feeds.push((step.len(), step_inputs(&step, past, with_positions)));
+        past += step.len();
     }
-    Ok(prefill
-        .into_iter()
-        .zip(decode)
-        .map(|(prefill_s, mut d)| {
-            d.sort_by(f64::total_cmp);
-            UnitTiming { prefill_s, decode_s: d[d.len() / 2] }
-        })
-        .collect())
+    let mut timings = Vec::with_capacity(n);
+    for unit in 0..n {
+        let runner = SegmentRunner::load(model, unit..unit + 1, &map.output_names(unit))?;
+        let mut state = runner.new_state();
+        let mut secs = Vec::with_capacity(feeds.len());
+        for (tokens, acts) in &mut feeds {
+            let started = Instant::now();
+            let out = runner.run(&mut state, *tokens, acts)?;
+            secs.push(started.elapsed().as_secs_f64());
+            acts.extend(out);
+        }
+        let prefill_s = secs.remove(0);
+        secs.sort_by(f64::total_cmp);
+        timings.push(UnitTiming { prefill_s, decode_s: secs[secs.len() / 2] });
+    }
+    Ok(timings)
 }
 
 impl Forward for LocalPipeline {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
-        self.step(tokens, None)
+        self.step(tokens)
     }
 
     fn position(&self) -> usize {

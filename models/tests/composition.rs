@@ -101,6 +101,14 @@ fn segments_return_the_last_position_logits() {
 }
 
 #[test]
+fn every_unit_is_timed_on_its_own() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let timings = llnode_models::pipeline::time_units(&model, 16, 4).unwrap();
+    assert_eq!(timings.len(), model.units.len());
+    assert!(timings.iter().all(|t| t.prefill_s > 0.0 && t.decode_s > 0.0), "{timings:?}");
+}
+
+#[test]
 fn step_inputs_follow_the_optimum_interface() {
     let acts = step_inputs(&[1, 2], 3, true);
     assert_eq!(acts["input_ids"].shape(), &[1, 2]);

@@ -8,6 +8,8 @@ pub struct Bar(ProgressBar);
 impl Bar {
     pub fn new() -> Bar {
         let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        // Redrawn while a phase waits on one long step (a big segment loading).
+        bar.enable_steady_tick(std::time::Duration::from_millis(250));
         Bar(bar)
     }
 }
@@ -15,7 +17,7 @@ impl Bar {
 impl Progress for Bar {
     fn phase(&self, name: &str, total: u64) {
         let style = if total > 0 {
-            ProgressStyle::with_template("{msg:>20} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            ProgressStyle::with_template("{msg:>20} [{bar:30}] {bytes}/{total_bytes} ({elapsed}, {eta} left)")
         } else {
             ProgressStyle::with_template("{msg:>20} {spinner}")
         };

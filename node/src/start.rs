@@ -102,12 +102,15 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         None => None,
     };
     {
-        // Measuring runs every unit once: seconds for big models, so off the runtime.
+        // Measuring runs every unit once: seconds for big models, so off the runtime,
+        // on a thread of its own that ends with it: the allocator hands a finished
+        // thread's memory back at once, where a pooled thread would keep the units'
+        // weights resident.
         // Members know each other by their certificates' names.
         let name = trust_name.unwrap_or_else(|| options.name.clone());
         let (planning, id) = (planning.clone(), key.peer_id().to_base58());
         let (package, memory, throttle) = (options.model.clone(), options.memory, options.throttle);
-        tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
             match crate::profile::measure(&id, &name, package.as_deref(), memory) {
                 Ok(mut profile) => {
                     // A throttled device is measured as the slower device it plays.
