@@ -7,7 +7,9 @@
 //! tokens until the pace is back within 15% of the pace before (target
 //! ≤ 20). Then a stage is killed (SIGKILL) halfway through a prompt: the
 //! time from the kill to the next token. Every answer is checked against
-//! `llnode run` in one process. Draws tokens/s over time to
+//! `llnode run` in one process, both runs must throttle the same share of
+//! the model, and the balancing run must move units: the bench fails
+//! otherwise, as its figures would mean nothing. Draws tokens/s over time to
 //! `$CARGO_TARGET_DIR/bench-balance.svg`. `LLNODE_BENCH_SIZE=tiny` and
 //! `LLNODE_BENCH_TOKENS=N` change the model and the answer's length.
 
@@ -18,10 +20,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use support::{Mesh, Streaming, ok, package_of, s, share_of};
+use support::{Mesh, Streaming, ok, package_of, s, share_of, units_of};
 
 const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
+/// Meshes the balancing run may start to get the first run's plan.
+const MESH_TRIES: usize = 4;
 /// Token intervals in the window that decides the pace has recovered.
 const WINDOW: usize = 8;
 
@@ -45,10 +49,31 @@ fn main() {
     println!("model: built-in {size}; 3 nodes on loopback; {tokens} greedy tokens; throttle 2x at a quarter of the answer");
 
     let mut runs = Vec::new();
+    let mut shares = Vec::new();
     for (label, extra) in [("without balancing", &["--no-rebalance"][..]), ("with balancing", &[][..])] {
         eprintln!("{label}: starting the mesh…");
-        let mut mesh = ready_mesh(&package, extra);
-        let slowed = mesh.busiest_besides(ASKING);
+        // Both runs must slow the same share of the model for their rates to
+        // compare; plans come from measured speeds, so a mesh whose plan is
+        // not the one wanted is started again.
+        let (mut mesh, slowed, share) = (1..=MESH_TRIES)
+            .map(|attempt| {
+                let mesh = ready_mesh(&package, extra);
+                let slowed = mesh.busiest_besides(ASKING);
+                let view = mesh.view(ASKING);
+                let share = (units_of(&view, &mesh.nodes[slowed].peer_id), mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum::<u64>());
+                eprintln!("{label}: n{slowed} runs {} of {} units (mesh {attempt})", share.0, share.1);
+                (mesh, slowed, share)
+            })
+            .enumerate()
+            .find(|(attempt, (_, _, share))| {
+                // Identical devices usually split the model evenly: the first run
+                // waits for that plan, the second for the first run's.
+                let wanted = shares.first().map_or(2 * share.0 == share.1, |first| first == share);
+                wanted || attempt + 1 == MESH_TRIES
+            })
+            .map(|(_, found)| found)
+            .unwrap();
+        shares.push(share);
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
             ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
         });
@@ -67,9 +92,10 @@ fn main() {
         let resumed: Vec<&str> =
             out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).map(|l| l.trim_start_matches("llnode: ")).collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
-        if extra.is_empty() && moved == 0 {
-            eprintln!("{label}: WARNING: no plan moved units, so this run says nothing about the balancer (the throttled stage may run a small share)");
-        }
+        assert!(
+            !extra.is_empty() || moved > 0,
+            "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again"
+        );
         runs.push(Run { label, token_ms, throttled_at });
     }
 
@@ -91,6 +117,11 @@ fn main() {
         after.push(later);
         steady.push(calm);
     }
+    assert_eq!(
+        shares[0], shares[1],
+        "the two runs throttled different shares of the model (units, total), so their rates do not compare; run the bench again"
+    );
+    println!("the throttled node ran {} of {} units in both runs", shares[0].0, shares[0].1);
     println!(
         "balancing gives {:.2}x the tokens/s over the rest of the answer, the pause included, and {:.2}x once recovered (target >= 1.3x)",
         after[1] / after[0],

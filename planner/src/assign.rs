@@ -18,6 +18,7 @@
 //!   [`Method::Search`].
 
 mod block;
+mod bound;
 mod program;
 
 use std::collections::HashSet;
@@ -26,7 +27,7 @@ use std::time::Instant;
 
 use microlp::{SolveOptions, Variable};
 
-use crate::config::Config;
+use crate::config::{Config, Objective};
 use crate::cost::ModelCost;
 use crate::instance::Instance;
 use crate::plan::{Method, Plan, PlanError};
@@ -76,17 +77,35 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
     // What the MIP sees: measured times of near-identical units evened out.
     let smoothed = block::smooth(instance, config.interchangeable);
     let model = &smoothed;
-    let seed = if config.warm_start {
+    let mut seed = if config.warm_start {
         search::best(model)
     } else {
         None
     };
-    let cutoff = seed
-        .as_ref()
-        .map(|stages| model.objective_of(&model.evaluate(stages)));
+    let cost = |stages: &Stages| model.objective_of(&model.evaluate(stages));
     let blocks = block::blocks(model);
+    // Throughput: a lower bound from a relaxation (`assign/bound.rs`), and
+    // plans along the device order that meets it, should one beat the seed.
+    let mut floor = None;
+    if let (Objective::Throughput, Some(stages)) = (model.objective, &seed)
+        && let Some(bound) = bound::lower_bound(model, &blocks, cost(stages))
+    {
+        floor = Some(bound.seconds);
+        let mut best = (cost(stages), stages.clone());
+        if best.0 > bound.seconds * (1.0 + 1e-9) {
+            for found in bound::plans(model, &bound.order) {
+                let found = search::polish(model, found);
+                let value = cost(&found);
+                if value < best.0 {
+                    best = (value, found);
+                }
+            }
+        }
+        seed = Some(best.1);
+    }
+    let cutoff = seed.as_ref().map(cost);
     let attempt = |cutoff: Option<f64>| {
-        let program = program::build(model, blocks.clone(), cutoff);
+        let program = program::build(model, blocks.clone(), cutoff, floor);
         let mut options = SolveOptions::default();
         options.time_limit = Some(config.time_limit.saturating_sub(started.elapsed()));
         if let Some(stages) = &seed {

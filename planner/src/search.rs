@@ -48,7 +48,7 @@ pub(crate) fn best(instance: &Instance) -> Option<Stages> {
 
 /// Moves single cuts by one unit while that helps, costed exactly: the
 /// searches above approximate skip tensors and the trip back.
-fn polish(instance: &Instance, mut stages: Stages) -> Stages {
+pub(crate) fn polish(instance: &Instance, mut stages: Stages) -> Stages {
     let cost = |stages: &Stages| instance.objective_of(&instance.evaluate(stages));
     let mut value = cost(&stages);
     let mut improved = true;

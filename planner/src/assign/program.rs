@@ -17,7 +17,7 @@ use crate::instance::Instance;
 
 /// Seconds are written into the program as milliseconds, so that the
 /// coefficients sit near 1.
-const SCALE: f64 = 1e3;
+pub(crate) const SCALE: f64 = 1e3;
 
 /// An arc of the path: from virtual device `from` to `to`.
 #[derive(Clone, Copy, Debug)]
@@ -115,11 +115,14 @@ impl Builder<'_> {
 /// Builds the program. Under the throughput objective, `cutoff` (seconds, the
 /// value of a known plan) bounds every device's busy time: no better plan
 /// can exceed it, and the known plan meets it, so the bound only removes
-/// what cannot win, above all units a device is too slow to run.
+/// what cannot win, above all units a device is too slow to run. `floor`
+/// (seconds, from `bound.rs`) is a lower bound on the slowest device that
+/// every plan meets: the program's `T` starts there.
 pub(crate) fn build(
     instance: &Instance,
     blocks: Vec<Range<usize>>,
     cutoff: Option<f64>,
+    floor: Option<f64>,
 ) -> Program {
     let cutoff = cutoff.filter(|c| c.is_finite() && instance.objective == Objective::Throughput);
     let devices = instance.devices();
@@ -474,7 +477,8 @@ pub(crate) fn build(
     }
     if !b.latency {
         let most = cutoff.map_or(f64::INFINITY, |c| c * SCALE * (1.0 + 1e-6));
-        let t = b.problem.add_var(1.0, (0.0, most));
+        let least = floor.map_or(0.0, |f| (f * SCALE).clamp(0.0, most));
+        let t = b.problem.add_var(1.0, (least, most));
         for mut e in std::mem::take(&mut b.busy) {
             e.add(t, -1.0);
             b.problem.add_constraint(e, ComparisonOp::Le, 0.0);
@@ -514,7 +518,7 @@ pub(crate) fn runs(sorted: &[usize]) -> Vec<Range<usize>> {
 
 /// Pairs `(i, j)`, `i < j`, of devices no cost can tell apart (neither
 /// pinned), each device paired with the next one like it.
-fn twins(instance: &Instance) -> Vec<(usize, usize)> {
+pub(crate) fn twins(instance: &Instance) -> Vec<(usize, usize)> {
     let devices = instance.devices();
     let same = |i: usize, j: usize| {
         let link_eq = |a: crate::profile::Link, b: crate::profile::Link| {
