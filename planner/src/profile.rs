@@ -21,6 +21,14 @@ impl Link {
     pub fn transfer_s(&self, bytes: u64) -> f64 {
         bytes as f64 / self.bandwidth_bytes_per_s + self.rtt_s
     }
+
+    /// The link through two radios: the lower bandwidth, the longer round trip.
+    pub fn slower_of(self, other: Link) -> Link {
+        Link {
+            bandwidth_bytes_per_s: self.bandwidth_bytes_per_s.min(other.bandwidth_bytes_per_s),
+            rtt_s: self.rtt_s.max(other.rtt_s),
+        }
+    }
 }
 
 /// Battery state as a phone reports it.
@@ -120,6 +128,18 @@ impl DeviceProfile {
     pub fn with_link(mut self, peer: &str, link: Link) -> Self {
         self.links.insert(peer.to_string(), link);
         self
+    }
+}
+
+/// Links every ordered pair `(a, b)` of `devices` with `link(a, b)`.
+pub fn connect_by(devices: &mut [DeviceProfile], mut link: impl FnMut(usize, usize) -> Link) {
+    let ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    for (a, device) in devices.iter_mut().enumerate() {
+        for (b, id) in ids.iter().enumerate() {
+            if a != b {
+                device.links.insert(id.clone(), link(a, b));
+            }
+        }
     }
 }
 

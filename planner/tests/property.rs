@@ -13,7 +13,7 @@ use llnode_planner::cost::{ModelCost, SkipTensor, UnitCost};
 use llnode_planner::plan::Method;
 use llnode_planner::plan::PlanError;
 use llnode_planner::profile::{Battery, Thermal};
-use llnode_planner::profile::{DeviceProfile, Link};
+use llnode_planner::profile::{DeviceProfile, Link, connect_by};
 use llnode_planner::simulate::simulate;
 use llnode_planner::{assign, exhaustive};
 use proptest::prelude::*;
@@ -144,28 +144,16 @@ fn case(seed: u64, devices: usize, units: usize) -> Case {
         });
     }
     let asymmetric = rng.chance(30);
-    for a in 0..devices {
-        for b in 0..devices {
-            if a == b {
-                continue;
+    connect_by(&mut profiles, |a, b| {
+        if asymmetric {
+            Link {
+                bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
+                rtt_s: rng.range(0, 20) as f64 * 1e-3,
             }
-            let link = if asymmetric {
-                Link {
-                    bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
-                    rtt_s: rng.range(0, 20) as f64 * 1e-3,
-                }
-            } else {
-                Link {
-                    bandwidth_bytes_per_s: radios[a]
-                        .bandwidth_bytes_per_s
-                        .min(radios[b].bandwidth_bytes_per_s),
-                    rtt_s: radios[a].rtt_s.max(radios[b].rtt_s),
-                }
-            };
-            let peer = profiles[b].id.clone();
-            profiles[a].links.insert(peer, link);
+        } else {
+            radios[a].slower_of(radios[b])
         }
-    }
+    });
     let config = Config {
         objective: if rng.chance(50) {
             Objective::Latency

@@ -316,7 +316,7 @@ mod tests {
     use crate::config::{Config, Objective};
     use crate::cost::{ModelCost, SkipTensor, UnitCost};
     use crate::plan::{Method, PlanError};
-    use crate::profile::{DeviceProfile, Link, connect_all};
+    use crate::profile::{DeviceProfile, Link, connect_all, connect_by};
     use crate::{exhaustive, search};
     use proptest::prelude::*;
 
@@ -532,28 +532,16 @@ mod tests {
         // Links between two devices take the slower radio (twins stay
         // interchangeable), or now and then are random each way.
         let asymmetric = rng.chance(25);
-        for a in 0..devices {
-            for b in 0..devices {
-                if a == b {
-                    continue;
+        connect_by(&mut profiles, |a, b| {
+            if asymmetric {
+                Link {
+                    bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
+                    rtt_s: rng.range(0, 20) as f64 * 1e-3,
                 }
-                let link = if asymmetric {
-                    Link {
-                        bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
-                        rtt_s: rng.range(0, 20) as f64 * 1e-3,
-                    }
-                } else {
-                    Link {
-                        bandwidth_bytes_per_s: radios[a]
-                            .bandwidth_bytes_per_s
-                            .min(radios[b].bandwidth_bytes_per_s),
-                        rtt_s: radios[a].rtt_s.max(radios[b].rtt_s),
-                    }
-                };
-                let peer = profiles[b].id.clone();
-                profiles[a].links.insert(peer, link);
+            } else {
+                radios[a].slower_of(radios[b])
             }
-        }
+        });
         let config = Config {
             context_tokens: context,
             // The bound runs only with the search's seed as its cutoff.
