@@ -55,24 +55,11 @@ fn main() {
         // Both runs must slow the same share of the model for their rates to
         // compare; plans come from measured speeds, so a mesh whose plan is
         // not the one wanted is started again.
-        let (mut mesh, slowed, share) = (1..=MESH_TRIES)
-            .map(|attempt| {
-                let mesh = ready_mesh(&package, extra);
-                let slowed = mesh.busiest_besides(ASKING);
-                let view = mesh.view(ASKING);
-                let share = (units_of(&view, &mesh.nodes[slowed].peer_id), mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum::<u64>());
-                eprintln!("{label}: n{slowed} runs {} of {} units (mesh {attempt})", share.0, share.1);
-                (mesh, slowed, share)
-            })
-            .enumerate()
-            .find(|(attempt, (_, _, share))| {
-                // Identical devices usually split the model evenly: the first run
-                // waits for that plan, the second for the first run's.
-                let wanted = shares.first().map_or(2 * share.0 == share.1, |first| first == share);
-                wanted || attempt + 1 == MESH_TRIES
-            })
-            .map(|(_, found)| found)
-            .unwrap();
+        // Identical devices usually split the model evenly: the first run
+        // waits for that plan, the second for the first run's.
+        let first = shares.first().copied();
+        let (mut mesh, slowed, share) =
+            mesh_throttling(&package, extra, label, |share| first.map_or(2 * share.0 == share.1, |first| first == share));
         shares.push(share);
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
             ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
@@ -142,6 +129,24 @@ fn main() {
 
     let path = draw(&runs);
     println!("plot: {}", path.display());
+}
+
+/// A ready mesh and its busiest stage besides the asking member, with the
+/// (units it runs, units in all) of the plan; meshes whose share is not
+/// `wanted` are started again, up to [`MESH_TRIES`] in all.
+fn mesh_throttling(package: &Path, extra: &[&str], label: &str, wanted: impl Fn((u64, u64)) -> bool) -> (Mesh, usize, (u64, u64)) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mesh = ready_mesh(package, extra);
+        let slowed = mesh.busiest_besides(ASKING);
+        let view = mesh.view(ASKING);
+        let share = (units_of(&view, &mesh.nodes[slowed].peer_id), mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum());
+        eprintln!("{label}: n{slowed} runs {} of {} units (mesh {attempt})", share.0, share.1);
+        if wanted(share) || attempt == MESH_TRIES {
+            return (mesh, slowed, share);
+        }
+    }
 }
 
 /// Three nodes, any two of which hold the model, after a warm-up prompt

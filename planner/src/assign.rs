@@ -87,21 +87,21 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
     // Throughput: a lower bound from a relaxation (`assign/bound.rs`), and
     // plans along the device order that meets it, should one beat the seed.
     let mut floor = None;
-    if let (Objective::Throughput, Some(stages)) = (model.objective, &seed)
-        && let Some(bound) = bound::lower_bound(model, &blocks, cost(stages))
-    {
-        floor = Some(bound.seconds);
-        let mut best = (cost(stages), stages.clone());
-        if best.0 > bound.seconds * (1.0 + 1e-9) {
-            for found in bound::plans(model, &bound.order) {
-                let found = search::polish(model, found);
-                let value = cost(&found);
-                if value < best.0 {
-                    best = (value, found);
+    if let (Objective::Throughput, Some(stages)) = (model.objective, seed.as_mut()) {
+        let value = cost(stages);
+        if let Some(bound) = bound::lower_bound(model, &blocks, value) {
+            floor = Some(bound.seconds);
+            if value > bound.seconds * (1.0 + 1e-9) {
+                let better = bound::plans(model, &bound.order)
+                    .into_iter()
+                    .map(|found| search::polish(model, found))
+                    .map(|found| (cost(&found), found))
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                if let Some((_, found)) = better.filter(|(better, _)| *better < value) {
+                    *stages = found;
                 }
             }
         }
-        seed = Some(best.1);
     }
     let cutoff = seed.as_ref().map(cost);
     let attempt = |cutoff: Option<f64>| {
