@@ -84,22 +84,17 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
     };
     let cost = |stages: &Stages| model.objective_of(&model.evaluate(stages));
     let blocks = block::blocks(model);
-    // Throughput: a lower bound from a relaxation (`assign/bound.rs`), and
-    // plans along the device order that meets it, should one beat the seed.
+    // Throughput: a lower bound (`assign/bound.rs`), and the best plan its
+    // exact search found, should it beat the seed.
     let mut floor = None;
     if let (Objective::Throughput, Some(stages)) = (model.objective, seed.as_mut()) {
         let value = cost(stages);
         if let Some(bound) = bound::lower_bound(model, &blocks, value) {
             floor = Some(bound.seconds);
-            if value > bound.seconds * (1.0 + 1e-9) {
-                let better = bound::plans(model, &bound.order)
-                    .into_iter()
-                    .map(|found| search::polish(model, found))
-                    .map(|found| (cost(&found), found))
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
-                if let Some((_, found)) = better.filter(|(better, _)| *better < value) {
-                    *stages = found;
-                }
+            if let Some(found) = bound.plan.map(|found| search::polish(model, found))
+                && cost(&found) < value
+            {
+                *stages = found;
             }
         }
     }
