@@ -1,6 +1,7 @@
 //! `llnode`: the one binary every device runs. It generates, imports and
-//! runs models on this device, and runs the node (`llnode start`) that joins
-//! the mesh; planning and distributed inference come next (see the README).
+//! runs models on this device, runs the node (`llnode start`) that joins the
+//! mesh, plans and serves its share of the model, and asks the mesh for
+//! answers (`llnode prompt`); `docs/architecture.md` draws the actors.
 
 mod actor;
 mod bar;

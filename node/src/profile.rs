@@ -1,5 +1,6 @@
 //! This device's profile for the planner: memory it may use, the time each
-//! of the model's units takes on its own runner, and links to its peers.
+//! of the model's units takes on its own runner, its battery and thermal
+//! state, and links to its peers.
 //! Also the conversion from a package's cost profile to the planner's cost
 //! model, which keeps `models` and `planner` independent of each other.
 
@@ -8,7 +9,7 @@ use std::path::Path;
 use llnode_models::cost::CostProfile;
 use llnode_models::model::Model;
 use llnode_planner::cost::{ModelCost, SkipTensor, UnitCost};
-use llnode_planner::profile::DeviceProfile;
+use llnode_planner::profile::{Battery, DeviceProfile, Thermal};
 
 /// Memory kept back for the system and the node itself.
 const RESERVE_BYTES: u64 = 512 << 20;
@@ -73,7 +74,94 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
     let secs: f64 = timings.iter().map(|t| t.decode_s).sum();
     let mut profile = DeviceProfile::new(id, name, mem, flops as f64 / secs.max(1e-9));
     profile.unit_time_s = Some(timings.iter().map(|t| t.decode_s).collect());
+    (profile.battery, profile.thermal) = power_state(Path::new(SYS_CLASS));
     Ok(profile)
+}
+
+/// Where Linux, Android included, shows power supplies and thermal zones.
+pub const SYS_CLASS: &str = "/sys/class";
+
+/// This device's battery (the first power supply of type `Battery`) and
+/// thermal state (the worst over its thermal zones) as `class` (`/sys/class`)
+/// shows them; `None` for what it does not show (desktops have no battery,
+/// containers and some phones hide both).
+pub fn power_state(class: &Path) -> (Option<Battery>, Option<Thermal>) {
+    (battery(&class.join("power_supply")), thermal(&class.join("thermal")))
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+fn entries(dir: &Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+fn battery(supplies: &Path) -> Option<Battery> {
+    entries(supplies, "").into_iter().find_map(|supply| {
+        if read(&supply.join("type"))? != "Battery" {
+            return None;
+        }
+        let percent: f64 = read(&supply.join("capacity"))?.parse().ok()?;
+        let status = read(&supply.join("status")).unwrap_or_default();
+        Some(Battery { level: (percent / 100.0).clamp(0.0, 1.0), charging: matches!(status.as_str(), "Charging" | "Full") })
+    })
+}
+
+/// The worst state over the thermal zones, from each zone's temperature
+/// against its own trip points: at or past a `critical` trip the device is
+/// `Critical` (it takes no work), past `hot` it is `Severe`, past `passive`
+/// (where the kernel starts to throttle) `Moderate`, else `Nominal`. A
+/// device whose zones have no trip points says nothing.
+fn thermal(zones: &Path) -> Option<Thermal> {
+    let rank = |t: Thermal| [Thermal::Nominal, Thermal::Moderate, Thermal::Severe, Thermal::Critical].iter().position(|&s| s == t);
+    let mut worst: Option<Thermal> = None;
+    for zone in entries(zones, "thermal_zone") {
+        let Some(temp) = read(&zone.join("temp")).and_then(|t| t.parse::<i64>().ok()) else {
+            continue;
+        };
+        let mut state = None;
+        for i in 0.. {
+            let (Some(trip), Some(kind)) = (read(&zone.join(format!("trip_point_{i}_temp"))), read(&zone.join(format!("trip_point_{i}_type")))) else {
+                break;
+            };
+            let Ok(trip) = trip.parse::<i64>() else { continue };
+            let reached = match kind.as_str() {
+                "critical" => Thermal::Critical,
+                "hot" => Thermal::Severe,
+                "passive" => Thermal::Moderate,
+                _ => continue,
+            };
+            state = Some(state.unwrap_or(Thermal::Nominal));
+            if temp >= trip && rank(reached) > state.and_then(rank) {
+                state = Some(reached);
+            }
+        }
+        if let Some(state) = state
+            && worst.is_none_or(|w| rank(state) > rank(w))
+        {
+            worst = Some(state);
+        }
+    }
+    worst
+}
+
+/// Whether the power state moved enough to tell the planner: the thermal
+/// state or charging changed, or the level by 5 points.
+pub fn power_changed(old: &DeviceProfile, battery: Option<Battery>, thermal: Option<Thermal>) -> bool {
+    let level_moved = match (old.battery, battery) {
+        (Some(a), Some(b)) => a.charging != b.charging || (a.level - b.level).abs() >= 0.05,
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    level_moved || old.thermal != thermal
 }
 
 /// Rough multiply-add speed for a device without the model: a small
@@ -99,4 +187,57 @@ fn arithmetic_speed() -> f64 {
     }
     std::hint::black_box(&c);
     (2 * N * N * N * reps) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, path: &str, text: &str) {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn power_state_reads_battery_and_thermal_zones() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(power_state(root), (None, None));
+        write(root, "power_supply/usb/type", "USB\n");
+        write(root, "power_supply/battery/type", "Battery\n");
+        write(root, "power_supply/battery/capacity", "42\n");
+        write(root, "power_supply/battery/status", "Discharging\n");
+        // A zone without trip points says nothing; a cool one with trips is nominal.
+        write(root, "thermal/thermal_zone0/temp", "90000");
+        write(root, "thermal/thermal_zone1/temp", "35000");
+        write(root, "thermal/thermal_zone1/trip_point_0_type", "passive");
+        write(root, "thermal/thermal_zone1/trip_point_0_temp", "45000");
+        write(root, "thermal/thermal_zone1/trip_point_1_type", "critical");
+        write(root, "thermal/thermal_zone1/trip_point_1_temp", "95000");
+        let (battery, thermal) = power_state(root);
+        assert_eq!(battery, Some(Battery { level: 0.42, charging: false }));
+        assert_eq!(thermal, Some(Thermal::Nominal));
+        // Past the passive trip: throttling, moderate; another zone past hot wins.
+        write(root, "thermal/thermal_zone1/temp", "47000");
+        assert_eq!(power_state(root).1, Some(Thermal::Moderate));
+        write(root, "thermal/thermal_zone2/temp", "80000");
+        write(root, "thermal/thermal_zone2/trip_point_0_type", "hot");
+        write(root, "thermal/thermal_zone2/trip_point_0_temp", "75000");
+        assert_eq!(power_state(root).1, Some(Thermal::Severe));
+        write(root, "thermal/thermal_zone1/temp", "96000");
+        assert_eq!(power_state(root).1, Some(Thermal::Critical));
+        write(root, "power_supply/battery/status", "Charging");
+        assert!(power_state(root).0.unwrap().charging);
+    }
+
+    #[test]
+    fn small_battery_moves_are_not_news() {
+        let mut profile = DeviceProfile::new("a", "a", 1, 1.0);
+        profile.battery = Some(Battery { level: 0.50, charging: false });
+        assert!(!power_changed(&profile, Some(Battery { level: 0.48, charging: false }), None));
+        assert!(power_changed(&profile, Some(Battery { level: 0.44, charging: false }), None));
+        assert!(power_changed(&profile, Some(Battery { level: 0.50, charging: true }), None));
+        assert!(power_changed(&profile, Some(Battery { level: 0.50, charging: false }), Some(Thermal::Severe)));
+    }
 }

@@ -21,7 +21,7 @@ use llnode_planner::config::{Config, Objective};
 use llnode_planner::cost::ModelCost;
 use llnode_planner::election::{Election, Leadership};
 use llnode_planner::plan::{Plan, PlanError};
-use llnode_planner::profile::{DeviceProfile, Link};
+use llnode_planner::profile::{Battery, DeviceProfile, Link, Thermal};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
@@ -75,7 +75,8 @@ pub enum PlanningMsg {
     Measured(DeviceProfile),
     /// Measure round trips and bandwidth to every member.
     MeasureLinks,
-    LinksMeasured(BTreeMap<String, Link>),
+    /// Links to members, and this device's battery and thermal state.
+    LinksMeasured(BTreeMap<String, Link>, (Option<Battery>, Option<Thermal>)),
     /// Plan now if this node leads and something changed.
     Replan,
     /// If no member has turned up, lead alone.
@@ -244,11 +245,14 @@ impl Actor for PlanningActor {
                             links.insert(peer.to_base58(), link);
                         }
                     }
-                    let _ = myself.cast(PlanningMsg::LinksMeasured(links));
+                    let power = crate::profile::power_state(std::path::Path::new(crate::profile::SYS_CLASS));
+                    let _ = myself.cast(PlanningMsg::LinksMeasured(links, power));
                 });
             }
-            PlanningMsg::LinksMeasured(links) => {
-                let changed = links.iter().any(|(peer, new)| match state.links.get(peer) {
+            PlanningMsg::LinksMeasured(links, (battery, thermal)) => {
+                let mine = state.profiles.get(&state.me);
+                let power = mine.is_some_and(|p| crate::profile::power_changed(p, battery, thermal));
+                let changed = power || links.iter().any(|(peer, new)| match state.links.get(peer) {
                     None => true,
                     Some(old) => {
                         let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
@@ -260,6 +264,10 @@ impl Actor for PlanningActor {
                 state.links.retain(|peer, _| state.members.iter().any(|m| m.to_base58() == *peer));
                 if changed {
                     if let Some(mut profile) = state.profiles.get(&state.me).cloned() {
+                        if power {
+                            state.note(format!("this device's power state: {}", power_text(battery, thermal)));
+                            (profile.battery, profile.thermal) = (battery, thermal);
+                        }
                         profile.links = state.links.clone();
                         state.profiles.insert(state.me.clone(), profile.clone());
                         state.broadcast(NodeMessage::Profile(profile));
@@ -692,7 +700,17 @@ pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
 }
 
 fn describe(p: &DeviceProfile) -> String {
-    format!("{:.1} GiB usable, {:.2} GFLOP/s", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
+    let power = power_text(p.battery, p.thermal);
+    format!("{:.1} GiB usable, {:.2} GFLOP/s, {power}", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
+}
+
+fn power_text(battery: Option<Battery>, thermal: Option<Thermal>) -> String {
+    let battery = match battery {
+        Some(b) => format!("battery {:.0}%{}", b.level * 100.0, if b.charging { " charging" } else { "" }),
+        None => "no battery".into(),
+    };
+    let thermal = thermal.map_or("thermal state unknown".into(), |t| format!("thermal {t:?}"));
+    format!("{battery}, {thermal}")
 }
 
 fn short(id: &str) -> String {
