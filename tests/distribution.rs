@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Mesh, Node, admit, llnode, ok, package_of, s, share_of};
+use support::{Mesh, Node, Streaming, admit, llnode, ok, package_of, s, share_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "16", "--ignore-eos", "The mesh of phones"];
 
@@ -164,21 +164,40 @@ fn a_damaged_copy_is_caught_and_the_bytes_come_from_another_member() {
             assert!(fetch.contains("fetch failed"), "{fetch}");
             break;
         }
-        assert!(Instant::now() < deadline, "c never noticed the damaged copy: {fetch}\n{}", std::fs::read_to_string(dir("c").with_extension("log")).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "c never noticed the damaged copy: {fetch}\n{}",
+            std::fs::read_to_string(dir("c").with_extension("log")).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let failed = llnode(&["prompt", "--data-dir", s(&c.dir), "hi"]);
     assert!(!failed.ok && failed.stderr.lines().count() == 1 && failed.stderr.contains("verification"), "{}", failed.stderr);
+    // Asked on a, which runs nothing, the prompt waits for c and says why.
+    let waiting = Streaming::start(&a.dir, &GREEDY);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !waiting.err_text().contains("cannot load its units yet") {
+        assert!(Instant::now() < deadline, "the prompt on a never said what it waits for: {}", waiting.err_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(waiting.err_text().contains("verification"), "{}", waiting.err_text());
 
-    // b has an intact copy: c's next try gets every slice verified.
+    // b has an intact copy: c's next try gets every slice verified, and the waiting prompt goes on.
     let _b = Node::start_with(&dir("b"), &[&a], &["--model", s(&package), "--memory", "1000"]);
+    let answered = waiting.finish();
+    assert!(answered.ok, "{}", answered.stderr);
+    assert_eq!(answered.stdout, reference);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let fetch = plan(&c)["fetch"].as_str().unwrap_or_default().to_string();
         if fetch.starts_with("fetched") {
             break;
         }
-        assert!(Instant::now() < deadline, "c never fetched its units: {fetch}\n{}", std::fs::read_to_string(dir("c").with_extension("log")).unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "c never fetched its units: {fetch}\n{}",
+            std::fs::read_to_string(dir("c").with_extension("log")).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(ok(&[&["prompt", "--data-dir", s(&c.dir)][..], &GREEDY[..]].concat()), reference);

@@ -302,6 +302,9 @@ pub struct Streaming {
     chunks: std::sync::mpsc::Receiver<Vec<u8>>,
     reader: std::thread::JoinHandle<()>,
     pub out: Vec<u8>,
+    /// Its standard error so far, read as it comes.
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+    err_reader: std::thread::JoinHandle<()>,
 }
 
 impl Streaming {
@@ -324,7 +327,25 @@ impl Streaming {
                 }
             }
         });
-        Streaming { child, chunks, reader, out: Vec::new() }
+        let mut stderr = child.stderr.take().unwrap();
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let into = err.clone();
+        let err_reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Streaming { child, chunks, reader, out: Vec::new(), err, err_reader }
+    }
+
+    /// Its standard error so far.
+    pub fn err_text(&self) -> String {
+        self.err.lock().unwrap().clone()
     }
 
     /// Waits until at least `n` bytes of the answer have come (or the answer ends).
@@ -341,10 +362,9 @@ impl Streaming {
     pub fn finish(mut self) -> Output {
         let status = self.child.wait().unwrap();
         let _ = self.reader.join();
+        let _ = self.err_reader.join();
         self.out.extend(self.chunks.try_iter().flatten());
-        let mut stderr = String::new();
-        use std::io::Read;
-        let _ = self.child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let stderr = self.err.lock().unwrap().clone();
         Output { ok: status.success(), stdout: String::from_utf8_lossy(&self.out).into_owned(), stderr }
     }
 }

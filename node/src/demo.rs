@@ -95,6 +95,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     let mut summary = String::new();
     rt.block_on(crate::control::prompt(&dirs[1], request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
+        PromptEvent::Waiting(line) => eprintln!("(waiting for {line})"),
         PromptEvent::Moving { why } => eprintln!("\n({why}; waiting for the next plan)"),
         PromptEvent::Resumed { epoch, .. } => eprintln!("(the answer goes on on plan epoch {epoch})"),
         PromptEvent::Done { tokens, decode_tokens_per_s, .. } => {

@@ -32,12 +32,7 @@ pub fn model_cost(cost: &CostProfile) -> ModelCost {
         skips: cost
             .skips
             .iter()
-            .map(|s| SkipTensor {
-                name: s.name.clone(),
-                producer: s.producer,
-                consumers: s.consumers.clone(),
-                bytes_per_token: s.bytes_per_token,
-            })
+            .map(|s| SkipTensor { name: s.name.clone(), producer: s.producer, consumers: s.consumers.clone(), bytes_per_token: s.bytes_per_token })
             .collect(),
         kv_bytes_per_token: cost.units.iter().map(|u| u.kv_bytes_per_token).collect(),
     }
@@ -52,10 +47,7 @@ fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
+            text.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(2 << 30, |kb| kb * 1024)
 }
@@ -130,7 +122,8 @@ fn thermal(zones: &Path) -> Option<Thermal> {
         };
         let mut state = None;
         for i in 0.. {
-            let (Some(trip), Some(kind)) = (read(&zone.join(format!("trip_point_{i}_temp"))), read(&zone.join(format!("trip_point_{i}_type")))) else {
+            let (Some(trip), Some(kind)) = (read(&zone.join(format!("trip_point_{i}_temp"))), read(&zone.join(format!("trip_point_{i}_type"))))
+            else {
                 break;
             };
             let Ok(trip) = trip.parse::<i64>() else { continue };

@@ -59,8 +59,13 @@ pub struct PromptRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PromptEvent {
     Text(String),
+    /// The devices of the plan are still getting or loading their units:
+    /// what each one is doing.
+    Waiting(String),
     /// The plan changed under the generation (`why`): it waits for the next one.
-    Moving { why: String },
+    Moving {
+        why: String,
+    },
     /// The generation moved to a new plan (`why`) and went on after
     /// replaying `replayed` steps, `pause_s` after the interruption.
     Resumed {
@@ -114,6 +119,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
             crate::store::short(&route.model)
         ));
     }
+    let route = await_stages(initiator.me, &initiator.planning, &initiator.execution, route, &events).await?;
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
@@ -178,6 +184,56 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         let _ = initiator.execution.cast(ExecutionMsg::EndSession { session });
     }
     result
+}
+
+/// Waits until every other device of `route` has its units loaded for the
+/// route's plan, telling `events` what they are doing meanwhile, and returns
+/// the route to start on: when a device is on a newer plan, this node's
+/// route for it once loaded here. A device that is gone lets the first step
+/// find out (and move to the next plan).
+async fn await_stages(
+    me: PeerId,
+    planning: &ActorRef<PlanningMsg>,
+    execution: &ActorRef<ExecutionMsg>,
+    mut route: Route,
+    events: &mpsc::UnboundedSender<PromptEvent>,
+) -> Result<Route, String> {
+    use crate::protocol::Readiness;
+    let started = std::time::Instant::now();
+    let mut shown = String::new();
+    loop {
+        let others: Vec<PeerId> = route.devices.iter().copied().filter(|d| *d != me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let devices = others.clone();
+        let states =
+            call_t!(planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS).map_err(|e| e.to_string())?;
+        if states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch)) {
+            let after = route.epoch;
+            route = call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+            continue;
+        }
+        let waiting: Vec<String> = states
+            .into_iter()
+            .filter(|d| d.live)
+            .filter_map(|d| match d.said {
+                Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
+                Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
+                Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
+                _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(route);
+        }
+        let line = waiting.join("; ");
+        if started.elapsed() > Duration::from_millis(ROUTE_WAIT_MS) {
+            return Err(format!("the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more", ROUTE_WAIT_MS / 1000));
+        }
+        if line != shown {
+            let _ = events.send(PromptEvent::Waiting(line.clone()));
+            shown = line;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 struct MeshForward {
@@ -325,6 +381,10 @@ impl MeshForward {
             .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
             .map_err(|e| StepFail::Failed(format!("{why}, and no new plan came: {e}")))?
             .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        let route = self
+            .handle
+            .block_on(await_stages(self.me, &self.planning, &self.execution, route, &self.events))
+            .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
         self.route = route;
         self.session = rand::random();
         self.sessions.push((self.session, self.route.devices.clone()));
@@ -374,6 +434,7 @@ pub fn cli(
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {
         PromptEvent::Text(text) => crate::out(&text),
+        PromptEvent::Waiting(line) => eprintln!("llnode: waiting for {line}"),
         PromptEvent::Moving { why } => eprintln!("\nllnode: {why}; waiting for the mesh's next plan…"),
         PromptEvent::Resumed { why, epoch, replayed, pause_s } => eprintln!(
             "llnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",

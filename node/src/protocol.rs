@@ -33,6 +33,19 @@ pub enum NodeMessage {
     /// The leader cannot plan for the live members (the reason, for people):
     /// generations waiting to move to a new plan stop waiting.
     NoPlan { reason: String },
+    /// Where the sender stands with plan `epoch`: initiators wait for every
+    /// stage to be ready before the first step, and show what they wait for.
+    Readiness { epoch: u64, state: Readiness },
+}
+
+/// A device's progress with the units a plan gives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Readiness {
+    /// Getting and loading them: what it is doing, for people.
+    Loading(String),
+    Ready,
+    /// It cannot (the reason); it tries again every few seconds.
+    Failed(String),
 }
 
 impl NodeMessage {

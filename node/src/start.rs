@@ -81,8 +81,15 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     };
     let (trust_actor, trust_handle) = Actor::spawn(None, TrustActor, trust_args).await?;
     let throttle = std::sync::Arc::new(crate::pace::Throttle::new(options.throttle));
-    let execution_args =
-        ExecutionArgs { me: key.peer_id(), client: client.clone(), store: store.clone(), traffic: traffic.clone(), throttle: throttle.clone() };
+    let (readiness_tx, readiness) = tokio::sync::watch::channel(None);
+    let execution_args = ExecutionArgs {
+        me: key.peer_id(),
+        client: client.clone(),
+        store: store.clone(),
+        traffic: traffic.clone(),
+        throttle: throttle.clone(),
+        readiness: readiness_tx,
+    };
     let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
     let planning_args = PlanningArgs {
         key: key.clone(),
@@ -92,6 +99,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         execution: execution.clone(),
         store: store.clone(),
         traffic: traffic.clone(),
+        readiness,
     };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     let balancing = match options.rebalance {

@@ -17,7 +17,7 @@ use crate::actor::execution::ExecutionMsg;
 use crate::actor::planning::PlanningMsg;
 
 /// How often the pace is checked.
-const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+const TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub struct BalancingActor;
 

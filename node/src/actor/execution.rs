@@ -25,7 +25,7 @@ use llnode_models::transmission::{Endpoint, TransmissionMap};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
-use crate::protocol::PlanDoc;
+use crate::protocol::{PlanDoc, Readiness};
 use crate::store::Store;
 
 /// Sessions whose KV caches one device keeps at once; tensors of new ones are refused beyond it.
@@ -67,6 +67,8 @@ pub struct ExecutionArgs {
     pub traffic: Arc<crate::traffic::Traffic>,
     /// `--throttle`: stretches every segment step.
     pub throttle: Arc<crate::pace::Throttle>,
+    /// Where this device stands with the plan it holds, for the planning actor to tell members.
+    pub readiness: tokio::sync::watch::Sender<Option<(u64, Readiness)>>,
 }
 
 /// Where an initiator sends a step's inputs.
@@ -269,6 +271,11 @@ impl Actor for ExecutionActor {
                     }
                 }
                 let loaded = result.is_ok();
+                let readiness = match &result {
+                    Ok(_) => Readiness::Ready,
+                    Err(e) => Readiness::Failed(e.clone()),
+                };
+                state.args.readiness.send_replace(Some((epoch, readiness)));
                 current.ready = Some(result);
                 current.answer_waiters();
                 // Tensors that came early wait for a retry that succeeds.
@@ -457,6 +464,12 @@ impl ExecutionState {
             // A device that left lost its caches, even if it is back in the same place.
             if current.doc.model == doc.model && current.gone.is_empty() && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
                 // Same segments on the same devices: runners and sessions carry on.
+                let readiness = match &current.ready {
+                    None => Readiness::Loading(String::new()),
+                    Some(Ok(_)) => Readiness::Ready,
+                    Some(Err(e)) => Readiness::Failed(e.clone()),
+                };
+                self.args.readiness.send_replace(Some((doc.epoch, readiness)));
                 current.doc = doc;
                 current.no_plan = None;
                 current.answer_waiters();
@@ -476,6 +489,7 @@ impl ExecutionState {
         self.pace.reset(doc.epoch);
         let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
         let load = self.prepare(&doc, myself);
+        self.args.readiness.send_replace(Some((doc.epoch, Readiness::Loading(String::new()))));
         let first_epoch = doc.epoch;
         self.current = Some(Current {
             doc,

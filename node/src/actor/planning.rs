@@ -25,7 +25,7 @@ use llnode_planner::profile::{Battery, DeviceProfile, Link, Thermal};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{NodeMessage, PlanDoc, SignedPlan};
+use crate::protocol::{NodeMessage, PlanDoc, Readiness, SignedPlan};
 
 /// Changes arriving within this time are planned for together.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -57,6 +57,17 @@ pub struct PlanningArgs {
     /// Which members have which models; where a leader without one gets its manifest.
     pub store: std::sync::Arc<crate::store::Store>,
     pub traffic: std::sync::Arc<crate::traffic::Traffic>,
+    /// Where this device stands with its plan, as the execution actor sets it.
+    pub readiness: tokio::sync::watch::Receiver<Option<(u64, Readiness)>>,
+}
+
+/// What [`PlanningMsg::ReadinessOf`] says of one device.
+pub struct DeviceReadiness {
+    pub name: String,
+    /// Whether it is a live member.
+    pub live: bool,
+    /// The last it said: a plan epoch and where it stands with it.
+    pub said: Option<(u64, Readiness)>,
 }
 
 pub enum PlanningMsg {
@@ -91,14 +102,28 @@ pub enum PlanningMsg {
     Tick,
     /// The balancer asks what this device's profile promises for `units`
     /// (seconds per token), if they are its share of the held plan.
-    Expected { units: Vec<std::ops::Range<usize>>, reply: RpcReplyPort<Option<f64>> },
+    Expected {
+        units: Vec<std::ops::Range<usize>>,
+        reply: RpcReplyPort<Option<f64>>,
+    },
     /// The balancer measured this device `ratio` times slower than `expected`.
-    Reprofile { ratio: f64, pace: crate::pace::Pace, expected: f64 },
+    Reprofile {
+        ratio: f64,
+        pace: crate::pace::Pace,
+        expected: f64,
+    },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
     /// Asked locally: plan again with this objective (sent to the leader).
     SetObjective(Objective),
     Show(RpcReplyPort<PlanView>),
+    /// The execution actor's readiness changed.
+    OwnReadiness(u64, Readiness),
+    /// What these devices last said of their readiness (for an initiator).
+    ReadinessOf {
+        devices: Vec<PeerId>,
+        reply: RpcReplyPort<Vec<DeviceReadiness>>,
+    },
 }
 
 /// What `llnode plan` shows.
@@ -147,6 +172,8 @@ pub struct PlanningState {
     announced: Vec<String>,
     /// Why the leader is planning again, for the next plan's history line.
     reasons: Vec<String>,
+    /// What each member (and this device) last said of its readiness, by peer id.
+    readiness: HashMap<String, (u64, Readiness)>,
 }
 
 impl Actor for PlanningActor {
@@ -175,10 +202,22 @@ impl Actor for PlanningActor {
             learning: false,
             announced,
             reasons: Vec::new(),
+            readiness: HashMap::new(),
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<PlanningMsg>, _: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<PlanningMsg>, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+        let (mut readiness, to) = (state.args.readiness.clone(), myself.clone());
+        tokio::spawn(async move {
+            while readiness.changed().await.is_ok() {
+                let said = readiness.borrow_and_update().clone();
+                if let Some((epoch, state)) = said {
+                    if to.cast(PlanningMsg::OwnReadiness(epoch, state)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
         myself.send_interval(LINK_INTERVAL, || PlanningMsg::MeasureLinks);
         myself.send_after(ALONE_GRACE, || PlanningMsg::Alone);
         myself.send_interval(TICK, || PlanningMsg::Tick);
@@ -201,6 +240,9 @@ impl Actor for PlanningActor {
                     state.send(peer, NodeMessage::Plan(signed));
                 }
                 state.send(peer, NodeMessage::Have { models: state.args.store.models() });
+                if let Some((epoch, said)) = state.readiness.get(&state.me).cloned() {
+                    state.send(peer, NodeMessage::Readiness { epoch, state: said });
+                }
                 state.changed(&myself);
                 myself.send_after(Duration::from_millis(500), || PlanningMsg::MeasureLinks);
             }
@@ -209,6 +251,7 @@ impl Actor for PlanningActor {
                 if state.members.remove(&peer) {
                     let name = state.name_of(&peer.to_base58());
                     state.profiles.remove(&peer.to_base58());
+                    state.readiness.remove(&peer.to_base58());
                     // After the election: the device that left may have led.
                     state.membership_changed();
                     state.reason(format!("{name} left"));
@@ -252,14 +295,15 @@ impl Actor for PlanningActor {
             PlanningMsg::LinksMeasured(links, (battery, thermal)) => {
                 let mine = state.profiles.get(&state.me);
                 let power = mine.is_some_and(|p| crate::profile::power_changed(p, battery, thermal));
-                let changed = power || links.iter().any(|(peer, new)| match state.links.get(peer) {
-                    None => true,
-                    Some(old) => {
-                        let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
-                        // Sub-millisecond jitter on a fast link is not worth a new plan.
-                        moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6) || moved(new.rtt_s, old.rtt_s, 1e-3)
-                    }
-                });
+                let changed = power
+                    || links.iter().any(|(peer, new)| match state.links.get(peer) {
+                        None => true,
+                        Some(old) => {
+                            let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
+                            // Sub-millisecond jitter on a fast link is not worth a new plan.
+                            moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6) || moved(new.rtt_s, old.rtt_s, 1e-3)
+                        }
+                    });
                 state.links.extend(links);
                 state.links.retain(|peer, _| state.members.iter().any(|m| m.to_base58() == *peer));
                 if changed {
@@ -295,6 +339,9 @@ impl Actor for PlanningActor {
                 }
             }
             PlanningMsg::Tick => {
+                if let Some((epoch, Readiness::Loading(_))) = state.readiness.get(&state.me).cloned() {
+                    state.tell_readiness(epoch, Readiness::Loading(String::new()));
+                }
                 // Units fetched make this device a holder others can fetch from in turn
                 // (a failover then need not wait for the source).
                 let models = state.args.store.models();
@@ -308,6 +355,17 @@ impl Actor for PlanningActor {
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
             PlanningMsg::Note(line) => state.note(line),
+            PlanningMsg::OwnReadiness(epoch, said) => state.tell_readiness(epoch, said),
+            PlanningMsg::ReadinessOf { devices, reply } => {
+                let answer = devices
+                    .iter()
+                    .map(|d| {
+                        let id = d.to_base58();
+                        DeviceReadiness { name: state.name_of(&id), live: state.members.contains(d), said: state.readiness.get(&id).cloned() }
+                    })
+                    .collect();
+                let _ = reply.send(answer);
+            }
             PlanningMsg::SetObjective(objective) => {
                 state.args.objective = objective;
                 match state.election.current().map(|l| l.leader.clone()) {
@@ -398,6 +456,23 @@ impl PlanningState {
         });
     }
 
+    /// Records this device's readiness and tells the members when it changed; a
+    /// load in progress says what the model store is fetching.
+    fn tell_readiness(&mut self, epoch: u64, said: Readiness) {
+        let said = match said {
+            Readiness::Loading(_) => Readiness::Loading(match self.args.store.status() {
+                Some(line) if line.starts_with("fetching") => line,
+                _ => "loading its units".into(),
+            }),
+            other => other,
+        };
+        if self.readiness.get(&self.me) == Some(&(epoch, said.clone())) {
+            return;
+        }
+        self.readiness.insert(self.me.clone(), (epoch, said.clone()));
+        self.broadcast(NodeMessage::Readiness { epoch, state: said });
+    }
+
     fn broadcast(&self, message: NodeMessage) {
         for peer in &self.members {
             self.send(*peer, message.clone());
@@ -470,6 +545,13 @@ impl PlanningState {
                 Ok(())
             }
             NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
+            NodeMessage::Readiness { epoch, state } => {
+                let id = peer.to_base58();
+                if self.readiness.get(&id).is_none_or(|(held, _)| *held <= epoch) {
+                    self.readiness.insert(id, (epoch, state));
+                }
+                Ok(())
+            }
             NodeMessage::NoPlan { reason } => {
                 if self.election.current().is_none_or(|l| l.leader != peer.to_base58()) {
                     return Err("only the leader says there is no plan".into());
