@@ -121,7 +121,7 @@ fn a_node_without_the_model_fetches_only_its_own_units() {
 
     // Asking for a model the mesh does not run: one line saying so.
     let wrong = llnode(&["prompt", "--data-dir", s(&mesh.nodes[1].dir), "--model", "ffff", "hi"]);
-    assert!(!wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("not ffff"), "{}", wrong.stderr);
+    assert!(!wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"), "{}", wrong.stderr);
     let prefix = &id.trim()[..8];
     let mut right = vec!["prompt", "--data-dir", s(&mesh.nodes[1].dir), "--model", prefix];
     right.extend_from_slice(&GREEDY);

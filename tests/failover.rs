@@ -146,4 +146,9 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     let history: String = (0..3).map(|i| mesh.view(i)["history"].to_string()).collect();
     assert!(history.contains("moving units because") && history.contains(&format!("n{slowed} measured itself")), "{history}");
     assert!(out.stderr.contains("resumed on plan epoch"), "the generation never moved: {}", out.stderr);
+    // The slowed device's re-profile says its pace and queue depth (0 with one
+    // generation: its steps wait for each other's tokens), and `llnode plan` shows its last pace.
+    let slowed_view = mesh.view(slowed);
+    assert!(slowed_view["history"].to_string().contains("queue depth"), "{}", slowed_view["history"]);
+    assert!(slowed_view["pace"].as_str().is_some_and(|p| p.contains("ms/token") && p.contains("queue depth")), "{slowed_view:#}");
 }

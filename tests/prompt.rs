@@ -44,6 +44,19 @@ fn built_in_model_answers_the_same_from_every_member() {
         }
     });
 
+    // Privacy mode from member 2: the plan now keeps the first and last units
+    // (token ids in, logits out) on it, others run the middle, and the text is
+    // the same; the other members are served by that plan too.
+    let private = [&["--private"][..], &GREEDY[..]].concat();
+    assert_eq!(mesh.prompt(2, &private), reference);
+    let view = mesh.view(2);
+    let stages = view["plan"]["stages"].as_array().unwrap();
+    let asker = mesh.nodes[2].peer_id.as_str();
+    assert!(stages.len() >= 3 && stages[0]["device"] == asker && stages[stages.len() - 1]["device"] == asker, "{view:#}");
+    assert!(stages[1..stages.len() - 1].iter().all(|st| st["device"] != asker), "{view:#}");
+    assert_eq!(mesh.prompt(0, &GREEDY), reference);
+    assert_eq!(mesh.prompt(2, &private), reference);
+
     // Bad input: one error line, and the node keeps serving.
     let bad = llnode(&["prompt", "--data-dir", s(&mesh.nodes[0].dir), "--top-p", "0", "hi"]);
     assert!(!bad.ok && bad.stderr.lines().count() == 1 && bad.stderr.contains("top-p"), "{}", bad.stderr);
@@ -85,4 +98,45 @@ fn demo_runs_a_mesh_and_answers_like_one_process() {
     // The nodes are gone: their control sockets no longer answer.
     let peers = llnode(&["peers", "--data-dir", s(&root.path().join("demo-mesh/node1"))]);
     assert!(!peers.ok && peers.stderr.contains("no node is running"), "{}", peers.stderr);
+}
+
+#[test]
+fn a_prompt_for_another_model_moves_the_mesh_to_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = |name: &str| root.path().join(name);
+    // Two built-in models that answer differently; n0 serves one, n1 the other, n2 neither.
+    let package = |seed: &str, name: &str| {
+        ok(&["model", "synth", "--seed", seed, "-o", s(&dir(name))]);
+        package_of(&dir(name), &dir(&format!("{name}-package")))
+    };
+    let (first, second) = (package("0", "first"), package("1", "second"));
+    let answer = |p: &Path| ok(&[&["run", "-m", s(p)][..], &GREEDY[..]].concat());
+    let (first_text, second_text) = (answer(&first), answer(&second));
+    assert_ne!(first_text, second_text);
+    let id = |p: &Path| ok(&["model", "verify", s(p)]).split_whitespace().last().unwrap().to_string();
+    let (first_id, second_id) = (id(&first), id(&second));
+
+    let memory = share_of(&first, 0.55);
+    let node = |model: Option<&Path>| {
+        let mut args = vec!["--memory".to_string(), memory.clone()];
+        args.extend(model.map(|p| ["--model".to_string(), s(p).to_string()]).into_iter().flatten());
+        args
+    };
+    let mesh = Mesh::with_node_args(vec![node(Some(&first)), node(Some(&second)), node(None)]);
+    let ask = |i: usize, model: &str| mesh.prompt(i, &[&["--model", &model[..8]][..], &GREEDY[..]].concat());
+    let plan_model = |i: usize| mesh.view(i)["model"].as_str().unwrap_or_default().to_string();
+
+    // Whichever model the leader started with, each prompt gets the one it names.
+    assert_eq!(ask(2, &second_id), second_text);
+    assert_eq!(plan_model(2), second_id);
+    assert_eq!(ask(2, &first_id), first_text);
+    assert_eq!(plan_model(0), first_id);
+    assert_eq!(ask(1, &second_id), second_text);
+    // Without --model, the model the mesh runs now.
+    assert_eq!(mesh.prompt(0, &GREEDY), second_text);
+
+    // A model nobody has: one line naming what the mesh has.
+    let wrong = llnode(&["prompt", "--data-dir", s(&mesh.nodes[2].dir), "--model", "ffff", "hi"]);
+    assert!(!wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"), "{}", wrong.stderr);
+    assert!(wrong.stderr.contains(&first_id[..12]) && wrong.stderr.contains(&second_id[..12]), "{}", wrong.stderr);
 }

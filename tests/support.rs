@@ -181,12 +181,6 @@ impl Mesh {
 
     /// As [`Mesh::with_sources`], with `extra` arguments for every node.
     pub fn with_args(package: &Path, n: usize, sources: usize, memory: &str, extra: &[&str]) -> Mesh {
-        let root = tempfile::tempdir().unwrap();
-        let dir = |i: usize| root.path().join(format!("n{i}"));
-        ok(&["mesh", "init", "--data-dir", s(&dir(0)), "--name", "n0"]);
-        for i in 1..n {
-            admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
-        }
         let args: Vec<Vec<String>> = (0..n)
             .map(|i| {
                 let mut a = vec!["--memory".to_string(), memory.to_string()];
@@ -197,6 +191,18 @@ impl Mesh {
                 a
             })
             .collect();
+        Mesh::with_node_args(args)
+    }
+
+    /// A node per entry of `args`, each started with its own `llnode start` arguments.
+    pub fn with_node_args(args: Vec<Vec<String>>) -> Mesh {
+        let n = args.len();
+        let root = tempfile::tempdir().unwrap();
+        let dir = |i: usize| root.path().join(format!("n{i}"));
+        ok(&["mesh", "init", "--data-dir", s(&dir(0)), "--name", "n0"]);
+        for i in 1..n {
+            admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
+        }
         let strs = |i: usize| args[i].iter().map(String::as_str).collect::<Vec<_>>();
         let first = Node::start_with(&dir(0), &[], &strs(0));
         let mut nodes = vec![first];

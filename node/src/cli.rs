@@ -59,6 +59,10 @@ pub enum Command {
         /// The package id (or its first characters) to run, when the mesh knows several.
         #[arg(long, value_name = "ID")]
         model: Option<String>,
+        /// Privacy mode: this device runs the first and last units itself, so
+        /// the token ids and logits never leave it (the leader re-plans for it).
+        #[arg(long)]
+        private: bool,
         /// The text to continue.
         prompt: String,
     },
@@ -366,8 +370,8 @@ impl Command {
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
-            Command::Prompt { dir, generation, stats, timings, model, prompt } => {
-                crate::prompt::cli(&dir.path()?, &generation, model, crate::prompt::Report { stats, timings }, prompt)
+            Command::Prompt { dir, generation, stats, timings, model, private, prompt } => {
+                crate::prompt::cli(&dir.path()?, &generation, model, private, crate::prompt::Report { stats, timings }, prompt)
             }
             Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Throttle { dir, factor } => crate::pace::cli(&dir.path()?, factor),

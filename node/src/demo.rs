@@ -90,6 +90,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
         chat: false,
         ignore_eos: false,
         model: None,
+        private: false,
     };
     crate::out(&format!("prompt (asked on node1): {prompt}\nanswer: "));
     let mut summary = String::new();

@@ -71,14 +71,34 @@ pub struct Pace {
     pub secs_per_token: f64,
     /// Decode steps behind the figure (the fewest of any one segment).
     pub samples: u32,
+    /// Queue depth: steps whose inputs were all in, waiting for a segment of
+    /// this device as each of its steps ended (the mean over the window, summed
+    /// over segments). A stage that holds up the pipeline has a queue; one
+    /// that keeps up has none.
+    pub queue: f64,
+}
+
+impl std::fmt::Display for Pace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let units: Vec<String> = self.units.iter().map(|u| format!("{}..{}", u.start, u.end)).collect();
+        write!(
+            f,
+            "{:.2} ms/token on units {} over {} steps, queue depth {:.1} (epoch {})",
+            self.secs_per_token * 1e3,
+            units.join(" and "),
+            self.samples,
+            self.queue,
+            self.epoch
+        )
+    }
 }
 
 /// Decode-step timings since the last report, per local segment.
 #[derive(Default)]
 pub struct PaceWindow {
     epoch: u64,
-    /// Segment index → (its units, seconds, steps).
-    segments: BTreeMap<usize, (Range<usize>, f64, u32)>,
+    /// Segment index → (its units, seconds, steps, steps queued summed over steps).
+    segments: BTreeMap<usize, (Range<usize>, f64, u32, u64)>,
 }
 
 impl PaceWindow {
@@ -88,23 +108,26 @@ impl PaceWindow {
         self.segments.clear();
     }
 
-    pub fn record(&mut self, segment: usize, units: Range<usize>, secs: f64) {
-        let entry = self.segments.entry(segment).or_insert((units, 0.0, 0));
+    /// A decode step of `segment` took `secs`; `queued` steps waited for it as it ended.
+    pub fn record(&mut self, segment: usize, units: Range<usize>, secs: f64, queued: usize) {
+        let entry = self.segments.entry(segment).or_insert((units, 0.0, 0, 0));
         entry.1 += secs;
         entry.2 += 1;
+        entry.3 += queued as u64;
     }
 
     /// The pace so far, once every segment has [`MIN_SAMPLES`] steps; the window then starts over.
     pub fn take(&mut self) -> Option<Pace> {
-        let samples = self.segments.values().map(|(_, _, n)| *n).min()?;
+        let samples = self.segments.values().map(|(_, _, n, _)| *n).min()?;
         if samples < MIN_SAMPLES {
             return None;
         }
         let pace = Pace {
             epoch: self.epoch,
-            units: self.segments.values().map(|(u, _, _)| u.clone()).collect(),
-            secs_per_token: self.segments.values().map(|(_, secs, n)| secs / *n as f64).sum(),
+            units: self.segments.values().map(|(u, _, _, _)| u.clone()).collect(),
+            secs_per_token: self.segments.values().map(|(_, secs, n, _)| secs / *n as f64).sum(),
             samples,
+            queue: self.segments.values().map(|(_, _, n, q)| *q as f64 / *n as f64).sum(),
         };
         self.segments.clear();
         Some(pace)
@@ -120,17 +143,20 @@ mod tests {
         let mut w = PaceWindow::default();
         w.reset(3);
         for _ in 0..MIN_SAMPLES {
-            w.record(0, 0..2, 0.010);
+            w.record(0, 0..2, 0.010, 0);
         }
-        w.record(2, 4..6, 0.030);
+        w.record(2, 4..6, 0.030, 2);
         assert_eq!(w.take(), None, "segment 2 has one step");
         for _ in 1..MIN_SAMPLES {
-            w.record(2, 4..6, 0.030);
+            w.record(2, 4..6, 0.030, 1);
         }
         let pace = w.take().unwrap();
         assert_eq!(pace.epoch, 3);
         assert_eq!(pace.units, vec![0..2, 4..6]);
         assert!((pace.secs_per_token - 0.040).abs() < 1e-12);
+        // Segment 0 never had a queue; segment 2 had 2, then 1 for five steps.
+        assert!((pace.queue - 7.0 / MIN_SAMPLES as f64).abs() < 1e-12, "{}", pace.queue);
+        assert!(pace.to_string().contains("queue depth 1.2"), "{pace}");
         assert_eq!(w.take(), None, "the window starts over");
     }
 

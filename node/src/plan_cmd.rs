@@ -81,6 +81,9 @@ pub fn print_view(view: &PlanView, explain: bool) {
         }
         _ => outln!("plan: none yet: {}", view.problem.as_deref().unwrap_or("waiting for the leader")),
     }
+    if let Some(pace) = &view.pace {
+        outln!("this device runs at {pace}");
+    }
     if let Some(fetch) = &view.fetch {
         outln!("this device: {fetch}");
     }

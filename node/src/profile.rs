@@ -60,12 +60,14 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
         return Ok(DeviceProfile::new(id, name, mem, arithmetic_speed()));
     };
     let model = Model::open(package)?;
+    let (_, package_id) = llnode_models::package::Manifest::read(package)?;
     let timings = llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS)?;
     let cost = CostProfile::of(&model);
     let flops: u64 = cost.units.iter().map(|u| u.flops_per_token).sum();
     let secs: f64 = timings.iter().map(|t| t.decode_s).sum();
     let mut profile = DeviceProfile::new(id, name, mem, flops as f64 / secs.max(1e-9));
     profile.unit_time_s = Some(timings.iter().map(|t| t.decode_s).collect());
+    profile.measured_on = Some(package_id);
     (profile.battery, profile.thermal) = power_state(Path::new(SYS_CLASS));
     Ok(profile)
 }

@@ -53,6 +53,10 @@ pub struct PromptRequest {
     pub ignore_eos: bool,
     /// The package id (or a prefix of it) the asker wants; `None` takes the plan's.
     pub model: Option<String>,
+    /// Privacy mode: the token ids and logits never leave the asking device
+    /// (it runs the first and last units itself).
+    #[serde(default)]
+    pub private: bool,
 }
 
 /// Streamed back to the CLI.
@@ -111,15 +115,11 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         .try_acquire_owned()
         .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
     let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
-    if let Some(wanted) = &request.model
-        && (wanted.is_empty() || !route.model.starts_with(wanted.as_str()))
-    {
-        return Err(format!(
-            "the mesh's plan runs model {}, not {wanted}; start a node with --model <package> of it, or leave out --model",
-            crate::store::short(&route.model)
-        ));
-    }
-    let route = await_stages(initiator.me, &initiator.planning, &initiator.execution, route, &events).await?;
+    // With a plan held, this node has heard which models the members serve.
+    let model = request.model.as_deref().map(|wanted| resolve_model(&initiator.store, wanted)).transpose()?;
+    let private = request.private;
+    let startup = Startup { me: initiator.me, planning: &initiator.planning, execution: &initiator.execution, events: &events, private, model };
+    let route = startup.ready(route).await?;
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
@@ -150,6 +150,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
             session: rand::random(),
             sessions: Vec::new(),
             route,
+            private,
             step: 0,
             past: 0,
             history: Vec::new(),
@@ -186,53 +187,140 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
     result
 }
 
-/// Waits until every other device of `route` has its units loaded for the
-/// route's plan, telling `events` what they are doing meanwhile, and returns
-/// the route to start on: when a device is on a newer plan, this node's
-/// route for it once loaded here. A device that is gone lets the first step
-/// find out (and move to the next plan).
-async fn await_stages(
+/// Whether `route` keeps the token ids and logits on `me`: it runs the
+/// first segment (which reads them) and the last (which makes the logits).
+fn keeps_tokens_on(route: &Route, me: PeerId) -> bool {
+    route.devices.first() == Some(&me) && route.devices.last() == Some(&me)
+}
+
+/// The one package id among those the mesh knows that starts with `wanted`.
+fn resolve_model(store: &crate::store::Store, wanted: &str) -> Result<String, String> {
+    let known = store.known_models();
+    let matching: Vec<&String> = known.iter().filter(|id| !wanted.is_empty() && id.starts_with(wanted)).collect();
+    match matching[..] {
+        [id] => Ok(id.clone()),
+        [] => Err(format!(
+            "no member has model {wanted} (the mesh knows {}); start a node with --model <package> of it, or leave out --model",
+            if known.is_empty() { "none yet".to_string() } else { known.iter().map(|id| crate::store::short(id)).collect::<Vec<_>>().join(", ") }
+        )),
+        _ => Err(format!("{wanted} starts several models' ids; give more of it")),
+    }
+}
+
+/// How a generation gets the route it starts, or goes on, on: from this
+/// node's actors, telling the asker what it waits for.
+struct Startup<'a> {
     me: PeerId,
-    planning: &ActorRef<PlanningMsg>,
-    execution: &ActorRef<ExecutionMsg>,
-    mut route: Route,
-    events: &mpsc::UnboundedSender<PromptEvent>,
-) -> Result<Route, String> {
-    use crate::protocol::Readiness;
-    let started = std::time::Instant::now();
-    let mut shown = String::new();
-    loop {
-        let others: Vec<PeerId> = route.devices.iter().copied().filter(|d| *d != me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let devices = others.clone();
-        let states =
-            call_t!(planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS).map_err(|e| e.to_string())?;
-        if states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch)) {
-            let after = route.epoch;
-            route = call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
-            continue;
+    planning: &'a ActorRef<PlanningMsg>,
+    execution: &'a ActorRef<ExecutionMsg>,
+    events: &'a mpsc::UnboundedSender<PromptEvent>,
+    private: bool,
+    /// The package the prompt asked for (a full id), if it named one.
+    model: Option<String>,
+}
+
+impl Startup<'_> {
+    /// The route to run on, from `route`: of the model asked for, in privacy
+    /// mode one that keeps the tokens here, and only once every stage of it
+    /// is ready.
+    async fn ready(&self, route: Route) -> Result<Route, String> {
+        let route = match &self.model {
+            Some(model) => self.model_route(route, model).await?,
+            None => route,
+        };
+        let route = if self.private { self.private_route(route).await? } else { route };
+        let route = self.await_stages(route).await?;
+        match &self.model {
+            Some(model) if route.model != *model => {
+                Err(format!("the mesh moved on to model {} meanwhile (another member asked for it); ask again", crate::store::short(&route.model)))
+            }
+            _ => Ok(route),
         }
-        let waiting: Vec<String> = states
-            .into_iter()
-            .filter(|d| d.live)
-            .filter_map(|d| match d.said {
-                Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
-                Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
-                Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
-                _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
-            })
-            .collect();
-        if waiting.is_empty() {
+    }
+
+    /// A route of `model`: asks the leader to plan for it if the mesh runs
+    /// another, and waits until this node has loaded such a plan.
+    async fn model_route(&self, mut route: Route, model: &str) -> Result<Route, String> {
+        if route.model == model {
             return Ok(route);
         }
-        let line = waiting.join("; ");
-        if started.elapsed() > Duration::from_millis(ROUTE_WAIT_MS) {
-            return Err(format!("the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more", ROUTE_WAIT_MS / 1000));
+        let short = crate::store::short(model);
+        let _ = self.events.send(PromptEvent::Waiting(format!("the mesh to plan model {short} (it runs {})", crate::store::short(&route.model))));
+        call_t!(self.planning, |reply| PlanningMsg::UseModel { model: model.to_string(), reply }, ROUTE_WAIT_MS)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("model {short}: {e}"))?;
+        let started = std::time::Instant::now();
+        while route.model != model {
+            let after = route.epoch;
+            let left = ROUTE_WAIT_MS.saturating_sub(started.elapsed().as_millis() as u64).max(1);
+            route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, left)
+                .map_err(|_| format!("no plan of model {short} came; `llnode plan` says why"))??;
         }
-        if line != shown {
-            let _ = events.send(PromptEvent::Waiting(line.clone()));
-            shown = line;
+        Ok(route)
+    }
+
+    /// A route for privacy mode: asks the leader for plans that keep the
+    /// first and last units here, and waits until this node has loaded one.
+    async fn private_route(&self, mut route: Route) -> Result<Route, String> {
+        if keeps_tokens_on(&route, self.me) {
+            return Ok(route);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.events.send(PromptEvent::Waiting("a plan that keeps this prompt's tokens on this device (privacy mode)".into()));
+        call_t!(self.planning, PlanningMsg::Private, ROUTE_WAIT_MS)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("privacy mode: {e}; ask without --private, or from a device with memory for the first and last units"))?;
+        let started = std::time::Instant::now();
+        while !keeps_tokens_on(&route, self.me) {
+            let after = route.epoch;
+            let left = ROUTE_WAIT_MS.saturating_sub(started.elapsed().as_millis() as u64).max(1);
+            route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, left)
+                .map_err(|_| "privacy mode: no plan that keeps the tokens on this device came; `llnode plan` says why".to_string())??;
+        }
+        Ok(route)
+    }
+
+    /// Waits until every other device of `route` has its units loaded for
+    /// the route's plan, telling the asker what they are doing meanwhile, and
+    /// returns the route to start on: when a device is on a newer plan, this
+    /// node's route for it once loaded here. A device that is gone lets the
+    /// first step find out (and move to the next plan).
+    async fn await_stages(&self, mut route: Route) -> Result<Route, String> {
+        use crate::protocol::Readiness;
+        let started = std::time::Instant::now();
+        let mut shown = String::new();
+        loop {
+            let devices: Vec<PeerId> =
+                route.devices.iter().copied().filter(|d| *d != self.me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let states = call_t!(self.planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS)
+                .map_err(|e| e.to_string())?;
+            if states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch)) {
+                let after = route.epoch;
+                route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+                continue;
+            }
+            let waiting: Vec<String> = states
+                .into_iter()
+                .filter(|d| d.live)
+                .filter_map(|d| match d.said {
+                    Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
+                    Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
+                    Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
+                    _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
+                })
+                .collect();
+            if waiting.is_empty() {
+                return Ok(route);
+            }
+            let line = waiting.join("; ");
+            if started.elapsed() > Duration::from_millis(ROUTE_WAIT_MS) {
+                return Err(format!("the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more", ROUTE_WAIT_MS / 1000));
+            }
+            if line != shown {
+                let _ = self.events.send(PromptEvent::Waiting(line.clone()));
+                shown = line;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -249,6 +337,8 @@ struct MeshForward {
     session: u64,
     sessions: Vec<(u64, Vec<PeerId>)>,
     route: Route,
+    /// Privacy mode: token ids go to no other device, and every route keeps them here.
+    private: bool,
     /// The last step number used in `session`.
     step: u64,
     past: usize,
@@ -354,6 +444,9 @@ impl MeshForward {
                 value,
             };
             let device = self.route.devices[s];
+            if self.private && device != self.me && t.tensor == "input_ids" {
+                return Err(failed(format!("privacy mode: the plan would send the token ids to {device}; nothing was sent")));
+            }
             if device == self.me {
                 self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| failed(e.to_string()))?;
             } else {
@@ -381,10 +474,16 @@ impl MeshForward {
             .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
             .map_err(|e| StepFail::Failed(format!("{why}, and no new plan came: {e}")))?
             .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
-        let route = self
-            .handle
-            .block_on(await_stages(self.me, &self.planning, &self.execution, route, &self.events))
-            .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        // In privacy mode the plan may have to be asked for again: a new leader does not know.
+        if route.model != self.route.model {
+            return Err(StepFail::Failed(format!(
+                "{why}, and the mesh now runs model {} (another member asked for it); ask again",
+                crate::store::short(&route.model)
+            )));
+        }
+        let startup =
+            Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None };
+        let route = self.handle.block_on(startup.ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
         self.route = route;
         self.session = rand::random();
         self.sessions.push((self.session, self.route.devices.clone()));
@@ -418,6 +517,7 @@ pub fn cli(
     data_dir: &std::path::Path,
     args: &crate::cli::GenerationArgs,
     model: Option<String>,
+    private: bool,
     report: Report,
     prompt: String,
 ) -> anyhow::Result<()> {
@@ -430,6 +530,7 @@ pub fn cli(
         chat: args.chat,
         ignore_eos: args.ignore_eos,
         model,
+        private,
     };
     let rt = crate::runtime()?;
     rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {

@@ -36,6 +36,14 @@ pub enum NodeMessage {
     /// Where the sender stands with plan `epoch`: initiators wait for every
     /// stage to be ready before the first step, and show what they wait for.
     Readiness { epoch: u64, state: Readiness },
+    /// Asks the leader for plans that keep the first and last units (token ids
+    /// in, logits out) on the sender: privacy mode. Answered once such a plan
+    /// is published, or refused with the reason.
+    Private,
+    /// Asks the leader to plan for this package (one a member holds) instead
+    /// of the one it plans for; answered once such a plan is published, or
+    /// refused with the reason.
+    UseModel { model: String },
 }
 
 /// A device's progress with the units a plan gives it.
@@ -71,6 +79,9 @@ pub struct PlanDoc {
     pub plan: Plan,
     /// Unix seconds.
     pub issued_at: u64,
+    /// The device the plan keeps the first and last units on (privacy mode), if any.
+    #[serde(default)]
+    pub private: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,7 +127,7 @@ mod tests {
             excluded: Vec::new(),
             method: Method::Baseline { name: "test".into() },
         };
-        PlanDoc { epoch, term: 1, leader: leader.peer_id().to_base58(), model: "m".into(), plan, issued_at: 0 }
+        PlanDoc { epoch, term: 1, leader: leader.peer_id().to_base58(), model: "m".into(), plan, issued_at: 0, private: None }
     }
 
     #[test]

@@ -77,7 +77,10 @@ impl Store {
             let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
             let started = Instant::now();
             for (name, entry) in &manifest.files {
-                store.index(&dir.join(name), entry).map_err(anyhow::Error::msg).context("run `llnode model verify` on it, or import the model again")?;
+                store
+                    .index(&dir.join(name), entry)
+                    .map_err(anyhow::Error::msg)
+                    .context("run `llnode model verify` on it, or import the model again")?;
                 store.verified.lock().expect("store lock").insert((id.clone(), name.clone()));
             }
             tracing::info!("checked package {} ({:.1} MiB) in {:.2} s", short(&id), mib(bytes), started.elapsed().as_secs_f64());
@@ -148,6 +151,13 @@ impl Store {
         for peers in self.holders.lock().expect("store lock").values_mut() {
             peers.remove(&peer);
         }
+    }
+
+    /// Every package this node or a member it knows of can serve.
+    pub fn known_models(&self) -> BTreeSet<String> {
+        let mut ids: BTreeSet<String> = self.models().into_iter().collect();
+        ids.extend(self.holders.lock().expect("store lock").iter().filter(|(_, peers)| !peers.is_empty()).map(|(id, _)| id.clone()));
+        ids
     }
 
     fn holders_of(&self, model: &str) -> Vec<PeerId> {
@@ -330,7 +340,14 @@ impl Store {
         Err(last)
     }
 
-    async fn fetch_file<R, F>(self: &Arc<Self>, model: &str, file: &str, entry: &FileEntry, request: &R, progress: &mut Progress) -> Result<(), String>
+    async fn fetch_file<R, F>(
+        self: &Arc<Self>,
+        model: &str,
+        file: &str,
+        entry: &FileEntry,
+        request: &R,
+        progress: &mut Progress,
+    ) -> Result<(), String>
     where
         R: Fn(PeerId, NodeMessage) -> F,
         F: Future<Output = Result<Vec<u8>, String>>,
@@ -380,10 +397,7 @@ impl Store {
             }
             let bytes = bytes.ok_or_else(|| format!("no member could send {file} of model {} (last: {last})", short(model)))?;
             let write = io(&part);
-            out = tokio::task::spawn_blocking(move || out.write_all(&bytes).map(|()| out))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(write)?;
+            out = tokio::task::spawn_blocking(move || out.write_all(&bytes).map(|()| out)).await.map_err(|e| e.to_string())?.map_err(write)?;
             offset += len;
             if let Some(line) = progress.advance(len) {
                 tracing::info!("{line}");
@@ -407,9 +421,7 @@ const CORRUPT: &str = "slice failed verification";
 /// Checks a slice against the file's hash; returns its content bytes.
 fn open_slice(slice: &[u8], hash: &blake3::Hash, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let mut content = Vec::with_capacity(len as usize);
-    bao::decode::SliceDecoder::new(slice, hash, offset, len)
-        .read_to_end(&mut content)
-        .map_err(|e| format!("{CORRUPT}: {e}"))?;
+    bao::decode::SliceDecoder::new(slice, hash, offset, len).read_to_end(&mut content).map_err(|e| format!("{CORRUPT}: {e}"))?;
     if content.len() as u64 != len {
         return Err(format!("{CORRUPT}: {} bytes instead of {len}", content.len()));
     }

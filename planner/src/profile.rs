@@ -77,6 +77,10 @@ pub struct DeviceProfile {
     /// Measured seconds per decoded token for each unit of the model, in
     /// unit order, when the device has profiled it.
     pub unit_time_s: Option<Vec<f64>>,
+    /// The model `unit_time_s` was measured on (an opaque id, such as a
+    /// package hash): a planner of another model leaves those times out.
+    #[serde(default)]
+    pub measured_on: Option<String>,
     /// Estimated arithmetic throughput, used for units without a measurement.
     pub flops_per_s: f64,
     /// Links to peers, by peer id. A link missing here is taken from the
@@ -94,6 +98,7 @@ impl DeviceProfile {
             name: name.to_string(),
             mem_bytes,
             unit_time_s: None,
+            measured_on: None,
             flops_per_s,
             links: BTreeMap::new(),
             battery: None,

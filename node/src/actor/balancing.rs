@@ -61,7 +61,7 @@ impl Actor for BalancingActor {
             BalancingMsg::Tick => {
                 let args = &state.args;
                 let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else { return Ok(()) };
-                let asked = call_t!(args.planning, |reply| PlanningMsg::Expected { units: pace.units.clone(), reply }, CALL_TIMEOUT_MS);
+                let asked = call_t!(args.planning, |reply| PlanningMsg::Expected { pace: pace.clone(), reply }, CALL_TIMEOUT_MS);
                 let Ok(Some(expected)) = asked else { return Ok(()) };
                 let ratio = pace.secs_per_token / expected;
                 let drift = if ratio >= args.threshold {

@@ -333,7 +333,8 @@ impl Actor for ExecutionActor {
                     && result.is_ok()
                     && let Some(stage) = state.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
                 {
-                    state.pace.record(segment, stage.units.clone(), secs);
+                    let queued = state.queued(segment);
+                    state.pace.record(segment, stage.units.clone(), secs, queued);
                 }
                 match result {
                     Ok(outputs) => state.forward(session, initiator, segment, step, tokens, outputs, &myself),
@@ -591,6 +592,20 @@ impl ExecutionState {
             self.try_run(d.session, s, d.step, myself);
         }
         Ok(())
+    }
+
+    /// Steps, over all sessions, whose inputs for segment `s` are all in and
+    /// that wait for it: its queue depth.
+    fn queued(&self, s: usize) -> usize {
+        let Some(ready) = self.current.as_ref().and_then(Current::ready) else {
+            return 0;
+        };
+        let needed: Vec<&str> = ready.map.inputs_of(s).map(|t| t.tensor.as_str()).collect();
+        self.sessions
+            .values()
+            .flat_map(|sess| sess.inbox.iter())
+            .filter(|((seg, _), (_, acts))| *seg == s && needed.iter().all(|n| acts.contains_key(*n)))
+            .count()
     }
 
     /// Runs segment `s` for `step` once all its inputs are in, every earlier

@@ -100,10 +100,11 @@ pub enum PlanningMsg {
     },
     /// Announce the models this device can serve, if they changed.
     Tick,
-    /// The balancer asks what this device's profile promises for `units`
-    /// (seconds per token), if they are its share of the held plan.
+    /// The balancer measured `pace` and asks what this device's profile
+    /// promises for its units (seconds per token), if they are its share of
+    /// the held plan.
     Expected {
-        units: Vec<std::ops::Range<usize>>,
+        pace: crate::pace::Pace,
         reply: RpcReplyPort<Option<f64>>,
     },
     /// The balancer measured this device `ratio` times slower than `expected`.
@@ -119,6 +120,15 @@ pub enum PlanningMsg {
     Show(RpcReplyPort<PlanView>),
     /// The execution actor's readiness changed.
     OwnReadiness(u64, Readiness),
+    /// A prompt here wants privacy mode: ask the leader for plans that keep
+    /// the first and last units on this device; answered once one is published.
+    Private(RpcReplyPort<Result<(), String>>),
+    /// A prompt here wants this model (a full package id): ask the leader to
+    /// plan for it; answered once such a plan is published.
+    UseModel {
+        model: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// What these devices last said of their readiness (for an initiator).
     ReadinessOf {
         devices: Vec<PeerId>,
@@ -142,6 +152,9 @@ pub struct PlanView {
     pub history: Vec<String>,
     /// This device's model fetch, in progress or last done.
     pub fetch: Option<String>,
+    /// This device's last measured pace on its share of the plan.
+    #[serde(default)]
+    pub pace: Option<String>,
     /// Activations this device sent, by member peer id.
     #[serde(default)]
     pub sent: BTreeMap<String, crate::traffic::Sent>,
@@ -174,6 +187,28 @@ pub struct PlanningState {
     reasons: Vec<String>,
     /// What each member (and this device) last said of its readiness, by peer id.
     readiness: HashMap<String, (u64, Readiness)>,
+    /// Leader: the member whose prompts run in privacy mode (plans keep the
+    /// first and last units on it), until it leaves or another asks.
+    private: Option<String>,
+    /// This device's last measured pace (from the balancer), for `llnode plan`.
+    pace: Option<crate::pace::Pace>,
+    /// Leader: who asked for privacy and waits for the plan that gives it.
+    private_waiters: Vec<Waiter>,
+    /// The model a member asked for (leader), or the held plan runs, while
+    /// its manifest is fetched: planning moves to it once it comes.
+    wanted_model: Option<String>,
+    /// Leader: who asked for which model and waits for a plan of it.
+    model_waiters: Vec<(String, Waiter)>,
+    /// Leader: the model planned for before a member asked for another, to
+    /// go back to if the other cannot be planned.
+    previous_model: Option<(String, ModelCost)>,
+}
+
+/// An ask for privacy mode or another model, answered when the plan is
+/// published or cannot be.
+enum Waiter {
+    Local(RpcReplyPort<Result<(), String>>),
+    Remote(llnode_mesh::event::InboundId),
 }
 
 impl Actor for PlanningActor {
@@ -203,6 +238,12 @@ impl Actor for PlanningActor {
             announced,
             reasons: Vec::new(),
             readiness: HashMap::new(),
+            private: None,
+            pace: None,
+            private_waiters: Vec::new(),
+            wanted_model: None,
+            model_waiters: Vec::new(),
+            previous_model: None,
         })
     }
 
@@ -252,11 +293,21 @@ impl Actor for PlanningActor {
                     let name = state.name_of(&peer.to_base58());
                     state.profiles.remove(&peer.to_base58());
                     state.readiness.remove(&peer.to_base58());
+                    if state.private.as_deref() == Some(peer.to_base58().as_str()) {
+                        state.private = None;
+                    }
                     // After the election: the device that left may have led.
                     state.membership_changed();
                     state.reason(format!("{name} left"));
                     state.changed(&myself);
                 }
+            }
+            // Answered when the plan that gives it is published (`answer_private`).
+            PlanningMsg::Inbound { peer, id, message: NodeMessage::Private } if state.election.is_leader() => {
+                state.want_private(peer.to_base58(), Waiter::Remote(id), &myself);
+            }
+            PlanningMsg::Inbound { id, message: NodeMessage::UseModel { model }, .. } if state.election.is_leader() => {
+                state.want_model(model, Waiter::Remote(id), &myself);
             }
             PlanningMsg::Inbound { peer, id, message } => {
                 let answer = state.inbound(peer, message, &myself);
@@ -335,7 +386,7 @@ impl Actor for PlanningActor {
                 if generation != state.generation {
                     state.changed(&myself); // things moved while solving: solve again
                 } else {
-                    state.publish(result, held_now);
+                    state.publish(result, held_now, &myself);
                 }
             }
             PlanningMsg::Tick => {
@@ -350,12 +401,27 @@ impl Actor for PlanningActor {
                     state.announced = models;
                 }
             }
-            PlanningMsg::Expected { units, reply } => {
-                let _ = reply.send(state.expected(&units));
+            PlanningMsg::Expected { pace, reply } => {
+                let _ = reply.send(state.expected(&pace.units));
+                state.pace = Some(pace);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
             PlanningMsg::Note(line) => state.note(line),
             PlanningMsg::OwnReadiness(epoch, said) => state.tell_readiness(epoch, said),
+            PlanningMsg::Private(reply) => match state.leader() {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(None) => state.want_private(state.me.clone(), Waiter::Local(reply), &myself),
+                Ok(Some(leader)) => state.ask_leader(leader, NodeMessage::Private, reply),
+            },
+            PlanningMsg::UseModel { model, reply } => match state.leader() {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(None) => state.want_model(model, Waiter::Local(reply), &myself),
+                Ok(Some(leader)) => state.ask_leader(leader, NodeMessage::UseModel { model }, reply),
+            },
             PlanningMsg::ReadinessOf { devices, reply } => {
                 let answer = devices
                     .iter()
@@ -380,13 +446,22 @@ impl Actor for PlanningActor {
             PlanningMsg::ModelLearnt(result) => {
                 state.learning = false;
                 match result {
-                    Ok((id, cost)) if state.args.model.is_none() => {
+                    Ok((id, cost)) if state.args.model.is_none() || state.wanted_model.as_ref() == Some(&id) => {
                         state.note(format!("learnt model {} from a member", short(&id)));
+                        state.wanted_model = None;
+                        if state.args.model.as_ref().is_some_and(|(held, _)| *held != id) {
+                            state.previous_model = state.args.model.take();
+                        }
                         state.args.model = Some((id, cost));
                         state.changed(&myself);
                     }
                     Ok(_) => {}
-                    Err(e) => state.note(format!("cannot learn a member's model: {e}")),
+                    Err(e) => {
+                        state.note(format!("cannot learn a member's model: {e}"));
+                        if let Some(id) = state.wanted_model.take() {
+                            state.answer_model(&id, Err(format!("cannot get the manifest of model {}: {e}", short(&id))));
+                        }
+                    }
                 }
             }
             PlanningMsg::Show(reply) => {
@@ -403,9 +478,9 @@ impl PlanningState {
     /// Seconds per token this device's profile promises for `units`, if they
     /// are its share of the held plan.
     fn expected(&self, units: &[std::ops::Range<usize>]) -> Option<f64> {
-        let (_, cost) = self.args.model.as_ref()?;
-        let (_, held) = self.held.as_ref()?;
-        let profile = self.profiles.get(&self.me)?;
+        let (model, cost) = self.args.model.as_ref()?;
+        let (_, held) = self.held.as_ref().filter(|(_, d)| d.model == *model)?;
+        let profile = for_model(self.profiles.get(&self.me)?, model);
         let mine: Vec<std::ops::Range<usize>> = held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
         if units != mine {
             return None; // measured on an assignment no longer held
@@ -420,9 +495,10 @@ impl PlanningState {
         let Some(mut profile) = self.profiles.get(&self.me).cloned() else { return };
         profile.slow_down(ratio);
         self.note(format!(
-            "this device ran its units in {:.2} ms/token over {} tokens, {ratio:.2}× its profile's {:.2} ms; re-profiled",
+            "this device ran its units in {:.2} ms/token over {} tokens (queue depth {:.1}), {ratio:.2}× its profile's {:.2} ms; re-profiled",
             pace.secs_per_token * 1e3,
             pace.samples,
+            pace.queue,
             expected * 1e3
         ));
         self.profiles.insert(self.me.clone(), profile.clone());
@@ -454,6 +530,82 @@ impl PlanningState {
                 tracing::debug!(%peer, "planning message not delivered: {e}");
             }
         });
+    }
+
+    /// Who leads: `None` when this node does, an error when nobody does yet.
+    fn leader(&self) -> Result<Option<PeerId>, String> {
+        match self.election.current() {
+            None => Err("the mesh has no leader yet; retry in a moment".into()),
+            Some(l) if l.leader == self.me => Ok(None),
+            Some(l) => l.leader.parse().map(Some).map_err(|_| "the leader's id is not a peer id".to_string()),
+        }
+    }
+
+    /// Sends the leader an ask it answers once the plan it wants is out.
+    fn ask_leader(&self, leader: PeerId, message: NodeMessage, reply: RpcReplyPort<Result<(), String>>) {
+        let client = self.args.client.clone();
+        tokio::spawn(async move {
+            let answer = match client.request(leader, ControlRequest::Node(message.encode())).await {
+                Ok(ControlResponse::Ack) => Ok(()),
+                Ok(ControlResponse::Refused { reason }) => Err(reason),
+                Ok(other) => Err(format!("the leader answered {other:?}")),
+                Err(e) => Err(format!("the leader did not answer: {e}")),
+            };
+            let _ = reply.send(answer);
+        });
+    }
+
+    /// A member wants plans of `model`: plan for it (fetching its manifest
+    /// first), and answer `waiter` when such a plan is out.
+    fn want_model(&mut self, model: String, waiter: Waiter, myself: &ActorRef<PlanningMsg>) {
+        let runs = self.held.as_ref().is_some_and(|(_, d)| d.model == model);
+        if runs && self.args.model.as_ref().is_some_and(|(id, _)| *id == model) {
+            answer(&self.args.client, waiter, Ok(()));
+            return;
+        }
+        self.model_waiters.push((model.clone(), waiter));
+        self.reason(format!("a member asked for model {}", short(&model)));
+        if self.args.model.as_ref().is_some_and(|(id, _)| *id == model) {
+            self.changed(myself);
+        } else if self.wanted_model.as_ref() != Some(&model) || !self.learning {
+            self.wanted_model = Some(model.clone());
+            self.learn(model, myself);
+        }
+    }
+
+    /// Tells those waiting for plans of `model` how it went.
+    fn answer_model(&mut self, model: &str, result: Result<(), String>) {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.model_waiters).into_iter().partition(|(m, _)| m == model);
+        self.model_waiters = later;
+        for (_, waiter) in now {
+            answer(&self.args.client, waiter, result.clone());
+        }
+    }
+
+    /// `device` wants privacy mode: plan again keeping the first and last
+    /// units on it, and answer `waiter` when that plan is out.
+    fn want_private(&mut self, device: String, waiter: Waiter, myself: &ActorRef<PlanningMsg>) {
+        if self.private.as_ref().is_some_and(|held| *held != device) {
+            let name = self.name_of(&device);
+            self.reason(format!("{name} asked for privacy mode"));
+        }
+        self.private = Some(device);
+        self.private_waiters.push(waiter);
+        self.changed(myself);
+    }
+
+    /// Tells those waiting for privacy mode how it went.
+    fn answer_private(&mut self, result: Result<(), String>) {
+        for waiter in self.private_waiters.drain(..) {
+            answer(&self.args.client, waiter, result.clone());
+        }
+    }
+
+    /// Tells everyone waiting for a plan that one is out (`model`'s).
+    fn answer_published(&mut self, model: &str) {
+        self.answer_private(Ok(()));
+        self.answer_model(model, Ok(()));
+        self.previous_model = None;
     }
 
     /// Records this device's readiness and tells the members when it changed; a
@@ -530,7 +682,7 @@ impl PlanningState {
                 self.changed(myself);
                 Ok(())
             }
-            NodeMessage::Plan(signed) => self.receive_plan(&peer, signed),
+            NodeMessage::Plan(signed) => self.receive_plan(&peer, signed, myself),
             NodeMessage::EndSession { session } => {
                 let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
                 Ok(())
@@ -545,6 +697,7 @@ impl PlanningState {
                 Ok(())
             }
             NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
+            NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
             NodeMessage::Readiness { epoch, state } => {
                 let id = peer.to_base58();
                 if self.readiness.get(&id).is_none_or(|(held, _)| *held <= epoch) {
@@ -582,7 +735,7 @@ impl PlanningState {
         });
     }
 
-    fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan) -> Result<(), String> {
+    fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
         let doc = signed.open()?;
         let signer_live = doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
         if !signer_live {
@@ -594,6 +747,11 @@ impl PlanningState {
             }
         }
         self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
+        // Should this node lead later, it plans the model the mesh runs.
+        if self.args.model.as_ref().is_some_and(|(id, _)| *id != doc.model) && self.wanted_model.as_ref() != Some(&doc.model) {
+            self.wanted_model = Some(doc.model.clone());
+            self.learn(doc.model.clone(), myself);
+        }
         let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
         self.held = Some((signed, doc));
         self.problem = None;
@@ -621,13 +779,14 @@ impl PlanningState {
             }
         }
         self.waiting_since = None;
-        let devices: Vec<DeviceProfile> = live.iter().filter_map(|id| self.profiles.get(id).cloned()).collect();
+        let devices: Vec<DeviceProfile> = live.iter().filter_map(|id| self.profiles.get(id)).map(|p| for_model(p, &model_id)).collect();
         let config = Config {
             objective: self.args.objective,
             context_tokens: 1024,
             // Pairs that have not measured each other: a Wi-Fi-like link.
             assumed_link: Some(Link { bandwidth_bytes_per_s: 20e6, rtt_s: 0.005 }),
             time_limit: Duration::from_secs(5),
+            privacy: self.private.clone().filter(|id| live.contains(id)),
             ..Config::default()
         };
         self.solving = true;
@@ -646,7 +805,7 @@ impl PlanningState {
         });
     }
 
-    fn publish(&mut self, result: Result<Plan, PlanError>, held_now: Option<f64>) {
+    fn publish(&mut self, result: Result<Plan, PlanError>, held_now: Option<f64>, myself: &ActorRef<PlanningMsg>) {
         if !self.election.is_leader() {
             return;
         }
@@ -654,6 +813,25 @@ impl PlanningState {
         let reasons = std::mem::take(&mut self.reasons);
         let plan = match result {
             Ok(plan) => plan,
+            // Privacy mode cannot be had: say so to whoever asked, and plan as before.
+            Err(e) if self.private.is_some() => {
+                let name = self.private.take().map(|id| self.name_of(&id)).unwrap_or_default();
+                self.note(format!("no plan keeps the first and last units on {name}: {e}"));
+                self.answer_private(Err(format!("no plan keeps the first and last units on {name}: {e}")));
+                self.reasons = reasons;
+                self.changed(myself);
+                return;
+            }
+            // Neither can the model a member asked for: back to the one before.
+            Err(e) if self.previous_model.is_some() => {
+                let wanted = self.args.model.take().map(|(id, _)| id).unwrap_or_default();
+                self.args.model = self.previous_model.take();
+                self.note(format!("cannot plan model {}: {e}; planning the model before it again", short(&wanted)));
+                self.answer_model(&wanted, Err(format!("the mesh cannot run model {}: {e}", short(&wanted))));
+                self.reasons = reasons;
+                self.changed(myself);
+                return;
+            }
             Err(e) => {
                 self.note(format!("no plan: {e}"));
                 let reason = e.to_string();
@@ -671,7 +849,14 @@ impl PlanningState {
         if let Some((_, held)) = &self.held {
             // The same assignment under the same leadership is not worth a new epoch:
             // sessions running on it would have to start over.
-            if held.leader == self.me && held.term == term && same_assignment(&held.plan, &plan) && held.plan.objective == plan.objective {
+            let same_privacy = held.private == self.private && held.model == model;
+            if held.leader == self.me
+                && held.term == term
+                && same_assignment(&held.plan, &plan)
+                && held.plan.objective == plan.objective
+                && same_privacy
+            {
+                self.answer_published(&model);
                 return;
             }
             // With the same devices live and the same objective, move work only for a
@@ -682,10 +867,12 @@ impl PlanningState {
             if held.leader == self.me
                 && held.term == term
                 && held.plan.objective == plan.objective
+                && same_privacy
                 && all_live
                 && self.members.len() + 1 == self.planned_for
                 && held_now.is_some_and(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
             {
+                self.answer_published(&model);
                 return;
             }
         }
@@ -699,13 +886,22 @@ impl PlanningState {
             }
         }
         self.planned_for = self.members.len() + 1;
-        let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now() };
+        let private = self.private.clone();
+        let held_model = model.clone();
+        let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now(), private };
         let signed = SignedPlan::sign(&doc, &self.args.key);
-        self.note(format!("epoch {epoch}: published a plan with {} stages, {:.2} ms/token", doc.plan.stages.len(), doc.plan.latency_s * 1e3));
+        let privacy =
+            doc.private.as_ref().map_or(String::new(), |id| format!(", keeping the first and last units on {} (privacy mode)", self.name_of(id)));
+        self.note(format!(
+            "epoch {epoch}: published a plan with {} stages, {:.2} ms/token{privacy}",
+            doc.plan.stages.len(),
+            doc.plan.latency_s * 1e3
+        ));
         let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
         self.held = Some((signed.clone(), doc));
         self.problem = None;
         self.broadcast(NodeMessage::Plan(signed));
+        self.answer_published(&held_model);
     }
 
     fn view(&self) -> PlanView {
@@ -721,6 +917,7 @@ impl PlanningState {
             problem: self.problem.clone(),
             history: self.history.clone(),
             fetch: self.args.store.status(),
+            pace: self.pace.as_ref().map(|p| p.to_string()),
             sent: self.args.traffic.snapshot(),
         }
     }
@@ -777,6 +974,32 @@ fn moves(old: &Plan, new: &Plan) -> Vec<String> {
 }
 
 /// Same devices running the same units, in the same order.
+/// `profile` for planning `model`: unit times measured on another model are
+/// left out (its speed estimate stays).
+fn for_model(profile: &DeviceProfile, model: &str) -> DeviceProfile {
+    let mut profile = profile.clone();
+    if profile.measured_on.as_deref() != Some(model) {
+        profile.unit_time_s = None;
+    }
+    profile
+}
+
+/// Answers an ask for privacy mode or another model.
+fn answer(client: &MeshClient, waiter: Waiter, result: Result<(), String>) {
+    match waiter {
+        Waiter::Local(reply) => {
+            let _ = reply.send(result);
+        }
+        Waiter::Remote(id) => client.respond(
+            id,
+            match result {
+                Ok(()) => ControlResponse::Ack,
+                Err(reason) => ControlResponse::Refused { reason },
+            },
+        ),
+    }
+}
+
 pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
     a.stages.len() == b.stages.len() && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
 }
