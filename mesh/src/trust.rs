@@ -5,7 +5,7 @@
 //! `revocations.cbor`, each written atomically.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use libp2p::PeerId;
 
@@ -107,10 +107,10 @@ impl Trust {
     /// is valid now, and belongs to the mesh this device is in (if any).
     pub fn install(&mut self, signed: SignedCertificate, me: &PeerId) -> Result<(), TrustError> {
         let cert = signed.open().map_err(|_| TrustError::Invalid(Refusal::BadSignature))?;
-        if let Some(ours) = self.mesh {
-            if ours != cert.mesh {
-                return Err(TrustError::OtherMesh { ours, theirs: cert.mesh });
-            }
+        if let Some(ours) = self.mesh
+            && ours != cert.mesh
+        {
+            return Err(TrustError::OtherMesh { ours, theirs: cert.mesh });
         }
         self.mesh = Some(cert.mesh);
         self.check(me, Some(&signed), now()).map_err(|r| match r {
@@ -159,7 +159,7 @@ impl Trust {
     }
 }
 
-fn read(path: &PathBuf) -> Result<Option<Vec<u8>>, TrustError> {
+fn read(path: &Path) -> Result<Option<Vec<u8>>, TrustError> {
     file::read_optional(path).map_err(|source| TrustError::Io { path: path.display().to_string(), source })
 }
 

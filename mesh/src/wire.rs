@@ -270,12 +270,12 @@ where
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Frame<Req>) -> io::Result<()> {
         write_frame(io, &req, self.limit).await?;
-        Ok(io.close().await?)
+        io.close().await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, resp: Frame<Resp>) -> io::Result<()> {
         write_frame(io, &resp, self.limit).await?;
-        Ok(io.close().await?)
+        io.close().await
     }
 }
 
@@ -298,11 +298,11 @@ impl libp2p::request_response::Codec for TensorCodec {
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Frame<Tensor>) -> io::Result<()> {
         write_tensor(io, req.id, &req.body).await?;
-        Ok(io.close().await?)
+        io.close().await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, resp: Frame<TensorAck>) -> io::Result<()> {
         write_frame(io, &resp, GATE_LIMIT).await?;
-        Ok(io.close().await?)
+        io.close().await
     }
 }

@@ -58,8 +58,7 @@ fn main() {
         // Identical devices usually split the model evenly: the first run
         // waits for that plan, the second for the first run's.
         let first = shares.first().copied();
-        let (mut mesh, slowed, share) =
-            mesh_throttling(&package, extra, label, |share| first.map_or(2 * share.0 == share.1, |first| first == share));
+        let (mut mesh, slowed, share) = mesh_throttling(&package, extra, label, |share| first.map_or(2 * share.0 == share.1, |first| first == share));
         shares.push(share);
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
             ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
@@ -79,10 +78,7 @@ fn main() {
         let resumed: Vec<&str> =
             out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).map(|l| l.trim_start_matches("llnode: ")).collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
-        assert!(
-            !extra.is_empty() || moved > 0,
-            "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again"
-        );
+        assert!(!extra.is_empty() || moved > 0, "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again");
         runs.push(Run { label, token_ms, throttled_at });
     }
 
@@ -123,7 +119,7 @@ fn main() {
     let token_ms = timings(&out.stderr);
     let next = token_ms.iter().find(|t| **t >= killed_ms).map_or(f64::NAN, |t| t - killed_ms);
     // The last move is the kill's (an earlier one may be the balancer's).
-    let resumed = out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).last().unwrap_or("(no move reported)");
+    let resumed = out.stderr.lines().rfind(|l| l.contains("resumed on plan epoch")).unwrap_or("(no move reported)");
     println!("kill -9 of a stage halfway: next token {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
     mesh.nodes.truncate(0);
 

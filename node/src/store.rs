@@ -522,7 +522,7 @@ mod tests {
     async fn fetches_only_the_files_asked_for_verifies_resumes_and_refetches_corrupt_slices() {
         let root = tempfile::tempdir().unwrap();
         let (package, id) = package(root.path());
-        let source = Store::open(&root.path().join("source"), &[package.clone()]).unwrap();
+        let source = Store::open(&root.path().join("source"), std::slice::from_ref(&package)).unwrap();
         let mut fetcher = Store::open(&root.path().join("fetcher"), &[]).unwrap();
         fetcher.slice_bytes = 16 << 10;
         let fetcher = Arc::new(fetcher);
@@ -548,7 +548,7 @@ mod tests {
         assert!(!dir.join(&weights).exists());
         let part = dir.join(".partial").join(weights.replace('/', "%"));
         let kept = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-        assert!(kept > 0 && kept % fetcher.slice_bytes == 0, "verified slices are kept: {kept}");
+        assert!(kept > 0 && kept.is_multiple_of(fetcher.slice_bytes), "verified slices are kept: {kept}");
 
         // Resumed: asks only for what is missing. A second member's copy is
         // corrupted in one slice; that slice is fetched again from the first.
@@ -559,11 +559,11 @@ mod tests {
                 asked.lock().unwrap().push((file.clone(), *offset));
             }
             let mut answer = serve(&source, message);
-            if peer == bad {
-                if let Ok(slice) = &mut answer {
-                    let last = slice.len() - 1;
-                    slice[last] ^= 1;
-                }
+            if peer == bad
+                && let Ok(slice) = &mut answer
+            {
+                let last = slice.len() - 1;
+                slice[last] ^= 1;
             }
             async move { answer }
         };
@@ -596,11 +596,11 @@ mod tests {
         only_bad.set_holder(bad, std::slice::from_ref(&id));
         let corrupt = |_, message| {
             let mut answer = serve(&source, message);
-            if let Ok(slice) = &mut answer {
-                if slice.len() > 64 * 1024 {
-                    let last = slice.len() - 1;
-                    slice[last] ^= 1;
-                }
+            if let Ok(slice) = &mut answer
+                && slice.len() > 64 * 1024
+            {
+                let last = slice.len() - 1;
+                slice[last] ^= 1;
             }
             async move { answer }
         };
@@ -612,7 +612,7 @@ mod tests {
     fn a_source_refuses_files_it_does_not_list_and_a_damaged_package() {
         let root = tempfile::tempdir().unwrap();
         let (package, id) = package(root.path());
-        let source = Store::open(&root.path().join("source"), &[package.clone()]).unwrap();
+        let source = Store::open(&root.path().join("source"), std::slice::from_ref(&package)).unwrap();
         assert!(source.serve(&id, "../../etc/passwd", 0, 10).unwrap_err().contains("not a file"));
         assert!(source.serve(&"0".repeat(64), "manifest.json", 0, 0).unwrap_err().contains("does not have"));
         assert_eq!(blake3::hash(&source.serve(&id, MANIFEST, 0, 0).unwrap()).to_hex().as_str(), id);

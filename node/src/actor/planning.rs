@@ -252,10 +252,10 @@ impl Actor for PlanningActor {
         tokio::spawn(async move {
             while readiness.changed().await.is_ok() {
                 let said = readiness.borrow_and_update().clone();
-                if let Some((epoch, state)) = said {
-                    if to.cast(PlanningMsg::OwnReadiness(epoch, state)).is_err() {
-                        break;
-                    }
+                if let Some((epoch, state)) = said
+                    && to.cast(PlanningMsg::OwnReadiness(epoch, state)).is_err()
+                {
+                    break;
                 }
             }
         });
@@ -357,17 +357,15 @@ impl Actor for PlanningActor {
                     });
                 state.links.extend(links);
                 state.links.retain(|peer, _| state.members.iter().any(|m| m.to_base58() == *peer));
-                if changed {
-                    if let Some(mut profile) = state.profiles.get(&state.me).cloned() {
-                        if power {
-                            state.note(format!("this device's power state: {}", power_text(battery, thermal)));
-                            (profile.battery, profile.thermal) = (battery, thermal);
-                        }
-                        profile.links = state.links.clone();
-                        state.profiles.insert(state.me.clone(), profile.clone());
-                        state.broadcast(NodeMessage::Profile(profile));
-                        state.changed(&myself);
+                if changed && let Some(mut profile) = state.profiles.get(&state.me).cloned() {
+                    if power {
+                        state.note(format!("this device's power state: {}", power_text(battery, thermal)));
+                        (profile.battery, profile.thermal) = (battery, thermal);
                     }
+                    profile.links = state.links.clone();
+                    state.profiles.insert(state.me.clone(), profile.clone());
+                    state.broadcast(NodeMessage::Profile(profile));
+                    state.changed(&myself);
                 }
             }
             PlanningMsg::Alone => {
@@ -689,10 +687,11 @@ impl PlanningState {
             }
             NodeMessage::Have { models } => {
                 self.args.store.set_holder(peer, &models);
-                if self.args.model.is_none() && !self.learning {
-                    if let Some(model) = models.first().cloned() {
-                        self.learn(model, myself);
-                    }
+                if self.args.model.is_none()
+                    && !self.learning
+                    && let Some(model) = models.first().cloned()
+                {
+                    self.learn(model, myself);
                 }
                 Ok(())
             }
@@ -741,10 +740,10 @@ impl PlanningState {
         if !signer_live {
             return Err("the plan is signed by a device that is not a live member".into());
         }
-        if let Some((_, held)) = &self.held {
-            if doc.epoch <= held.epoch {
-                return Err(format!("plan epoch {} is not newer than the held epoch {}", doc.epoch, held.epoch));
-            }
+        if let Some((_, held)) = &self.held
+            && doc.epoch <= held.epoch
+        {
+            return Err(format!("plan epoch {} is not newer than the held epoch {}", doc.epoch, held.epoch));
         }
         self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
         // Should this node lead later, it plans the model the mesh runs.
