@@ -1,6 +1,7 @@
 //! BalancingActor: child of `llnode start`, spawned unless `--no-rebalance`.
-//! Once a second it takes this device's measured pace from the execution
-//! actor (seconds per decoded token of its own segments, [`crate::pace`])
+//! Every 250 ms it takes this device's measured pace from the execution
+//! actor (seconds per decoded token of its own segments, [`crate::pace`]),
+//! once that covers at least [`crate::pace::MIN_SAMPLES`] steps,
 //! and asks the planning actor what the device's profile promised for those
 //! units. When the two differ by more than the threshold, planning
 //! re-profiles the device and sends the new profile to every member, and
