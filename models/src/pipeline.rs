@@ -124,12 +124,13 @@ pub struct UnitTiming {
     pub decode_s: f64,
 }
 
-/// Times every unit of `model` on this device, each as its own segment: a
-/// prefill of `prompt` tokens, then `steps` single-token decode steps. One
-/// unit is loaded at a time, fed what the units before it produced at each
-/// step, and dropped before the next loads, so measuring a model takes the
-/// memory of its biggest unit, not of the whole model.
-pub fn time_units(model: &Model, prompt: usize, steps: usize) -> Result<Vec<UnitTiming>, PipelineError> {
+/// Times the first `upto` units of `model` on this device, each as its own
+/// segment: a prefill of `prompt` tokens, then `steps` single-token decode
+/// steps. One unit is loaded at a time, fed what the units before it
+/// produced at each step, and dropped before the next loads, so measuring
+/// takes the memory of the biggest unit timed, not of the whole model; units
+/// from `upto` on are not loaded at all.
+pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Result<Vec<UnitTiming>, PipelineError> {
     let n = model.units.len();
     let specs: Vec<_> = model.units.iter().map(|u| u.spec.clone()).collect();
     let singles: Vec<Range<usize>> = (0..n).map(|i| i..i + 1).collect();
@@ -143,7 +144,7 @@ pub fn time_units(model: &Model, prompt: usize, steps: usize) -> Result<Vec<Unit
         past += step.len();
     }
     let mut timings = Vec::with_capacity(n);
-    for unit in 0..n {
+    for unit in 0..upto.min(n) {
         let runner = SegmentRunner::load(model, unit..unit + 1, &map.output_names(unit))?;
         let mut state = runner.new_state();
         let mut secs = Vec::with_capacity(feeds.len());

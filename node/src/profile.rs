@@ -61,12 +61,20 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
     };
     let model = Model::open(package)?;
     let (_, package_id) = llnode_models::package::Manifest::read(package)?;
-    let timings = llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS)?;
+    // The last unit (final norm and LM head over the whole vocabulary) is
+    // often the biggest and is not loaded to be timed: its time is its FLOPs
+    // at the speed the other units ran, so measuring peaks at the memory of
+    // the biggest of the others.
+    let n = model.units.len();
+    let timed = if n >= 3 { n - 1 } else { n };
+    let timings = llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS, timed)?;
     let cost = CostProfile::of(&model);
-    let flops: u64 = cost.units.iter().map(|u| u.flops_per_token).sum();
-    let secs: f64 = timings.iter().map(|t| t.decode_s).sum();
-    let mut profile = DeviceProfile::new(id, name, mem, flops as f64 / secs.max(1e-9));
-    profile.unit_time_s = Some(timings.iter().map(|t| t.decode_s).collect());
+    let flops: u64 = cost.units[..timed].iter().map(|u| u.flops_per_token).sum();
+    let secs: f64 = timings.iter().map(|t| t.decode_s).sum::<f64>().max(1e-9);
+    let mut times: Vec<f64> = timings.iter().map(|t| t.decode_s).collect();
+    times.extend(cost.units[timed..].iter().map(|u| u.flops_per_token as f64 * secs / flops.max(1) as f64));
+    let mut profile = DeviceProfile::new(id, name, mem, flops as f64 / secs);
+    profile.unit_time_s = Some(times);
     profile.measured_on = Some(package_id);
     (profile.battery, profile.thermal) = power_state(Path::new(SYS_CLASS));
     Ok(profile)

@@ -110,7 +110,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         None => None,
     };
     {
-        // Measuring runs every unit once: seconds for big models, so off the runtime,
+        // Measuring runs the units once (all but the last): seconds for big models, so off the runtime,
         // on a thread of its own that ends with it: the allocator hands a finished
         // thread's memory back at once, where a pooled thread would keep the units'
         // weights resident.
