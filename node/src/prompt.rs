@@ -23,7 +23,7 @@ use llnode_models::runner::RunError;
 use llnode_models::sampling::SamplingConfig;
 use llnode_models::tokenizer::TextTokenizer;
 use llnode_models::transmission::Endpoint;
-use ractor::{ActorRef, call_t};
+use ractor::{ActorRef, RpcReplyPort, call_t};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -67,9 +67,7 @@ pub enum PromptEvent {
     /// what each one is doing.
     Waiting(String),
     /// The plan changed under the generation (`why`): it waits for the next one.
-    Moving {
-        why: String,
-    },
+    Moving { why: String },
     /// The generation moved to a new plan (`why`) and went on after
     /// replaying `replayed` steps, `pause_s` after the interruption.
     Resumed {
@@ -240,41 +238,43 @@ impl Startup<'_> {
 
     /// A route of `model`: asks the leader to plan for it if the mesh runs
     /// another, and waits until this node has loaded such a plan.
-    async fn model_route(&self, mut route: Route, model: &str) -> Result<Route, String> {
-        if route.model == model {
-            return Ok(route);
-        }
+    async fn model_route(&self, route: Route, model: &str) -> Result<Route, String> {
         let short = crate::store::short(model);
-        let _ = self.events.send(PromptEvent::Waiting(format!("the mesh to plan model {short} (it runs {})", crate::store::short(&route.model))));
-        call_t!(self.planning, |reply| PlanningMsg::UseModel { model: model.to_string(), reply }, ROUTE_WAIT_MS)
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("model {short}: {e}"))?;
-        let started = std::time::Instant::now();
-        while route.model != model {
-            let after = route.epoch;
-            let left = ROUTE_WAIT_MS.saturating_sub(started.elapsed().as_millis() as u64).max(1);
-            route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, left)
-                .map_err(|_| format!("no plan of model {short} came; `llnode plan` says why"))??;
-        }
-        Ok(route)
+        let waiting = format!("the mesh to plan model {short} (it runs {})", crate::store::short(&route.model));
+        let ask = |reply| PlanningMsg::UseModel { model: model.to_string(), reply };
+        self.ask_leader_for(route, |r| r.model == model, waiting, ask).await.map_err(|e| format!("model {short}: {e}"))
     }
 
     /// A route for privacy mode: asks the leader for plans that keep the
     /// first and last units here, and waits until this node has loaded one.
-    async fn private_route(&self, mut route: Route) -> Result<Route, String> {
-        if keeps_tokens_on(&route, self.me) {
+    async fn private_route(&self, route: Route) -> Result<Route, String> {
+        let waiting = "a plan that keeps this prompt's tokens on this device (privacy mode)".to_string();
+        self.ask_leader_for(route, |r| keeps_tokens_on(r, self.me), waiting, PlanningMsg::Private)
+            .await
+            .map_err(|e| format!("privacy mode: {e}; ask without --private, or from a device with memory for the first and last units"))
+    }
+
+    /// `route` if it is `wanted`; else asks the leader (through `ask`, answered
+    /// once the plan is out), saying `waiting` meanwhile, and waits until this
+    /// node has loaded a plan that is.
+    async fn ask_leader_for(
+        &self,
+        mut route: Route,
+        wanted: impl Fn(&Route) -> bool,
+        waiting: String,
+        ask: impl FnOnce(RpcReplyPort<Result<(), String>>) -> PlanningMsg,
+    ) -> Result<Route, String> {
+        if wanted(&route) {
             return Ok(route);
         }
-        let _ = self.events.send(PromptEvent::Waiting("a plan that keeps this prompt's tokens on this device (privacy mode)".into()));
-        call_t!(self.planning, PlanningMsg::Private, ROUTE_WAIT_MS)
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("privacy mode: {e}; ask without --private, or from a device with memory for the first and last units"))?;
+        let _ = self.events.send(PromptEvent::Waiting(waiting));
+        call_t!(self.planning, ask, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
         let started = std::time::Instant::now();
-        while !keeps_tokens_on(&route, self.me) {
+        while !wanted(&route) {
             let after = route.epoch;
             let left = ROUTE_WAIT_MS.saturating_sub(started.elapsed().as_millis() as u64).max(1);
             route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, left)
-                .map_err(|_| "privacy mode: no plan that keeps the tokens on this device came; `llnode plan` says why".to_string())??;
+                .map_err(|_| "no such plan came; `llnode plan` says why".to_string())??;
         }
         Ok(route)
     }
@@ -474,13 +474,13 @@ impl MeshForward {
             .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
             .map_err(|e| StepFail::Failed(format!("{why}, and no new plan came: {e}")))?
             .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
-        // In privacy mode the plan may have to be asked for again: a new leader does not know.
         if route.model != self.route.model {
             return Err(StepFail::Failed(format!(
                 "{why}, and the mesh now runs model {} (another member asked for it); ask again",
                 crate::store::short(&route.model)
             )));
         }
+        // In privacy mode the plan may have to be asked for again: a new leader does not know.
         let startup =
             Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None };
         let route = self.handle.block_on(startup.ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;

@@ -271,11 +271,7 @@ impl Actor for ExecutionActor {
                     }
                 }
                 let loaded = result.is_ok();
-                let readiness = match &result {
-                    Ok(_) => Readiness::Ready,
-                    Err(e) => Readiness::Failed(e.clone()),
-                };
-                state.args.readiness.send_replace(Some((epoch, readiness)));
+                state.args.readiness.send_replace(Some((epoch, readiness(Some(&result)))));
                 current.ready = Some(result);
                 current.answer_waiters();
                 // Tensors that came early wait for a retry that succeeds.
@@ -404,6 +400,15 @@ impl Actor for ExecutionActor {
     }
 }
 
+/// What a device whose load has this outcome (`None`: still loading) tells the members.
+fn readiness(ready: Option<&Result<Ready, String>>) -> Readiness {
+    match ready {
+        None => Readiness::Loading(String::new()),
+        Some(Ok(_)) => Readiness::Ready,
+        Some(Err(e)) => Readiness::Failed(e.clone()),
+    }
+}
+
 /// Reads a tensor off the wire.
 fn delivery(initiator_or_sender: PeerId, tensor: WireTensor) -> Result<Delivery, String> {
     let h = tensor.header;
@@ -465,12 +470,7 @@ impl ExecutionState {
             // A device that left lost its caches, even if it is back in the same place.
             if current.doc.model == doc.model && current.gone.is_empty() && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
                 // Same segments on the same devices: runners and sessions carry on.
-                let readiness = match &current.ready {
-                    None => Readiness::Loading(String::new()),
-                    Some(Ok(_)) => Readiness::Ready,
-                    Some(Err(e)) => Readiness::Failed(e.clone()),
-                };
-                self.args.readiness.send_replace(Some((doc.epoch, readiness)));
+                self.args.readiness.send_replace(Some((doc.epoch, readiness(current.ready.as_ref()))));
                 current.doc = doc;
                 current.no_plan = None;
                 current.answer_waiters();
@@ -490,7 +490,7 @@ impl ExecutionState {
         self.pace.reset(doc.epoch);
         let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
         let load = self.prepare(&doc, myself);
-        self.args.readiness.send_replace(Some((doc.epoch, Readiness::Loading(String::new()))));
+        self.args.readiness.send_replace(Some((doc.epoch, readiness(None))));
         let first_epoch = doc.epoch;
         self.current = Some(Current {
             doc,

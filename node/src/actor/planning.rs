@@ -103,16 +103,9 @@ pub enum PlanningMsg {
     /// The balancer measured `pace` and asks what this device's profile
     /// promises for its units (seconds per token), if they are its share of
     /// the held plan.
-    Expected {
-        pace: crate::pace::Pace,
-        reply: RpcReplyPort<Option<f64>>,
-    },
+    Expected { pace: crate::pace::Pace, reply: RpcReplyPort<Option<f64>> },
     /// The balancer measured this device `ratio` times slower than `expected`.
-    Reprofile {
-        ratio: f64,
-        pace: crate::pace::Pace,
-        expected: f64,
-    },
+    Reprofile { ratio: f64, pace: crate::pace::Pace, expected: f64 },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
     /// Asked locally: plan again with this objective (sent to the leader).
@@ -125,15 +118,9 @@ pub enum PlanningMsg {
     Private(RpcReplyPort<Result<(), String>>),
     /// A prompt here wants this model (a full package id): ask the leader to
     /// plan for it; answered once such a plan is published.
-    UseModel {
-        model: String,
-        reply: RpcReplyPort<Result<(), String>>,
-    },
+    UseModel { model: String, reply: RpcReplyPort<Result<(), String>> },
     /// What these devices last said of their readiness (for an initiator).
-    ReadinessOf {
-        devices: Vec<PeerId>,
-        reply: RpcReplyPort<Vec<DeviceReadiness>>,
-    },
+    ReadinessOf { devices: Vec<PeerId>, reply: RpcReplyPort<Vec<DeviceReadiness>> },
 }
 
 /// What `llnode plan` shows.
@@ -848,12 +835,13 @@ impl PlanningState {
         if let Some((_, held)) = &self.held {
             // The same assignment under the same leadership is not worth a new epoch:
             // sessions running on it would have to start over.
-            let same_privacy = held.private == self.private && held.model == model;
+            // A plan for another model or another private device is news, whatever its assignment.
+            let same_asks = held.private == self.private && held.model == model;
             if held.leader == self.me
                 && held.term == term
                 && same_assignment(&held.plan, &plan)
                 && held.plan.objective == plan.objective
-                && same_privacy
+                && same_asks
             {
                 self.answer_published(&model);
                 return;
@@ -866,7 +854,7 @@ impl PlanningState {
             if held.leader == self.me
                 && held.term == term
                 && held.plan.objective == plan.objective
-                && same_privacy
+                && same_asks
                 && all_live
                 && self.members.len() + 1 == self.planned_for
                 && held_now.is_some_and(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
@@ -972,7 +960,6 @@ fn moves(old: &Plan, new: &Plan) -> Vec<String> {
         .collect()
 }
 
-/// Same devices running the same units, in the same order.
 /// `profile` for planning `model`: unit times measured on another model are
 /// left out (its speed estimate stays).
 fn for_model(profile: &DeviceProfile, model: &str) -> DeviceProfile {
@@ -999,6 +986,7 @@ fn answer(client: &MeshClient, waiter: Waiter, result: Result<(), String>) {
     }
 }
 
+/// Same devices running the same units, in the same order.
 pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
     a.stages.len() == b.stages.len() && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
 }

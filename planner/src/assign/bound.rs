@@ -188,14 +188,18 @@ impl<'a> Relaxation<'a> {
         Some(most)
     }
 
+    /// A device that runs the whole model within `limit` by itself (no sends).
+    fn alone(&self, limit: f64) -> Option<usize> {
+        let instance = self.instance;
+        let whole = 0..instance.units;
+        (0..instance.devices())
+            .find(|&d| instance.fits(d, &whole) && instance.range_compute(d, &whole) <= limit)
+    }
+
     /// Whether some choice of devices meets `limit` in the relaxation.
     fn feasible(&self, limit: f64) -> bool {
         let instance = self.instance;
-        let whole = 0..instance.units;
-        // One device for everything: no sends.
-        if (0..instance.devices())
-            .any(|d| instance.fits(d, &whole) && instance.range_compute(d, &whole) <= limit)
-        {
+        if self.alone(limit).is_some() {
             return true;
         }
         let room = |d: usize, taken: u64| instance.cap[d].checked_sub(taken);
@@ -304,12 +308,8 @@ impl<'a> Relaxation<'a> {
     /// given the device after it.
     fn search(&self, limit: f64, budget: &mut usize) -> Search {
         let instance = self.instance;
-        let units = instance.units;
-        let whole = 0..units;
-        if let Some(d) = (0..instance.devices())
-            .find(|&d| instance.fits(d, &whole) && instance.range_compute(d, &whole) <= limit)
-        {
-            return Search::Found(vec![(d, whole)]);
+        if let Some(d) = self.alone(limit) {
+            return Search::Found(vec![(d, 0..instance.units)]);
         }
         let best: Vec<usize> = (0..instance.devices())
             .map(|d| {
