@@ -100,6 +100,19 @@ pub struct SegmentState {
     past: usize,
 }
 
+impl SegmentState {
+    /// Tokens this session has run through the segment.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+
+    /// The session's caches, by the name of the input that reads them: what
+    /// moves with the layers when they move to another segment.
+    pub fn caches(&self) -> impl Iterator<Item = (&str, &TValue)> {
+        self.cache.iter().map(|(name, value)| (name.as_str(), value))
+    }
+}
+
 impl SegmentRunner {
     /// Loads units `units` of `model`, returning `outputs` (plus its caches).
     pub fn load(model: &Model, units: Range<usize>, outputs: &[String]) -> Result<SegmentRunner, RunError> {
@@ -179,6 +192,23 @@ impl SegmentRunner {
     pub fn new_state(&self) -> SegmentState {
         let cache = self.caches.iter().map(|c| (c.past.clone(), c.empty.clone())).collect();
         SegmentState { cache, past: 0 }
+    }
+
+    /// The cache inputs of this segment's layers (`past_key_values.N.key|value`).
+    pub fn cache_names(&self) -> impl Iterator<Item = &str> {
+        self.caches.iter().map(|c| c.past.as_str())
+    }
+
+    /// A session that has run `past` tokens through these layers elsewhere
+    /// (segments cut otherwise, on other devices): each cache comes from
+    /// `take`, by name. A missing one is an error, never an empty cache.
+    pub fn resume(&self, past: usize, mut take: impl FnMut(&str) -> Option<TValue>) -> Result<SegmentState, RunError> {
+        let mut cache = HashMap::new();
+        for name in self.cache_names() {
+            let value = take(name).ok_or_else(|| RunError::MissingInput { units: self.units.clone(), name: name.to_string() })?;
+            cache.insert(name.to_string(), value);
+        }
+        Ok(SegmentState { cache, past })
     }
 
     /// Runs one step (prefill or decode) of `tokens` new tokens of one

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use llnode_models::model::Model;
 use llnode_models::pipeline::{Forward, LocalPipeline, last_logits, step_inputs};
-use llnode_models::runner::SegmentRunner;
+use llnode_models::runner::{SegmentRunner, SegmentState};
 use llnode_models::segment::UnitKind;
 use llnode_models::transmission::TransmissionMap;
 use proptest::prelude::*;
@@ -98,6 +98,50 @@ fn segments_return_the_last_position_logits() {
     let reference = SegmentRunner::load_reference(common::tiny_export()).unwrap();
     let logits = &reference.run(&mut reference.new_state(), PROMPT.len(), &acts).unwrap()["logits"];
     assert_eq!(&logits.shape()[..2], &[1, PROMPT.len()]);
+}
+
+/// Runners of `segments`, with the outputs the transmission map asks of each.
+fn runners(model: &Model, segments: &[Range<usize>]) -> Vec<SegmentRunner> {
+    let map = TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), segments).unwrap();
+    segments.iter().enumerate().map(|(s, range)| SegmentRunner::load(model, range.clone(), &map.output_names(s)).unwrap()).collect()
+}
+
+/// One step through chained runners: the last position's logits.
+fn step(runners: &[SegmentRunner], states: &mut [SegmentState], tokens: &[u32], past: usize) -> Vec<f32> {
+    let mut acts = step_inputs(tokens, past, true);
+    for (runner, state) in runners.iter().zip(states.iter_mut()) {
+        acts.extend(runner.run(state, tokens.len(), &acts).unwrap());
+    }
+    last_logits(&acts["logits"]).unwrap()
+}
+
+/// A session's caches move to segments cut elsewhere (what a rebalance does
+/// across devices) and the generation goes on as if nothing had moved; a
+/// segment missing a cache refuses to resume rather than start empty.
+#[test]
+fn caches_moved_to_other_segments_carry_the_session_on() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let n = model.units.len();
+    let reference = reference_logits();
+    let before = runners(&model, &[0..2, 2..n]);
+    let mut states: Vec<SegmentState> = before.iter().map(SegmentRunner::new_state).collect();
+    let mut logits = vec![step(&before, &mut states, &PROMPT, 0)];
+    logits.push(step(&before, &mut states, &DECODE[..1], PROMPT.len()));
+    let past = PROMPT.len() + 1;
+    assert!(states.iter().all(|s| s.past() == past));
+    let held: std::collections::HashMap<String, _> =
+        states.iter().flat_map(|s| s.caches()).map(|(name, value)| (name.to_string(), value.clone())).collect();
+    assert_eq!(held.len(), 2 * 4, "a key and a value per layer");
+
+    let after = runners(&model, &[0..3, 3..n - 1, n - 1..n]);
+    let mut moved: Vec<SegmentState> = after.iter().map(|r| r.resume(past, |name| held.get(name).cloned()).unwrap()).collect();
+    for (position, t) in (past..).zip(&DECODE[1..]) {
+        logits.push(step(&after, &mut moved, &[*t], position));
+    }
+    assert!(max_diff(&reference, &logits) < 1e-4, "diff {}", max_diff(&reference, &logits));
+
+    let missing = after[1].resume(past, |name| held.get(name).filter(|_| !name.starts_with("past_key_values.2.")).cloned());
+    assert!(missing.is_err_and(|e| e.to_string().contains("past_key_values.2.")));
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //! of the way in, the busiest stage other than the asking member is
 //! throttled 2× (`llnode throttle`). Once with `--no-rebalance`, once with
 //! balancing: tokens/s after the throttle and their ratio (target ≥ 1.3×),
-//! tokens until the pace is back within 15% of the pace before (target
-//! ≤ 20). Then a stage is killed (SIGKILL) halfway through a prompt: the
-//! time from the kill to the next token. Every answer is checked against
+//! the longest pause, tokens until the generation moved to the plan that took
+//! work off the throttled node, and tokens until the pace settled (a window
+//! within 15% of the pace of the answer's last third) (target ≤ 20). Then a
+//! stage is killed (SIGKILL) halfway through a prompt: the time from the kill
+//! to the token that ends the stall. Every answer is checked against
 //! `llnode run` in one process, both runs must throttle the same share of
 //! the model, and the balancing run must move units: the bench fails
 //! otherwise, as its figures would mean nothing. Draws tokens/s over time to
@@ -26,7 +28,7 @@ const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
 /// Meshes the balancing run may start to get the first run's plan.
 const MESH_TRIES: usize = 4;
-/// Token intervals in the window that decides the pace has recovered.
+/// Token intervals in the window that decides the pace has settled.
 const WINDOW: usize = 8;
 
 struct Run {
@@ -35,6 +37,8 @@ struct Run {
     token_ms: Vec<f64>,
     /// The first token after the throttle.
     throttled_at: usize,
+    /// The token before which the generation last moved to a new plan, if it moved after the throttle.
+    moved_at: Option<usize>,
 }
 
 fn main() {
@@ -75,28 +79,34 @@ fn main() {
         for line in &moves {
             eprintln!("{label}: {line}");
         }
-        let resumed: Vec<&str> =
-            out.stderr.lines().filter(|l| l.contains("resumed on plan epoch")).map(|l| l.trim_start_matches("llnode: ")).collect();
+        let resumed: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| l.contains("resumed on plan epoch") || l.contains("moved to plan epoch"))
+            .map(|l| l.trim_start_matches("llnode: "))
+            .collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
         assert!(!extra.is_empty() || moved > 0, "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again");
-        runs.push(Run { label, token_ms, throttled_at });
+        let moved_at = moves_at(&out.stderr).into_iter().rfind(|&k| k >= throttled_at);
+        runs.push(Run { label, token_ms, throttled_at, moved_at });
     }
 
     println!(
-        "{:<18} {:>12} {:>20} {:>16} {:>18} {:>16}",
-        "", "before tok/s", "after throttle tok/s", "steady tok/s", "longest pause ms", "tokens to recover"
+        "{:<18} {:>12} {:>20} {:>16} {:>18} {:>18} {:>18}",
+        "", "before tok/s", "after throttle tok/s", "steady tok/s", "longest pause ms", "tokens until moved", "tokens until steady"
     );
     let (mut after, mut steady) = (Vec::new(), Vec::new());
     for run in &runs {
         let at = run.throttled_at.saturating_sub(1);
         let before = rate(&run.token_ms[1..run.throttled_at.max(2)]);
         let later = rate(&run.token_ms[at..]);
-        let recovered = recovery(run);
-        // Steady: from recovery (or, never recovering, from the throttle) to the end.
-        let calm = rate(&run.token_ms[at + recovered.unwrap_or(0)..]);
+        let settled = settling(run);
+        // Steady: from the move (or, never moving, from the throttle) to the end.
+        let calm = rate(&run.token_ms[run.moved_at.unwrap_or(at)..]);
         let pause = run.token_ms[at..].windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
-        let recovered = recovered.map_or("never".to_string(), |n| n.to_string());
-        println!("{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>16}", run.label, before, later, calm, pause, recovered);
+        let moved = run.moved_at.map_or("-".to_string(), |k| (k - run.throttled_at).to_string());
+        let settled = settled.map_or("never".to_string(), |n| n.to_string());
+        println!("{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>18} {:>18}", run.label, before, later, calm, pause, moved, settled);
         after.push(later);
         steady.push(calm);
     }
@@ -106,7 +116,7 @@ fn main() {
     );
     println!("the throttled node ran {} of {} units in both runs", shares[0].0, shares[0].1);
     println!(
-        "balancing gives {:.2}x the tokens/s over the rest of the answer, the pause included, and {:.2}x once recovered (target >= 1.3x)",
+        "balancing gives {:.2}x the tokens/s over the rest of the answer, the pause included, and {:.2}x once moved (target >= 1.3x)",
         after[1] / after[0],
         steady[1] / steady[0]
     );
@@ -117,10 +127,13 @@ fn main() {
     let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| mesh.nodes[victim].kill());
     assert_eq!(out.stdout, reference, "failover: the answer changed: {}", out.stderr);
     let token_ms = timings(&out.stderr);
-    let next = token_ms.iter().find(|t| **t >= killed_ms).map_or(f64::NAN, |t| t - killed_ms);
+    // The stall: the longest interval from the one the kill fell in on; a step in flight may still land just after the kill.
+    let first = token_ms.iter().position(|t| *t >= killed_ms).unwrap_or(token_ms.len() - 1).max(1);
+    let end = (first..token_ms.len()).max_by(|&a, &b| (token_ms[a] - token_ms[a - 1]).total_cmp(&(token_ms[b] - token_ms[b - 1]))).unwrap_or(first);
+    let next = token_ms[end] - killed_ms;
     // The last move is the kill's (an earlier one may be the balancer's).
     let resumed = out.stderr.lines().rfind(|l| l.contains("resumed on plan epoch")).unwrap_or("(no move reported)");
-    println!("kill -9 of a stage halfway: next token {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
+    println!("kill -9 of a stage halfway: the stream went on {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
     mesh.nodes.truncate(0);
 
     let path = draw(&runs);
@@ -188,17 +201,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Tokens after the throttle until a window of intervals is back within 15%
-/// of the pace before it (its median), with no pause in it (no interval over
-/// three times that pace).
-fn recovery(run: &Run) -> Option<usize> {
+/// The tokens before which the generation moved to a new plan live (`moved
+/// to plan epoch E after K token(s)`).
+fn moves_at(stderr: &str) -> Vec<usize> {
+    stderr.lines().filter_map(|l| l.split_once("moved to plan epoch ")?.1.split_once(" after ")?.1.split_once(" token")?.0.parse().ok()).collect()
+}
+
+/// Tokens after the throttle until a window of intervals is within 15% of
+/// the pace the run settles at (the median interval of its last third), with
+/// no pause in it (no interval over three times that pace).
+fn settling(run: &Run) -> Option<usize> {
     let intervals: Vec<f64> = run.token_ms.windows(2).map(|w| w[1] - w[0]).collect();
     let start = run.throttled_at.checked_sub(1)?;
-    let before = median(intervals.get(1..start)?.to_vec());
+    let settled = median(intervals.get(intervals.len() * 2 / 3..)?.to_vec());
     (start..intervals.len().saturating_sub(WINDOW))
         .find(|&i| {
             let window = &intervals[i..i + WINDOW];
-            median(window.to_vec()) <= before * 1.15 && window.iter().all(|t| *t <= before * 3.0)
+            (median(window.to_vec()) - settled).abs() <= settled * 0.15 && window.iter().all(|t| *t <= settled * 3.0)
         })
         .map(|i| i - start)
 }

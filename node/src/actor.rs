@@ -21,3 +21,28 @@ pub mod trust;
 
 /// How long the control endpoint waits for an actor's answer.
 pub const CALL_TIMEOUT_MS: u64 = 30_000;
+
+/// Who asked for something answered later (a plan published, caches in
+/// place): this node's CLI or code, or a member whose request waits.
+pub enum Waiter {
+    Local(ractor::RpcReplyPort<Result<(), String>>),
+    Remote(llnode_mesh::event::InboundId),
+}
+
+impl Waiter {
+    pub fn answer(self, client: &llnode_mesh::MeshClient, result: Result<(), String>) {
+        use llnode_mesh::wire::ControlResponse;
+        match self {
+            Waiter::Local(reply) => {
+                let _ = reply.send(result);
+            }
+            Waiter::Remote(id) => client.respond(
+                id,
+                match result {
+                    Ok(()) => ControlResponse::Ack,
+                    Err(reason) => ControlResponse::Refused { reason },
+                },
+            ),
+        }
+    }
+}

@@ -99,6 +99,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
         PromptEvent::Waiting(line) => eprintln!("(waiting for {line})"),
         PromptEvent::Moving { why } => eprintln!("\n({why}; waiting for the next plan)"),
         PromptEvent::Resumed { epoch, .. } => eprintln!("(the answer goes on on plan epoch {epoch})"),
+        PromptEvent::HandedOver { epoch, .. } => eprintln!("\n(the answer moved to plan epoch {epoch} at a token boundary)"),
         PromptEvent::Done { tokens, decode_tokens_per_s, .. } => {
             summary = format!("({tokens} tokens, {decode_tokens_per_s:.1} tokens/s across the mesh; the built-in model has random weights, so the text is gibberish)");
         }

@@ -4,13 +4,17 @@
 //! segments: it sends each step's token ids, mask and positions to the
 //! segments that read them and waits for the last segment's logits.
 //!
-//! Failover and rebalancing: when the plan changes under a step (a device
-//! left, the balancer moved units), the initiator waits for the next plan,
-//! opens a new session on it and replays every step so far, exactly as it
-//! ran them (same token groups, so the rebuilt KV caches are the ones the
-//! generation had), pipelined through the stages without waiting for their
-//! logits; then it runs the interrupted step. The text is unchanged; the
-//! stream only pauses.
+//! Rebalancing: while a new plan loads, the old one keeps serving; once the
+//! new plan is loaded on every device it names, the initiator moves the
+//! generation at a token boundary by having the old devices hand each
+//! layer's KV cache to its new device ([`CacheMove`]): nothing is replayed.
+//!
+//! Failover (and a handover that fails): when the plan changes under a step
+//! (a device left), the initiator waits for the next plan, opens a new
+//! session on it and replays every step so far, exactly as it ran them (same
+//! token groups, so the rebuilt KV caches are the ones the generation had),
+//! pipelined through the stages without waiting for their logits; then it
+//! runs the interrupted step. The text is unchanged; the stream only pauses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
 use crate::actor::planning::PlanningMsg;
-use crate::protocol::NodeMessage;
+use crate::protocol::{CacheMove, NodeMessage};
 
 /// How long one step may take across the mesh before the initiator looks for a new plan.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,6 +45,8 @@ const MAX_MOVES: usize = 8;
 const REPLAY_WINDOW: u64 = 64;
 /// How long an interrupted generation waits for the next plan to be loaded here.
 const MOVE_WAIT_MS: u64 = 300_000;
+/// How long the devices of a live move have to hand the caches over.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `llnode prompt` asks for (the sampling options of `llnode run`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,13 +73,24 @@ pub enum PromptEvent {
     /// what each one is doing.
     Waiting(String),
     /// The plan changed under the generation (`why`): it waits for the next one.
-    Moving { why: String },
+    Moving {
+        why: String,
+    },
     /// The generation moved to a new plan (`why`) and went on after
     /// replaying `replayed` steps, `pause_s` after the interruption.
     Resumed {
         why: String,
         epoch: u64,
         replayed: usize,
+        pause_s: f64,
+    },
+    /// The generation moved to plan `epoch` at a token boundary, after
+    /// `tokens` generated tokens, its devices handing over the KV caches of
+    /// `past` tokens (prompt included) in `pause_s`.
+    HandedOver {
+        epoch: u64,
+        tokens: usize,
+        past: usize,
         pause_s: f64,
     },
     /// `first_token_s`: the prefill step, prompt in to first token out.
@@ -279,39 +296,47 @@ impl Startup<'_> {
         Ok(route)
     }
 
+    /// Where every other device of `route` stands with the route's plan.
+    async fn stages(&self, route: &Route) -> Result<Stages, String> {
+        use crate::protocol::Readiness;
+        let devices: Vec<PeerId> =
+            route.devices.iter().copied().filter(|d| *d != self.me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let states =
+            call_t!(self.planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS).map_err(|e| e.to_string())?;
+        let newer = states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch));
+        let gone = states.iter().any(|d| !d.live);
+        let waiting = states
+            .into_iter()
+            .filter(|d| d.live)
+            .filter_map(|d| match d.said {
+                Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
+                Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
+                Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
+                _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
+            })
+            .collect();
+        Ok(Stages { newer, gone, waiting })
+    }
+
     /// Waits until every other device of `route` has its units loaded for
     /// the route's plan, telling the asker what they are doing meanwhile, and
     /// returns the route to start on: when a device is on a newer plan, this
     /// node's route for it once loaded here. A device that is gone lets the
     /// first step find out (and move to the next plan).
     async fn await_stages(&self, mut route: Route) -> Result<Route, String> {
-        use crate::protocol::Readiness;
         let started = std::time::Instant::now();
         let mut shown = String::new();
         loop {
-            let devices: Vec<PeerId> =
-                route.devices.iter().copied().filter(|d| *d != self.me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-            let states = call_t!(self.planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS)
-                .map_err(|e| e.to_string())?;
-            if states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch)) {
+            let stages = self.stages(&route).await?;
+            if stages.newer {
                 let after = route.epoch;
                 route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
                 continue;
             }
-            let waiting: Vec<String> = states
-                .into_iter()
-                .filter(|d| d.live)
-                .filter_map(|d| match d.said {
-                    Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
-                    Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
-                    Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
-                    _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
-                })
-                .collect();
-            if waiting.is_empty() {
+            if stages.waiting.is_empty() {
                 return Ok(route);
             }
-            let line = waiting.join("; ");
+            let line = stages.waiting.join("; ");
             if started.elapsed() > Duration::from_millis(ROUTE_WAIT_MS) {
                 return Err(format!("the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more", ROUTE_WAIT_MS / 1000));
             }
@@ -321,6 +346,22 @@ impl Startup<'_> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Where the other devices of a route stand with its plan.
+struct Stages {
+    /// One of them is on a newer plan already.
+    newer: bool,
+    /// One of them has left the mesh.
+    gone: bool,
+    /// What each live one still does before it can run the plan.
+    waiting: Vec<String>,
+}
+
+impl Stages {
+    fn all_ready(&self) -> bool {
+        !self.newer && !self.gone && self.waiting.is_empty()
     }
 }
 
@@ -353,7 +394,11 @@ struct MeshForward {
 impl Forward for MeshForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
         // Why and since when this step has been interrupted, once it has.
-        let mut moved: Option<(String, std::time::Instant)> = None;
+        let mut moved: Option<(String, std::time::Instant)> = match self.switch_if_ready() {
+            Ok(()) => None,
+            Err(StepFail::Moved(why)) => Some((why, std::time::Instant::now())),
+            Err(StepFail::Failed(e)) => return Err(RunError::Remote(e)),
+        };
         for _ in 0..=MAX_MOVES {
             if let Some((why, since)) = &moved {
                 match self.move_on(why) {
@@ -414,7 +459,7 @@ impl MeshForward {
     fn expect_logits(&self, step: u64) -> Result<oneshot::Receiver<Result<Vec<f32>, StepFail>>, StepFail> {
         let (reply, logits) = oneshot::channel();
         self.execution
-            .cast(ExecutionMsg::AwaitLogits { session: self.session, step, reply })
+            .cast(ExecutionMsg::AwaitLogits { session: self.session, epoch: self.route.epoch, step, reply })
             .map_err(|e| StepFail::Failed(format!("the node is stopping: {e}")))?;
         Ok(logits)
     }
@@ -462,10 +507,7 @@ impl MeshForward {
         Ok(())
     }
 
-    /// Waits for a plan newer than the current route, opens a session on it
-    /// and replays every step so far into it. Steps go out without waiting
-    /// for their logits, except at the end of every [`REPLAY_WINDOW`] steps,
-    /// so stages still loading hold a bounded number of tensors.
+    /// Waits for a plan newer than the current route and replays the generation onto it.
     fn move_on(&mut self, why: &str) -> Result<(), StepFail> {
         let execution = self.execution.clone();
         let after = self.route.epoch;
@@ -481,9 +523,19 @@ impl MeshForward {
             )));
         }
         // In privacy mode the plan may have to be asked for again: a new leader does not know.
-        let startup =
-            Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None };
-        let route = self.handle.block_on(startup.ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        let route = self.handle.block_on(self.startup().ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        self.replay_onto(route)
+    }
+
+    fn startup(&self) -> Startup<'_> {
+        Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None }
+    }
+
+    /// Opens a session on `route` and replays every step so far into it.
+    /// Steps go out without waiting for their logits, except at the end of
+    /// every [`REPLAY_WINDOW`] steps, so stages still loading hold a bounded
+    /// number of tensors.
+    fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
         self.route = route;
         self.session = rand::random();
         self.sessions.push((self.session, self.route.devices.clone()));
@@ -501,6 +553,94 @@ impl MeshForward {
             }
         }
         Ok(())
+    }
+
+    /// At a token boundary: when this node has loaded a plan newer than the
+    /// route, of the same model (in privacy mode, one keeping the tokens
+    /// here), and every other device of it says it is ready, the generation
+    /// moves onto it by handing its caches over; if that fails, by replaying.
+    /// Otherwise the old plan goes on serving.
+    fn switch_if_ready(&mut self) -> Result<(), StepFail> {
+        if self.history.is_empty() {
+            return Ok(());
+        }
+        let (execution, after) = (self.execution.clone(), self.route.epoch);
+        let newer =
+            self.handle.block_on(async move { call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS) });
+        let Ok(Some(route)) = newer else { return Ok(()) };
+        if route.model != self.route.model || (self.private && !keeps_tokens_on(&route, self.me)) {
+            return Ok(());
+        }
+        match self.handle.block_on(self.startup().stages(&route)) {
+            Ok(stages) if stages.all_ready() => {}
+            _ => return Ok(()),
+        }
+        let since = std::time::Instant::now();
+        let to = rand::random();
+        match self.handle.block_on(self.hand_over(&route, to)) {
+            Ok(()) => {
+                let (epoch, tokens, past, pause_s) = (route.epoch, self.history.len(), self.past, since.elapsed().as_secs_f64());
+                self.route = route;
+                self.session = to;
+                self.sessions.push((to, self.route.devices.clone()));
+                self.step = 0;
+                let note = format!(
+                    "a generation moved to plan epoch {epoch} after {tokens} token(s): the caches of {past} token(s) handed over in {:.0} ms",
+                    pause_s * 1e3
+                );
+                let _ = self.planning.cast(PlanningMsg::Note(note));
+                let _ = self.events.send(PromptEvent::HandedOver { epoch, tokens, past, pause_s });
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(session = self.session, "cannot hand the caches over to plan epoch {} ({why}); replaying instead", route.epoch);
+                self.sessions.push((to, route.devices.clone()));
+                self.replay_onto(route)
+            }
+        }
+    }
+
+    /// Moves the session's caches from the route's devices to `route`'s, as
+    /// session `to`: the old devices hand each cache to its layer's new
+    /// device, then each new device starts the session from them.
+    async fn hand_over(&self, route: &Route, to: u64) -> Result<(), String> {
+        let stages: Vec<(String, std::ops::Range<usize>)> =
+            route.devices.iter().zip(&route.map.segments).map(|(device, units)| (device.to_base58(), units.clone())).collect();
+        let past = self.past as u64;
+        let hand_over = CacheMove::HandOver { from: self.session, to, epoch: route.epoch, past, stages };
+        let moving = async {
+            self.order_all(&self.route.devices, &hand_over).await?;
+            self.order_all(&route.devices, &CacheMove::Seal { session: to, epoch: route.epoch, past }).await
+        };
+        tokio::time::timeout(HAND_OVER_TIMEOUT, moving).await.map_err(|_| format!("no answer within {} s", HAND_OVER_TIMEOUT.as_secs()))?
+    }
+
+    /// Gives `order` to each of `devices` (this one through its execution actor) at once; all must carry it out.
+    async fn order_all(&self, devices: &[PeerId], order: &CacheMove) -> Result<(), String> {
+        let devices: std::collections::BTreeSet<PeerId> = devices.iter().copied().collect();
+        let answers = futures::future::join_all(devices.into_iter().map(|device| async move {
+            let answer = if device == self.me {
+                let (me, order) = (self.me, order.clone());
+                call_t!(
+                    self.execution,
+                    |reply| ExecutionMsg::Move { asker: me, order, waiter: crate::actor::Waiter::Local(reply) },
+                    crate::actor::CALL_TIMEOUT_MS
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+            } else {
+                use llnode_mesh::wire::{ControlRequest, ControlResponse};
+                match self.client.request(device, ControlRequest::Node(NodeMessage::Move(order.clone()).encode())).await {
+                    Ok(ControlResponse::Ack) => Ok(()),
+                    Ok(ControlResponse::Refused { reason }) => Err(reason),
+                    Ok(other) => Err(format!("it answered {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            answer.map_err(|e| format!("{device}: {e}"))
+        }))
+        .await;
+        answers.into_iter().collect()
     }
 }
 
@@ -537,6 +677,10 @@ pub fn cli(
         PromptEvent::Text(text) => crate::out(&text),
         PromptEvent::Waiting(line) => eprintln!("llnode: waiting for {line}"),
         PromptEvent::Moving { why } => eprintln!("\nllnode: {why}; waiting for the mesh's next plan…"),
+        PromptEvent::HandedOver { epoch, tokens, past, pause_s } => eprintln!(
+            "\nllnode: moved to plan epoch {epoch} after {tokens} token(s) (the caches of {past} token(s) handed over in {:.0} ms)",
+            pause_s * 1e3
+        ),
         PromptEvent::Resumed { why, epoch, replayed, pause_s } => eprintln!(
             "llnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",
             pause_s * 1e3

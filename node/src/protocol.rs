@@ -1,6 +1,8 @@
 //! The node's own messages between members, carried by the mesh as opaque
 //! CBOR inside `ControlRequest::Node`, and the signed, numbered plan.
 
+use std::ops::Range;
+
 use ed25519_dalek::{Signature, Signer, Verifier};
 use llnode_mesh::identity;
 use llnode_mesh::{DeviceKey, PeerId};
@@ -44,6 +46,25 @@ pub enum NodeMessage {
     /// of the one it plans for; answered once such a plan is published, or
     /// refused with the reason.
     UseModel { model: String },
+    /// From an initiator moving its generation to a new plan at a token
+    /// boundary; answered once done.
+    Move(CacheMove),
+}
+
+/// How a generation moves to a new plan without replaying its tokens: the
+/// devices that ran it hand each layer's KV cache to the device that runs
+/// that layer in the new plan, then the new plan's devices start the new
+/// session from those caches.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum CacheMove {
+    /// Send this device's caches of session `from` (`past` tokens in) to the
+    /// devices that run their layers in the plan of `epoch` (`stages`: each
+    /// segment's device, as a peer id, and units), for its session `to`; then
+    /// forget `from`.
+    HandOver { from: u64, to: u64, epoch: u64, past: u64, stages: Vec<(String, Range<usize>)> },
+    /// Session `session` of plan `epoch` starts here from the caches handed
+    /// over, `past` tokens in.
+    Seal { session: u64, epoch: u64, past: u64 },
 }
 
 /// A device's progress with the units a plan gives it.

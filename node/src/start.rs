@@ -157,6 +157,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                                 );
                             });
                         }
+                        Ok(NodeMessage::Move(order)) => {
+                            let _ = execution.cast(ExecutionMsg::Move { asker: peer, order, waiter: crate::actor::Waiter::Remote(id) });
+                        }
                         Ok(message) => {
                             let _ = planning.cast(PlanningMsg::Inbound { peer, id, message });
                         }

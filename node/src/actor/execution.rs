@@ -9,6 +9,14 @@
 //! Every tensor names the plan epoch it was routed by: one for a newer plan
 //! waits until that plan arrives, one for a replaced plan is refused. It
 //! times its decode steps for the balancer ([`crate::pace`]).
+//!
+//! A live move: when a new plan replaces a loaded one whose devices are all
+//! still there (the balancer moved units), the old plan keeps serving its
+//! sessions while the new one loads. Once the new plan is loaded everywhere,
+//! each initiator moves its generation at a token boundary: the devices of
+//! the old plan hand each layer's KV cache to the device that runs that layer
+//! now ([`CacheMove`]) and the session goes on from there, without replaying
+//! its tokens. The old plan is dropped once no session is left on it.
 //! On the initiator it also hands out routes and delivers logits, and tells
 //! a waiting step when the plan it runs on is gone ([`StepFail::Moved`]).
 
@@ -21,11 +29,13 @@ use llnode_mesh::{MeshClient, PeerId, event::InboundId};
 use llnode_models::pipeline::last_logits;
 use llnode_models::raw::{self, RawTensor, RawType};
 use llnode_models::runner::{Activations, RunError, SegmentRunner, SegmentState};
+use llnode_models::segment::is_past;
 use llnode_models::transmission::{Endpoint, TransmissionMap};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
-use crate::protocol::{PlanDoc, Readiness};
+use crate::actor::Waiter;
+use crate::protocol::{CacheMove, PlanDoc, Readiness};
 use crate::store::Store;
 
 /// Sessions whose KV caches one device keeps at once; tensors of new ones are refused beyond it.
@@ -34,6 +44,11 @@ const MAX_SESSIONS: usize = 64;
 const MAX_EARLY: usize = 1024;
 /// A device that could not get or load its units tries again this often (a source may appear).
 const RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a replaced plan keeps serving once the new one is loaded here;
+/// sessions still on it after that replay on the new plan.
+const PREVIOUS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Names of handed-over KV caches on the wire start with this.
+const CACHE: &str = "cache:";
 
 /// Where an initiator's step gets its logits, or why they will not come.
 type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
@@ -124,9 +139,10 @@ pub enum ExecutionMsg {
         after: u64,
         reply: RpcReplyPort<Result<Route, String>>,
     },
-    /// The initiator waits for a step's logits.
+    /// The initiator waits for a step's logits, on its route of plan `epoch`.
     AwaitLogits {
         session: u64,
+        epoch: u64,
         step: u64,
         reply: LogitsReply,
     },
@@ -138,6 +154,22 @@ pub enum ExecutionMsg {
     NoPlan(String),
     /// This device's measured pace since the last call, when there are enough steps.
     TakePace(RpcReplyPort<Option<crate::pace::Pace>>),
+    /// The initiator's route on the plan held, at once, if its assignment is
+    /// newer than epoch `after` and this device has loaded it.
+    NewerRoute {
+        after: u64,
+        reply: RpcReplyPort<Option<Route>>,
+    },
+    /// Part of a live move, from the initiator `asker`; `waiter` hears when it is done.
+    Move {
+        asker: PeerId,
+        order: CacheMove,
+        waiter: Waiter,
+    },
+    /// The grace of the plan replaced at `first_epoch` is over: sessions still on it replay.
+    DropPrevious {
+        first_epoch: u64,
+    },
 }
 
 struct Current {
@@ -167,6 +199,40 @@ pub struct Ready {
     files: BTreeSet<String>,
     /// Files of the spare units the plan gives it ([`llnode_planner::plan::Spare`]), not among `files`.
     spare_files: BTreeSet<String>,
+    /// The unit that reads each cache (`past_key_values.N.key|value`): where a layer's cache goes in a live move.
+    cache_units: HashMap<String, usize>,
+}
+
+/// The plans this device serves: the one it holds, and during a live move
+/// the loaded one it replaced.
+#[derive(Default)]
+struct Plans {
+    current: Option<Current>,
+    previous: Option<Current>,
+}
+
+impl Plans {
+    /// The plan that serves sessions routed by `epoch`.
+    fn of(&self, epoch: u64) -> Option<&Current> {
+        let current = self.current.as_ref()?;
+        if epoch >= current.first_epoch {
+            return Some(current);
+        }
+        self.previous.as_ref().filter(|p| (p.first_epoch..=p.doc.epoch).contains(&epoch))
+    }
+
+    fn of_mut(&mut self, epoch: u64) -> Option<&mut Current> {
+        let current = self.current.as_mut()?;
+        if epoch >= current.first_epoch {
+            return Some(current);
+        }
+        self.previous.as_mut().filter(|p| (p.first_epoch..=p.doc.epoch).contains(&epoch))
+    }
+
+    /// Whether sessions routed by `epoch` run on the plan held (not one it replaced).
+    fn is_current(&self, epoch: u64) -> bool {
+        self.current.as_ref().is_some_and(|c| epoch >= c.first_epoch)
+    }
 }
 
 impl Current {
@@ -208,11 +274,21 @@ struct Session {
     inbox: HashMap<(usize, u64), (u32, Activations)>,
 }
 
+/// Caches handed over for a session that has not started here yet.
+struct Import {
+    initiator: PeerId,
+    /// By cache name: the tokens it holds, and the tensor.
+    caches: HashMap<String, (u32, RawTensor)>,
+}
+
 pub struct ExecutionState {
     args: ExecutionArgs,
-    current: Option<Current>,
+    plans: Plans,
     sessions: HashMap<u64, Session>,
-    waiting: HashMap<(u64, u64), LogitsReply>,
+    /// Initiators' steps waiting for logits: the epoch each is routed by, and where the logits go.
+    waiting: HashMap<(u64, u64), (u64, LogitsReply)>,
+    /// Caches handed over for sessions about to start here ([`CacheMove::Seal`]).
+    imports: HashMap<u64, Import>,
     /// Numbers loads, so that only the latest one's outcome counts.
     loads: u64,
     /// Tensors routed by a plan this device has not received yet.
@@ -229,9 +305,10 @@ impl Actor for ExecutionActor {
     async fn pre_start(&self, _: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
         Ok(ExecutionState {
             args,
-            current: None,
+            plans: Plans::default(),
             sessions: HashMap::new(),
             waiting: HashMap::new(),
+            imports: HashMap::new(),
             loads: 0,
             ahead: Vec::new(),
             pace: Default::default(),
@@ -242,7 +319,7 @@ impl Actor for ExecutionActor {
         match msg {
             ExecutionMsg::Plan(doc) => state.adopt(doc, &myself),
             ExecutionMsg::Loaded { load, result } => {
-                let Some(current) = state.current.as_mut().filter(|c| c.load == load) else {
+                let Some(current) = state.plans.current.as_mut().filter(|c| c.load == load) else {
                     return Ok(());
                 };
                 let epoch = current.doc.epoch;
@@ -278,7 +355,13 @@ impl Actor for ExecutionActor {
                 if !loaded {
                     return Ok(());
                 }
-                for d in std::mem::take(&mut current.early) {
+                let early = std::mem::take(&mut current.early);
+                if let Some(previous) = &state.plans.previous {
+                    let first_epoch = previous.first_epoch;
+                    myself.send_after(PREVIOUS_GRACE, move || ExecutionMsg::DropPrevious { first_epoch });
+                }
+                state.drop_previous_if_idle();
+                for d in early {
                     if let Err(why) = state.deliver(d, &myself) {
                         tracing::warn!("dropped an early tensor: {}", why.reason());
                     }
@@ -293,6 +376,10 @@ impl Actor for ExecutionActor {
                         state.logits(d);
                         TensorAck::Received
                     }
+                    Ok(d) if d.name.starts_with(CACHE) => match state.import(d) {
+                        Ok(()) => TensorAck::Received,
+                        Err(reason) => TensorAck::Refused { reason },
+                    },
                     Ok(d) => match state.deliver(d, &myself) {
                         Ok(()) => TensorAck::Received,
                         Err(why) => TensorAck::Refused { reason: why.reason() },
@@ -303,12 +390,12 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Retry => {
                 // Whatever plan is current now: a newer epoch with the same assignment keeps the failure.
-                let Some(current) = state.current.as_ref().filter(|c| matches!(c.ready, Some(Err(_)))) else {
+                let Some(current) = state.plans.current.as_ref().filter(|c| matches!(c.ready, Some(Err(_)))) else {
                     return Ok(());
                 };
                 let doc = current.doc.clone();
-                let load = state.prepare(&doc, &myself);
-                let current = state.current.as_mut().expect("checked above");
+                let load = state.prepare(&doc, Vec::new(), &myself);
+                let current = state.plans.current.as_mut().expect("checked above");
                 current.ready = None;
                 current.load = load;
             }
@@ -324,10 +411,12 @@ impl Actor for ExecutionActor {
                 };
                 s.states.insert(segment, Some(cache));
                 s.next.insert(segment, step + 1);
-                let initiator = s.initiator;
+                let (initiator, epoch) = (s.initiator, s.epoch);
+                // The balancer compares the plan held with this device's profile: steps of a replaced plan do not count.
                 if tokens == 1
                     && result.is_ok()
-                    && let Some(stage) = state.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
+                    && state.plans.is_current(epoch)
+                    && let Some(stage) = state.plans.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
                 {
                     let queued = state.queued(segment);
                     state.pace.record(segment, stage.units.clone(), secs, queued);
@@ -342,7 +431,7 @@ impl Actor for ExecutionActor {
                 // The next step's inputs may already be here.
                 state.try_run(session, segment, step + 1, &myself);
             }
-            ExecutionMsg::Route { after, reply } => match &mut state.current {
+            ExecutionMsg::Route { after, reply } => match &mut state.plans.current {
                 Some(c) => match &c.no_plan {
                     // Waiting for a newer plan that the leader said cannot be made.
                     Some(reason) if after >= c.doc.epoch => {
@@ -357,33 +446,64 @@ impl Actor for ExecutionActor {
                     let _ = reply.send(Err("no plan yet; `llnode plan` says what the mesh is waiting for".to_string()));
                 }
             },
-            ExecutionMsg::AwaitLogits { session, step, reply } => match state.current.as_ref().and_then(|c| c.gone.first()) {
-                // A stage of the plan held here has left: no step on it can finish.
-                Some(peer) => {
+            ExecutionMsg::AwaitLogits { session, epoch, step, reply } => match state.plans.of(epoch) {
+                // A stage of the plan the step runs on has left: no step on it can finish.
+                Some(plan) if !plan.gone.is_empty() => {
+                    let peer = plan.gone.first().expect("not empty");
                     let _ = reply.send(Err(StepFail::Moved(format!("device {peer} left the mesh"))));
                 }
-                None => {
-                    state.waiting.insert((session, step), reply);
+                Some(_) => {
+                    state.waiting.insert((session, step), (epoch, reply));
                 }
+                // A plan this device no longer serves, or a newer one it has not seen yet.
+                None => match state.plans.current.as_ref() {
+                    Some(current) if epoch < current.first_epoch => {
+                        let _ = reply.send(Err(StepFail::Moved(format!("the mesh moved to plan epoch {}", current.doc.epoch))));
+                    }
+                    _ => {
+                        state.waiting.insert((session, step), (epoch, reply));
+                    }
+                },
             },
             ExecutionMsg::EndSession { session } => {
                 state.sessions.remove(&session);
+                state.imports.remove(&session);
                 state.waiting.retain(|(s, _), _| *s != session);
+                state.drop_previous_if_idle();
             }
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
                 state.sessions.retain(|_, s| s.initiator != peer);
+                state.imports.retain(|_, i| i.initiator != peer);
                 // Steps waiting here for logits cannot finish without a stage's device,
                 // nor can later ones until a new plan comes.
-                if let Some(current) = state.current.as_mut().filter(|c| c.devices.contains(&peer)) {
+                if let Some(current) = state.plans.current.as_mut().filter(|c| c.devices.contains(&peer)) {
                     current.gone.insert(peer);
-                    for (_, reply) in state.waiting.drain() {
+                    let first_epoch = current.first_epoch;
+                    for (_, (_, reply)) in state.waiting.extract_if(|_, (epoch, _)| *epoch >= first_epoch) {
                         let _ = reply.send(Err(StepFail::Moved(format!("device {peer} left the mesh"))));
                     }
                 }
+                // A replaced plan that lost a device serves nothing more.
+                if state.plans.previous.as_ref().is_some_and(|p| p.devices.contains(&peer)) {
+                    state.plans.previous = None;
+                    state.forget_orphans(&format!("device {peer} left the mesh"));
+                }
+                state.drop_previous_if_idle();
+            }
+            ExecutionMsg::NewerRoute { after, reply } => {
+                let newer = state.plans.current.as_ref().filter(|c| c.first_epoch > after && c.gone.is_empty());
+                let _ = reply.send(newer.and_then(Current::route).and_then(Result::ok));
+            }
+            ExecutionMsg::Move { asker, order, waiter } => state.move_caches(asker, order, waiter),
+            ExecutionMsg::DropPrevious { first_epoch } => {
+                if state.plans.previous.as_ref().is_some_and(|p| p.first_epoch == first_epoch) {
+                    state.plans.previous = None;
+                    state.forget_orphans("the plan it ran on was replaced");
+                }
             }
             ExecutionMsg::NoPlan(reason) => {
-                let Some(current) = &mut state.current else {
+                let Some(current) = &mut state.plans.current else {
                     return Ok(());
                 };
                 current.no_plan = Some(reason.clone());
@@ -463,7 +583,7 @@ pub fn wire_tensor(d: &Delivery) -> WireTensor {
 
 impl ExecutionState {
     fn adopt(&mut self, doc: PlanDoc, myself: &ActorRef<ExecutionMsg>) {
-        if let Some(current) = &mut self.current {
+        if let Some(current) = &mut self.plans.current {
             if current.doc.epoch >= doc.epoch {
                 return;
             }
@@ -479,20 +599,27 @@ impl ExecutionState {
             }
         }
         let devices: Vec<PeerId> = doc.plan.stages.iter().filter_map(|s| s.device.parse().ok()).collect();
-        // Sessions of an older plan cannot continue on this one: their
-        // initiators replay them on the new plan.
-        for id in self.sessions.drain().map(|(id, _)| id) {
-            tracing::info!(session = id, "moved to plan epoch {}", doc.epoch);
-        }
-        for (_, reply) in self.waiting.drain() {
-            let _ = reply.send(Err(StepFail::Moved(format!("the mesh moved to plan epoch {}", doc.epoch))));
+        let mut waiters = Vec::new();
+        let mut reuse = Vec::new();
+        if let Some(mut outgoing) = self.plans.current.take() {
+            waiters = std::mem::take(&mut outgoing.route_waiters);
+            if outgoing.doc.model == doc.model {
+                reuse = outgoing.ready().map(Ready::runners_by_segment).unwrap_or_default();
+            }
+            // A loaded plan with all its devices serves on while this one
+            // loads, until its sessions move (a live move); any other is
+            // dropped, and its sessions replay on the new plan.
+            if outgoing.ready().is_some() && outgoing.gone.is_empty() && outgoing.doc.model == doc.model {
+                tracing::info!("epoch {}: serving epoch {} until its sessions move", doc.epoch, outgoing.doc.epoch);
+                self.plans.previous = Some(outgoing);
+            }
         }
         self.pace.reset(doc.epoch);
-        let waiters = self.current.take().map(|c| c.route_waiters).unwrap_or_default();
-        let load = self.prepare(&doc, myself);
+        let load = self.prepare(&doc, reuse, myself);
         self.args.readiness.send_replace(Some((doc.epoch, readiness(None))));
         let first_epoch = doc.epoch;
-        self.current = Some(Current {
+        let epoch = doc.epoch;
+        self.plans.current = Some(Current {
             doc,
             first_epoch,
             devices,
@@ -503,7 +630,31 @@ impl ExecutionState {
             no_plan: None,
             gone: BTreeSet::new(),
         });
+        self.forget_orphans(&format!("the mesh moved to plan epoch {epoch}"));
         self.deliver_ahead(myself);
+    }
+
+    /// Sessions and waiting steps of plans this device no longer serves:
+    /// gone. Their initiators replay them on the plan held (`why`).
+    fn forget_orphans(&mut self, why: &str) {
+        let plans = &self.plans;
+        for (id, _) in self.sessions.extract_if(|_, s| plans.of(s.epoch).is_none()) {
+            tracing::info!(session = id, "{why}: its initiator replays it");
+        }
+        for (_, (_, reply)) in self.waiting.extract_if(|_, (epoch, _)| plans.of(*epoch).is_none()) {
+            let _ = reply.send(Err(StepFail::Moved(why.to_string())));
+        }
+    }
+
+    /// Drops the replaced plan once the one held is loaded and no session is left on it.
+    fn drop_previous_if_idle(&mut self) {
+        let loaded = self.plans.current.as_ref().is_some_and(|c| c.ready().is_some());
+        let Some(previous) = self.plans.previous.as_ref().filter(|_| loaded) else { return };
+        let serving = |epoch: u64| (previous.first_epoch..=previous.doc.epoch).contains(&epoch);
+        if !self.sessions.values().any(|s| serving(s.epoch)) && !self.waiting.values().any(|(epoch, _)| serving(*epoch)) {
+            tracing::info!("epoch {}: no session is left on it", previous.doc.epoch);
+            self.plans.previous = None;
+        }
     }
 
     /// Delivers the tensors that came ahead of the plan now held.
@@ -517,7 +668,7 @@ impl ExecutionState {
 
     /// Gets and loads this device's share of `doc` in the background;
     /// `Loaded` brings the result under the number returned.
-    fn prepare(&mut self, doc: &PlanDoc, myself: &ActorRef<ExecutionMsg>) -> u64 {
+    fn prepare(&mut self, doc: &PlanDoc, reuse: Vec<LoadedSegment>, myself: &ActorRef<ExecutionMsg>) -> u64 {
         self.loads += 1;
         let load = self.loads;
         let me = self.args.me.to_base58();
@@ -527,7 +678,7 @@ impl ExecutionState {
         let model = doc.model.clone();
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
         tokio::spawn(async move {
-            let result = prepare(&store, &client, &model, segments, mine, spares).await;
+            let result = prepare(&store, &client, &model, segments, mine, spares, reuse).await;
             let _ = myself.cast(ExecutionMsg::Loaded { load, result });
         });
         load
@@ -537,7 +688,7 @@ impl ExecutionState {
     /// A plan that moved on is [`StepFail::Moved`]; anything else wrong, [`StepFail::Failed`].
     fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) -> Result<(), StepFail> {
         let failed = |why: &str| Err(StepFail::Failed(why.to_string()));
-        let newer = self.current.as_ref().is_none_or(|c| d.epoch > c.doc.epoch);
+        let newer = self.plans.current.as_ref().is_none_or(|c| d.epoch > c.doc.epoch);
         if newer {
             if self.ahead.len() >= MAX_EARLY {
                 return failed("busy: this device has not received the plan it is asked to run yet; retry in a moment");
@@ -545,13 +696,13 @@ impl ExecutionState {
             self.ahead.push(d);
             return Ok(());
         }
-        let current = self.current.as_mut().expect("checked above");
-        if d.epoch < current.first_epoch {
+        let held = self.plans.current.as_ref().map_or(0, |c| c.doc.epoch);
+        let Some(current) = self.plans.of_mut(d.epoch) else {
             return Err(StepFail::Moved(format!(
-                "routed by plan epoch {}, but this device runs epoch {}; the initiator moves to the new plan",
-                d.epoch, current.doc.epoch
+                "routed by plan epoch {}, but this device runs epoch {held}; the initiator moves to the new plan",
+                d.epoch
             )));
-        }
+        };
         let ready = match &current.ready {
             None if current.early.len() >= MAX_EARLY => {
                 return failed("busy: this device is still loading its units; retry in a moment");
@@ -597,12 +748,13 @@ impl ExecutionState {
     /// Steps, over all sessions, whose inputs for segment `s` are all in and
     /// that wait for it: its queue depth.
     fn queued(&self, s: usize) -> usize {
-        let Some(ready) = self.current.as_ref().and_then(Current::ready) else {
+        let Some(ready) = self.plans.current.as_ref().and_then(Current::ready) else {
             return 0;
         };
         let needed: Vec<&str> = ready.map.inputs_of(s).map(|t| t.tensor.as_str()).collect();
         self.sessions
             .values()
+            .filter(|sess| self.plans.is_current(sess.epoch))
             .flat_map(|sess| sess.inbox.iter())
             .filter(|((seg, _), (_, acts))| *seg == s && needed.iter().all(|n| acts.contains_key(*n)))
             .count()
@@ -611,16 +763,16 @@ impl ExecutionState {
     /// Runs segment `s` for `step` once all its inputs are in, every earlier
     /// step has run and its cache is free.
     fn try_run(&mut self, session: u64, s: usize, step: u64, myself: &ActorRef<ExecutionMsg>) {
-        let Some(ready) = self.current.as_ref().and_then(Current::ready) else {
+        let Some(sess) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(ready) = self.plans.of(sess.epoch).and_then(Current::ready) else {
             return;
         };
         let Some(runner) = ready.runners.get(&s).cloned() else {
             return;
         };
         let needed: Vec<String> = ready.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
-        let Some(sess) = self.sessions.get_mut(&session) else {
-            return;
-        };
         let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, acts)| needed.iter().all(|n| acts.contains_key(n)));
         let turn = sess.next.get(&s).copied().unwrap_or(1) == step;
         let free = !matches!(sess.states.get(&s), Some(None));
@@ -642,11 +794,11 @@ impl ExecutionState {
     /// Sends segment `s`'s outputs where the transmission map says.
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, session: u64, initiator: PeerId, s: usize, step: u64, tokens: u32, outputs: Activations, myself: &ActorRef<ExecutionMsg>) {
-        let Some(current) = &self.current else { return };
-        let Some(ready) = current.ready() else { return };
         let Some(epoch) = self.sessions.get(&session).map(|sess| sess.epoch) else {
             return;
         };
+        let Some(current) = self.plans.of(epoch) else { return };
+        let Some(ready) = current.ready() else { return };
         let (transfers, devices): (Vec<_>, _) = (ready.map.outputs_of(s).cloned().collect(), current.devices.clone());
         let me = self.args.me;
         let mut local = Vec::new();
@@ -692,8 +844,124 @@ impl ExecutionState {
         }
     }
 
+    /// A step of an initiator's live move ([`CacheMove`]); `waiter` hears when it is done.
+    fn move_caches(&mut self, asker: PeerId, order: CacheMove, waiter: Waiter) {
+        let client = self.args.client.clone();
+        match order {
+            CacheMove::HandOver { from, to, epoch, past, stages } => {
+                let handed = match self.hand_over(asker, from, to, epoch, past, &stages) {
+                    Ok(handed) => handed,
+                    Err(why) => return waiter.answer(&client, Err(why)),
+                };
+                let mut sends = Vec::new();
+                for (device, d) in handed {
+                    if device == self.args.me {
+                        if let Err(why) = self.import(d) {
+                            return waiter.answer(&client, Err(why));
+                        }
+                    } else {
+                        sends.push((device, wire_tensor(&d)));
+                    }
+                }
+                self.drop_previous_if_idle();
+                let traffic = self.args.traffic.clone();
+                tokio::spawn(async move {
+                    let sent = futures::future::join_all(sends.into_iter().map(|(device, tensor)| {
+                        let (client, traffic) = (client.clone(), traffic.clone());
+                        async move {
+                            let bytes = tensor.data.len();
+                            client.send_tensor(device, tensor).await.map_err(|e| format!("cannot hand a cache to {device}: {e}"))?;
+                            traffic.record(&device, bytes);
+                            Ok::<(), String>(())
+                        }
+                    }))
+                    .await;
+                    waiter.answer(&client, sent.into_iter().collect());
+                });
+            }
+            CacheMove::Seal { session, epoch, past } => {
+                let result = self.seal(asker, session, epoch, past as usize);
+                waiter.answer(&client, result);
+            }
+        }
+    }
+
+    /// Takes session `from`'s caches out of this device's segments, each
+    /// addressed to the device that runs its layer in `stages` (the plan of
+    /// `epoch`) for session `to`, and forgets `from`.
+    fn hand_over(
+        &mut self,
+        asker: PeerId,
+        from: u64,
+        to: u64,
+        epoch: u64,
+        past: u64,
+        stages: &[(String, Range<usize>)],
+    ) -> Result<Vec<(PeerId, Delivery)>, String> {
+        let session = self.sessions.get(&from).ok_or("this device holds no such session (it may have restarted); replay it")?;
+        if session.initiator != asker {
+            return Err("only a session's initiator can move it".into());
+        }
+        let ready = self.plans.of(session.epoch).and_then(Current::ready).ok_or("this device no longer runs the session's plan; replay it")?;
+        let mut handed = Vec::new();
+        for (s, state) in &session.states {
+            let state = state.as_ref().ok_or_else(|| format!("segment {s} is still running a step of the session"))?;
+            if state.past() as u64 != past {
+                return Err(format!("segment {s} has run {} tokens of the session, not {past}", state.past()));
+            }
+            for (name, value) in state.caches() {
+                let unit = ready.cache_units.get(name).ok_or_else(|| format!("no unit reads {name}"))?;
+                let (device, _) = stages.iter().find(|(_, units)| units.contains(unit)).ok_or_else(|| format!("the new plan runs no unit {unit}"))?;
+                let device: PeerId = device.parse().map_err(|_| format!("{device} is not a peer id"))?;
+                let value = raw::to_raw(value).map_err(|e| e.to_string())?;
+                let name = format!("{CACHE}{name}");
+                handed.push((device, Delivery { session: to, epoch, initiator: asker, step: 0, tokens: past as u32, name, value }));
+            }
+        }
+        self.sessions.remove(&from);
+        Ok(handed)
+    }
+
+    /// Keeps a handed-over cache until its session is sealed.
+    fn import(&mut self, d: Delivery) -> Result<(), String> {
+        if !self.imports.contains_key(&d.session) && self.imports.len() >= MAX_SESSIONS {
+            return Err(format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment"));
+        }
+        let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new() });
+        if import.initiator != d.initiator {
+            return Err("this session belongs to another initiator".into());
+        }
+        let name = d.name.strip_prefix(CACHE).unwrap_or(&d.name).to_string();
+        import.caches.insert(name, (d.tokens, d.value));
+        Ok(())
+    }
+
+    /// Starts session `session` of plan `epoch` here, `past` tokens in, from
+    /// the caches handed over: every segment of it here must have all of its own.
+    fn seal(&mut self, asker: PeerId, session: u64, epoch: u64, past: usize) -> Result<(), String> {
+        let ready = self.plans.of(epoch).and_then(Current::ready).ok_or_else(|| format!("this device does not run plan epoch {epoch} (any more)"))?;
+        let mut import = self.imports.remove(&session).unwrap_or(Import { initiator: asker, caches: HashMap::new() });
+        if import.initiator != asker {
+            return Err("this session belongs to another initiator".into());
+        }
+        if !self.sessions.contains_key(&session) && self.sessions.len() >= MAX_SESSIONS {
+            return Err(format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment"));
+        }
+        let mut states = HashMap::new();
+        for (&s, runner) in &ready.runners {
+            let mut take = |name: &str| {
+                let (tokens, raw) = import.caches.remove(name)?;
+                (tokens as usize == past).then(|| raw::from_raw(&raw).ok()).flatten()
+            };
+            let state = runner.resume(past, &mut take).map_err(|e| format!("segment {s} cannot resume the session: {e}"))?;
+            states.insert(s, Some(state));
+        }
+        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new() });
+        Ok(())
+    }
+
     fn logits(&mut self, d: Delivery) {
-        let Some(reply) = self.waiting.remove(&(d.session, d.step)) else {
+        let Some((_, reply)) = self.waiting.remove(&(d.session, d.step)) else {
             return;
         };
         let values: Vec<f32> = d.value.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
@@ -702,15 +970,26 @@ impl ExecutionState {
 
     fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
         if initiator == self.args.me
-            && let Some(reply) = self.waiting.remove(&(session, step))
+            && let Some((_, reply)) = self.waiting.remove(&(session, step))
         {
             let _ = reply.send(Err(why));
         }
     }
 }
 
+/// A loaded runner, by what it was loaded for: its units and the outputs asked of it.
+type LoadedSegment = (Range<usize>, Vec<String>, Arc<SegmentRunner>);
+
+impl Ready {
+    /// This device's runners, for a plan that gives it the same segments again.
+    fn runners_by_segment(&self) -> Vec<LoadedSegment> {
+        self.runners.iter().map(|(&s, runner)| (self.map.segments[s].clone(), self.map.output_names(s), runner.clone())).collect()
+    }
+}
+
 /// Gets the manifest and this device's unit files (fetching what is missing)
-/// and loads a runner for each of its segments.
+/// and loads a runner for each of its segments, reusing those in `reuse`
+/// that were loaded for the same units and outputs.
 async fn prepare(
     store: &Arc<Store>,
     client: &MeshClient,
@@ -718,28 +997,40 @@ async fn prepare(
     segments: Vec<Range<usize>>,
     mine: Vec<usize>,
     spares: Vec<Range<usize>>,
+    reuse: Vec<LoadedSegment>,
 ) -> Result<Ready, String> {
     let manifest = store.ensure_manifest(client, model).await?;
     let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
     let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
+    let cache_units = specs.iter().enumerate().flat_map(|(u, spec)| spec.inputs.iter().filter(|n| is_past(n)).map(move |n| (n.clone(), u))).collect();
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
     let spare_files: BTreeSet<String> = spares.into_iter().flat_map(|r| manifest.unit_files(r)).filter(|f| !files.contains(f)).collect();
-    if mine.is_empty() {
-        return Ok(Ready { map, runners: HashMap::new(), files, spare_files });
-    }
-    let dir = store.ensure(client, model, &files).await?;
-    let loading = map.clone();
-    let runners = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let held: Vec<Range<usize>> = mine.iter().map(|&s| segments[s].clone()).collect();
-        let model = llnode_models::package::load_units(&dir, &held).map_err(|e| e.to_string())?;
-        let mut runners = HashMap::new();
-        for s in mine {
-            let runner = SegmentRunner::load(&model, segments[s].clone(), &loading.output_names(s)).map_err(|e| e.to_string())?;
-            runners.insert(s, Arc::new(runner));
+    let mut runners = HashMap::new();
+    let mut load = Vec::new();
+    for s in mine {
+        let outputs = map.output_names(s);
+        match reuse.iter().find(|(units, asked, _)| *units == segments[s] && *asked == outputs) {
+            Some((_, _, runner)) => {
+                runners.insert(s, runner.clone());
+            }
+            None => load.push((s, outputs)),
         }
-        Ok(runners)
-    })
-    .await
-    .map_err(|e| format!("loading failed: {e}"))??;
-    Ok(Ready { map, runners, files, spare_files })
+    }
+    if !load.is_empty() {
+        let dir = store.ensure(client, model, &files).await?;
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let held: Vec<Range<usize>> = load.iter().map(|(s, _)| segments[*s].clone()).collect();
+            let model = llnode_models::package::load_units(&dir, &held).map_err(|e| e.to_string())?;
+            let mut runners = HashMap::new();
+            for (s, outputs) in load {
+                let runner = SegmentRunner::load(&model, segments[s].clone(), &outputs).map_err(|e| e.to_string())?;
+                runners.insert(s, Arc::new(runner));
+            }
+            Ok(runners)
+        })
+        .await
+        .map_err(|e| format!("loading failed: {e}"))??;
+        runners.extend(loaded);
+    }
+    Ok(Ready { map, runners, files, spare_files, cache_units })
 }

@@ -25,6 +25,7 @@ use llnode_planner::profile::{Battery, DeviceProfile, Link, Thermal};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
+use crate::actor::Waiter;
 use crate::protocol::{NodeMessage, PlanDoc, Readiness, SignedPlan};
 
 /// Changes arriving within this time are planned for together.
@@ -189,13 +190,6 @@ pub struct PlanningState {
     /// Leader: the model planned for before a member asked for another, to
     /// go back to if the other cannot be planned.
     previous_model: Option<(String, ModelCost)>,
-}
-
-/// An ask for privacy mode or another model, answered when the plan is
-/// published or cannot be.
-enum Waiter {
-    Local(RpcReplyPort<Result<(), String>>),
-    Remote(llnode_mesh::event::InboundId),
 }
 
 impl Actor for PlanningActor {
@@ -545,7 +539,7 @@ impl PlanningState {
     fn want_model(&mut self, model: String, waiter: Waiter, myself: &ActorRef<PlanningMsg>) {
         let runs = self.held.as_ref().is_some_and(|(_, d)| d.model == model);
         if runs && self.args.model.as_ref().is_some_and(|(id, _)| *id == model) {
-            answer(&self.args.client, waiter, Ok(()));
+            waiter.answer(&self.args.client, Ok(()));
             return;
         }
         self.model_waiters.push((model.clone(), waiter));
@@ -563,7 +557,7 @@ impl PlanningState {
         let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.model_waiters).into_iter().partition(|(m, _)| m == model);
         self.model_waiters = later;
         for (_, waiter) in now {
-            answer(&self.args.client, waiter, result.clone());
+            waiter.answer(&self.args.client, result.clone());
         }
     }
 
@@ -582,7 +576,7 @@ impl PlanningState {
     /// Tells those waiting for privacy mode how it went.
     fn answer_private(&mut self, result: Result<(), String>) {
         for waiter in self.private_waiters.drain(..) {
-            answer(&self.args.client, waiter, result.clone());
+            waiter.answer(&self.args.client, result.clone());
         }
     }
 
@@ -683,6 +677,7 @@ impl PlanningState {
                 Ok(())
             }
             NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
+            NodeMessage::Move(_) => Err("caches go to the execution actor".into()),
             NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
             NodeMessage::Readiness { epoch, state } => {
                 let id = peer.to_base58();
@@ -968,22 +963,6 @@ fn for_model(profile: &DeviceProfile, model: &str) -> DeviceProfile {
         profile.unit_time_s = None;
     }
     profile
-}
-
-/// Answers an ask for privacy mode or another model.
-fn answer(client: &MeshClient, waiter: Waiter, result: Result<(), String>) {
-    match waiter {
-        Waiter::Local(reply) => {
-            let _ = reply.send(result);
-        }
-        Waiter::Remote(id) => client.respond(
-            id,
-            match result {
-                Ok(()) => ControlResponse::Ack,
-                Err(reason) => ControlResponse::Refused { reason },
-            },
-        ),
-    }
 }
 
 /// Same devices running the same units, in the same order.
