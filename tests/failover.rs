@@ -154,4 +154,8 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     let slowed_view = mesh.view(slowed);
     assert!(slowed_view["history"].to_string().contains("queue depth"), "{}", slowed_view["history"]);
     assert!(slowed_view["pace"].as_str().is_some_and(|p| p.contains("ms/token") && p.contains("queue depth")), "{slowed_view:#}");
+    // Every member sends its pace: the asking one sees the other stages' too, slowest first.
+    let paces = after["paces"].as_array().cloned().unwrap_or_default();
+    let asking_name = format!("n{asking}");
+    assert!(paces.iter().any(|p| p[0] != asking_name.as_str() && p[1].as_str().is_some_and(|p| p.contains("ms/token"))), "{after:#}");
 }

@@ -94,13 +94,13 @@ impl CostProfile {
 /// 2 FLOPs per weight element of every MatMul/Gemm with a constant operand
 /// (directly, or through one constant op such as a transpose).
 fn matmul_flops(graph: &tract_onnx::pb::GraphProto, weights: &HashMap<&str, &tract_onnx::pb::TensorProto>) -> u64 {
+    // A constant op reads weights only: a norm's Mul reads an activation too,
+    // and its output is no weight.
     let through: HashMap<&str, &str> = graph
         .node
         .iter()
-        .filter_map(|n| {
-            let w = n.input.iter().find(|i| weights.contains_key(i.as_str()))?;
-            Some((n.output.first()?.as_str(), w.as_str()))
-        })
+        .filter(|n| !n.input.is_empty() && n.input.iter().all(|i| weights.contains_key(i.as_str())))
+        .filter_map(|n| Some((n.output.first()?.as_str(), n.input.first()?.as_str())))
         .collect();
     graph
         .node

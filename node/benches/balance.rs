@@ -28,6 +28,8 @@ const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
 /// Meshes the balancing run may start to get the first run's plan.
 const MESH_TRIES: usize = 4;
+/// Log lines that time a move: re-profile, plan, load, hand-over.
+const TIMELINE: [&str; 5] = ["re-profiled", "moving units", "loaded", "handed over", "no session is left"];
 /// Token intervals in the window that decides the pace has settled.
 const WINDOW: usize = 8;
 
@@ -88,6 +90,12 @@ fn main() {
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
         assert!(!extra.is_empty() || moved > 0, "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again");
         let moved_at = moves_at(&out.stderr).into_iter().rfind(|&k| k >= throttled_at);
+        // When each step of a move happened, from the nodes' logs.
+        for (i, node) in mesh.nodes.iter().enumerate() {
+            for line in node.log().lines().filter(|l| TIMELINE.iter().any(|t| l.contains(t))) {
+                eprintln!("{label}: n{i}: {line}");
+            }
+        }
         runs.push(Run { label, token_ms, throttled_at, moved_at });
     }
 

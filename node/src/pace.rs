@@ -61,7 +61,7 @@ pub fn cli(data_dir: &std::path::Path, factor: f64) -> anyhow::Result<()> {
 }
 
 /// Measured seconds per decoded token of this device's segments.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pace {
     /// The plan epoch measured.
     pub epoch: u64,

@@ -84,6 +84,11 @@ pub fn print_view(view: &PlanView, explain: bool) {
     if let Some(pace) = &view.pace {
         outln!("this device runs at {pace}");
     }
+    // Measured on the plan held, as the balancer reports it: slowest first.
+    for (i, (name, pace)) in view.paces.iter().enumerate() {
+        let mark = if i == 0 && view.paces.len() > 1 { " (the bottleneck)" } else { "" };
+        outln!("measured: {name} runs at {pace}{mark}");
+    }
     if let Some(fetch) = &view.fetch {
         outln!("this device: {fetch}");
     }

@@ -49,6 +49,10 @@ pub enum NodeMessage {
     /// From an initiator moving its generation to a new plan at a token
     /// boundary; answered once done.
     Move(CacheMove),
+    /// The sender's measured pace on its share of the plan, sent with every
+    /// balancer window: every member sees each stage's time per token and
+    /// queue depth, and `llnode plan` names the bottleneck.
+    Pace(crate::pace::Pace),
 }
 
 /// How a generation moves to a new plan without replaying its tokens: the

@@ -143,6 +143,10 @@ pub struct PlanView {
     /// This device's last measured pace on its share of the plan.
     #[serde(default)]
     pub pace: Option<String>,
+    /// Every member's last measured pace (name: pace) on the plan held, slowest
+    /// first: the first is the bottleneck.
+    #[serde(default)]
+    pub paces: Vec<(String, String)>,
     /// Activations this device sent, by member peer id.
     #[serde(default)]
     pub sent: BTreeMap<String, crate::traffic::Sent>,
@@ -178,8 +182,9 @@ pub struct PlanningState {
     /// Leader: the member whose prompts run in privacy mode (plans keep the
     /// first and last units on it), until it leaves or another asks.
     private: Option<String>,
-    /// This device's last measured pace (from the balancer), for `llnode plan`.
-    pace: Option<crate::pace::Pace>,
+    /// Each member's last measured pace (this device's from its balancer,
+    /// the others' as they send them), by peer id, for `llnode plan`.
+    paces: BTreeMap<String, crate::pace::Pace>,
     /// Leader: who asked for privacy and waits for the plan that gives it.
     private_waiters: Vec<Waiter>,
     /// The model a member asked for (leader), or the held plan runs, while
@@ -220,7 +225,7 @@ impl Actor for PlanningActor {
             reasons: Vec::new(),
             readiness: HashMap::new(),
             private: None,
-            pace: None,
+            paces: BTreeMap::new(),
             private_waiters: Vec::new(),
             wanted_model: None,
             model_waiters: Vec::new(),
@@ -273,6 +278,7 @@ impl Actor for PlanningActor {
                 if state.members.remove(&peer) {
                     let name = state.name_of(&peer.to_base58());
                     state.profiles.remove(&peer.to_base58());
+                    state.paces.remove(&peer.to_base58());
                     state.readiness.remove(&peer.to_base58());
                     if state.private.as_deref() == Some(peer.to_base58().as_str()) {
                         state.private = None;
@@ -382,7 +388,8 @@ impl Actor for PlanningActor {
             }
             PlanningMsg::Expected { pace, reply } => {
                 let _ = reply.send(state.expected(&pace.units));
-                state.pace = Some(pace);
+                state.broadcast(NodeMessage::Pace(pace.clone()));
+                state.paces.insert(state.me.clone(), pace);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
             PlanningMsg::Note(line) => state.note(line),
@@ -452,6 +459,18 @@ impl Actor for PlanningActor {
 }
 
 impl PlanningState {
+    /// The members' paces measured on the plan held, slowest first.
+    fn stage_paces(&self) -> Vec<(String, String)> {
+        let Some((_, held)) = &self.held else { return Vec::new() };
+        let mut paces: Vec<(&String, &crate::pace::Pace)> = self
+            .paces
+            .iter()
+            .filter(|(id, pace)| held.plan.stages.iter().filter(|s| s.device == **id).map(|s| s.units.clone()).eq(pace.units.iter().cloned()))
+            .collect();
+        paces.sort_by(|a, b| b.1.secs_per_token.total_cmp(&a.1.secs_per_token));
+        paces.into_iter().map(|(id, pace)| (self.name_of(id), pace.to_string())).collect()
+    }
+
     /// This device's pace, measured: when it has drifted from what the profile
     /// says by more than the threshold, re-profile and let the leader re-plan.
     /// Seconds per token this device's profile promises for `units`, if they
@@ -678,6 +697,10 @@ impl PlanningState {
             }
             NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
             NodeMessage::Move(_) => Err("caches go to the execution actor".into()),
+            NodeMessage::Pace(pace) => {
+                self.paces.insert(peer.to_base58(), pace);
+                Ok(())
+            }
             NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
             NodeMessage::Readiness { epoch, state } => {
                 let id = peer.to_base58();
@@ -899,7 +922,8 @@ impl PlanningState {
             problem: self.problem.clone(),
             history: self.history.clone(),
             fetch: self.args.store.status(),
-            pace: self.pace.as_ref().map(|p| p.to_string()),
+            pace: self.paces.get(&self.me).map(|p| p.to_string()),
+            paces: self.stage_paces(),
             sent: self.args.traffic.snapshot(),
         }
     }
