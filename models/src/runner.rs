@@ -126,6 +126,24 @@ impl SegmentRunner {
         SegmentRunner::from_proto(&proto, &model.dir, units.clone(), &shape_only, true, |name| model.empty_cache_shape(name))
     }
 
+    /// Units `units` of `model`, returning every tensor they make that a
+    /// later unit or the caller reads: such a runner fits in any segment that
+    /// ends at or after it (see [`Chain`]).
+    pub fn load_range(model: &Model, units: Range<usize>) -> Result<SegmentRunner, RunError> {
+        let outputs: Vec<String> = model.units[units.clone()]
+            .iter()
+            .flat_map(|u| &u.spec.outputs)
+            .filter(|o| !is_present(&o.name) && (o.graph_output || o.consumers.iter().any(|&c| c >= units.end)))
+            .map(|o| o.name.clone())
+            .collect();
+        SegmentRunner::load(model, units, &outputs)
+    }
+
+    /// The units it runs.
+    pub fn units(&self) -> Range<usize> {
+        self.units.clone()
+    }
+
     /// The whole export in `dir`, unsegmented: the slow, obviously correct
     /// reference the segmented and distributed paths are tested against.
     pub fn load_reference(dir: &Path) -> Result<SegmentRunner, RunError> {
@@ -249,5 +267,66 @@ impl SegmentRunner {
         }
         state.past += tokens;
         Ok(result)
+    }
+}
+
+/// A segment run as consecutive runners, each loaded with
+/// [`SegmentRunner::load_range`]. When a plan gives a device other segments,
+/// it keeps the runners of units it already holds (its earlier segments, or
+/// spare units it loaded ahead) and loads only the units between them.
+pub struct Chain {
+    parts: Vec<Arc<SegmentRunner>>,
+}
+
+/// One session's state in a [`Chain`]: each part's.
+#[derive(Clone, Default)]
+pub struct ChainState(Vec<SegmentState>);
+
+impl Chain {
+    /// `parts` must run consecutive units.
+    pub fn new(parts: Vec<Arc<SegmentRunner>>) -> Chain {
+        debug_assert!(parts.windows(2).all(|w| w[0].units.end == w[1].units.start));
+        Chain { parts }
+    }
+
+    pub fn parts(&self) -> &[Arc<SegmentRunner>] {
+        &self.parts
+    }
+
+    pub fn new_state(&self) -> ChainState {
+        ChainState(self.parts.iter().map(|p| p.new_state()).collect())
+    }
+
+    /// See [`SegmentRunner::resume`].
+    pub fn resume(&self, past: usize, mut take: impl FnMut(&str) -> Option<TValue>) -> Result<ChainState, RunError> {
+        self.parts.iter().map(|p| p.resume(past, &mut take)).collect::<Result<_, _>>().map(ChainState)
+    }
+
+    /// Runs one step through every part; returns every part's outputs.
+    pub fn run(&self, state: &mut ChainState, tokens: usize, acts: &Activations) -> Result<Activations, RunError> {
+        if let [part] = &self.parts[..] {
+            return part.run(&mut state.0[0], tokens, acts);
+        }
+        let mut inputs = acts.clone();
+        let mut outputs = Activations::new();
+        for (part, state) in self.parts.iter().zip(state.0.iter_mut()) {
+            for (name, value) in part.run(state, tokens, &inputs)? {
+                inputs.insert(name.clone(), value.clone());
+                outputs.insert(name, value);
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+impl ChainState {
+    /// Tokens this session has run through the chain.
+    pub fn past(&self) -> usize {
+        self.0.first().map_or(0, SegmentState::past)
+    }
+
+    /// See [`SegmentState::caches`].
+    pub fn caches(&self) -> impl Iterator<Item = (&str, &TValue)> {
+        self.0.iter().flat_map(SegmentState::caches)
     }
 }

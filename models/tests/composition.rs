@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use llnode_models::model::Model;
 use llnode_models::pipeline::{Forward, LocalPipeline, last_logits, step_inputs};
-use llnode_models::runner::{SegmentRunner, SegmentState};
+use llnode_models::runner::{Chain, ChainState, SegmentRunner, SegmentState};
 use llnode_models::segment::UnitKind;
 use llnode_models::transmission::TransmissionMap;
 use proptest::prelude::*;
@@ -142,6 +142,31 @@ fn caches_moved_to_other_segments_carry_the_session_on() {
 
     let missing = after[1].resume(past, |name| held.get(name).filter(|_| !name.starts_with("past_key_values.2.")).cloned());
     assert!(missing.is_err_and(|e| e.to_string().contains("past_key_values.2.")));
+}
+
+/// Runners loaded on their own ranges, chained into segments, run like the
+/// whole model: how a device reuses the runners it holds when a plan moves.
+#[test]
+fn chains_of_runners_loaded_apart_run_like_the_whole_model() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let n = model.units.len();
+    let part = |units: Range<usize>| std::sync::Arc::new(SegmentRunner::load_range(&model, units).unwrap());
+    let chains = [Chain::new(vec![part(0..2), part(2..4)]), Chain::new(vec![part(4..n)])];
+    let mut states: Vec<ChainState> = chains.iter().map(Chain::new_state).collect();
+    let mut logits = Vec::new();
+    let mut past = 0;
+    for tokens in [&PROMPT[..], &DECODE[..1], &DECODE[1..2], &DECODE[2..]] {
+        let mut acts = step_inputs(tokens, past, true);
+        for (chain, state) in chains.iter().zip(states.iter_mut()) {
+            acts.extend(chain.run(state, tokens.len(), &acts).unwrap());
+        }
+        logits.push(last_logits(&acts["logits"]).unwrap());
+        past += tokens.len();
+    }
+    let reference = reference_logits();
+    assert!(max_diff(&reference, &logits) < 1e-4, "diff {}", max_diff(&reference, &logits));
+    assert_eq!(states[0].past(), past);
+    assert_eq!(states[0].caches().count(), 2 * 3, "layers 0, 1 and 2: a key and a value each");
 }
 
 #[test]

@@ -130,10 +130,12 @@ fn main() {
     );
 
     eprintln!("failover: starting the mesh…");
-    let mut mesh = ready_mesh(&package, &[]);
+    // Without the balancer, so that the stage killed is one the generation runs on.
+    let mut mesh = ready_mesh(&package, &["--no-rebalance"]);
     let victim = mesh.busiest_besides(ASKING);
     let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| mesh.nodes[victim].kill());
     assert_eq!(out.stdout, reference, "failover: the answer changed: {}", out.stderr);
+    assert!(out.stderr.contains("resumed on plan epoch"), "failover: the generation never moved: {}", out.stderr);
     let token_ms = timings(&out.stderr);
     // The stall: the longest interval from the one the kill fell in on; a step in flight may still land just after the kill.
     let first = token_ms.iter().position(|t| *t >= killed_ms).unwrap_or(token_ms.len() - 1).max(1);

@@ -68,6 +68,95 @@ pub fn objective_of(
         .then(|| instance.objective_of(&instance.evaluate(&stages)))
 }
 
+/// A plan for a mesh that already runs one: `plan`'s stages, with the
+/// devices reshuffled among them (any devices, each taking all the stages of
+/// one device of `plan`) so that as many units as possible stay where they
+/// are loaded (`held`: device id and units, spares included; a held range
+/// counts when it lies whole inside a stage of its device), among the
+/// reshuffles whose objective is within `tolerance` (a fraction) of
+/// `plan`'s. Identical devices make equally good plans; this one moves the
+/// fewest units. `plan` itself when nothing keeps more, in privacy mode (the
+/// pinned device stays), or past 8 devices.
+pub fn settle(
+    model: &ModelCost,
+    devices: &[DeviceProfile],
+    config: &Config,
+    plan: Plan,
+    held: &[(String, Range<usize>)],
+    tolerance: f64,
+) -> Plan {
+    let Ok(instance) = Instance::new(model, devices, config) else {
+        return plan;
+    };
+    let index = |id: &str| instance.ids.iter().position(|d| d == id);
+    let Some(stages) = plan
+        .stages
+        .iter()
+        .map(|s| Some((index(&s.device)?, s.units.clone())))
+        .collect::<Option<Stages>>()
+    else {
+        return plan;
+    };
+    if config.privacy.is_some() || instance.devices() > 8 {
+        return plan;
+    }
+    // A device reuses what it holds as whole blocks: a held range counts if
+    // it lies inside a stage the same device runs.
+    let kept = |stages: &Stages| -> usize {
+        held.iter()
+            .filter(|(id, h)| {
+                stages.iter().any(|(d, units)| {
+                    index(id) == Some(*d) && units.start <= h.start && h.end <= units.end
+                })
+            })
+            .map(|(_, h)| h.len())
+            .sum()
+    };
+    let mut used: Vec<usize> = stages.iter().map(|(d, _)| *d).collect();
+    used.sort_unstable();
+    used.dedup();
+    let limit = plan.objective_s * (1.0 + tolerance);
+    let mut best = (kept(&stages), stages.clone());
+    // Every injective map of the devices used onto all devices.
+    let mut chosen = Vec::new();
+    reshuffle(
+        &mut chosen,
+        used.len(),
+        instance.devices(),
+        &mut |to: &[usize]| {
+            let moved: Stages = stages
+                .iter()
+                .map(|(d, units)| (to[used.binary_search(d).expect("used")], units.clone()))
+                .collect();
+            let keeps = kept(&moved);
+            if keeps > best.0
+                && instance.admissible(&moved)
+                && instance.objective_of(&instance.evaluate(&moved)) <= limit
+            {
+                best = (keeps, moved);
+            }
+        },
+    );
+    if best.1 == stages {
+        return plan;
+    }
+    instance.plan(&best.1, plan.method)
+}
+
+/// Calls `visit` with every sequence of `k` distinct devices among `n`.
+fn reshuffle(chosen: &mut Vec<usize>, k: usize, n: usize, visit: &mut dyn FnMut(&[usize])) {
+    if chosen.len() == k {
+        return visit(chosen);
+    }
+    for d in 0..n {
+        if !chosen.contains(&d) {
+            chosen.push(d);
+            reshuffle(chosen, k, n, visit);
+            chosen.pop();
+        }
+    }
+}
+
 pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanError> {
     let started = Instant::now();
     let need = instance.range_need(&(0..instance.units));
@@ -362,6 +451,54 @@ mod tests {
         // A stage on a device that is gone has no cost.
         let gone = vec![("nobody".to_string(), 0..model().units.len())];
         assert_eq!(objective_of(&model(), &devices(), &config, &gone), None);
+    }
+
+    /// Three identical devices, any two of which hold the model: whichever
+    /// two the solver picks, `settle` hands the stages to the devices that
+    /// already hold their units, and never for a worse plan.
+    #[test]
+    fn settling_keeps_units_where_they_are_loaded() {
+        let mut devices = devices();
+        devices[1].flops_per_s = devices[0].flops_per_s;
+        devices.push(DeviceProfile::new("c", "C", 250_000_000, 1e10));
+        crate::profile::connect_all(
+            &mut devices,
+            crate::profile::Link {
+                bandwidth_bytes_per_s: 1e7,
+                rtt_s: 0.01,
+            },
+        );
+        let config = Config::default();
+        let fresh = plan(&model(), &devices, &config).unwrap();
+        let units = |plan: &Plan, id: &str| -> Vec<Range<usize>> {
+            plan.stages
+                .iter()
+                .filter(|s| s.device == id)
+                .map(|s| s.units.clone())
+                .collect()
+        };
+        for held in [
+            vec![("c".to_string(), 0..2), ("a".to_string(), 2..4)],
+            vec![("b".to_string(), 0..2), ("c".to_string(), 2..4)],
+        ] {
+            let settled = settle(&model(), &devices, &config, fresh.clone(), &held, 0.02);
+            settled.check(&model(), &devices).unwrap();
+            assert!(settled.objective_s <= fresh.objective_s * 1.02 + 1e-12);
+            assert_eq!(settled.stages.len(), fresh.stages.len());
+            for (id, range) in &held {
+                assert_eq!(
+                    units(&settled, id),
+                    vec![range.clone()],
+                    "{held:?}: {:?}",
+                    settled.explain()
+                );
+            }
+        }
+        // Nothing held: the plan as it was.
+        assert_eq!(
+            settle(&model(), &devices, &config, fresh.clone(), &[], 0.02),
+            fresh
+        );
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::actor::planning::PlanningMsg;
 
 /// How often the pace is checked.
 const TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// A pace this close to the profile (seconds per token) is within it, whatever
+/// the ratio: a stage of a unit or two (the embeddings) takes well under a
+/// millisecond, where fixed costs per step make ratios meaningless.
+const MIN_DRIFT_S: f64 = 0.002;
 
 pub struct BalancingActor;
 
@@ -65,7 +69,9 @@ impl Actor for BalancingActor {
                 let asked = call_t!(args.planning, |reply| PlanningMsg::Expected { pace: pace.clone(), reply }, CALL_TIMEOUT_MS);
                 let Ok(Some(expected)) = asked else { return Ok(()) };
                 let ratio = pace.secs_per_token / expected;
-                let drift = if ratio >= args.threshold {
+                let drift = if (pace.secs_per_token - expected).abs() < MIN_DRIFT_S {
+                    Drift::Within
+                } else if ratio >= args.threshold {
                     Drift::Slower
                 } else if ratio <= 1.0 / args.threshold {
                     Drift::Faster

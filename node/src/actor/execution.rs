@@ -28,7 +28,7 @@ use llnode_mesh::wire::{DType, Tensor as WireTensor, TensorAck, TensorHeader};
 use llnode_mesh::{MeshClient, PeerId, event::InboundId};
 use llnode_models::pipeline::last_logits;
 use llnode_models::raw::{self, RawTensor, RawType};
-use llnode_models::runner::{Activations, RunError, SegmentRunner, SegmentState};
+use llnode_models::runner::{Activations, Chain, ChainState, RunError, SegmentRunner};
 use llnode_models::segment::is_past;
 use llnode_models::transmission::{Endpoint, TransmissionMap};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -131,7 +131,7 @@ pub enum ExecutionMsg {
         step: u64,
         tokens: u32,
         secs: f64,
-        state: SegmentState,
+        state: ChainState,
         result: Result<Activations, RunError>,
     },
     /// The initiator's view of a plan newer than epoch `after` (answered once it is loaded).
@@ -166,6 +166,11 @@ pub enum ExecutionMsg {
         order: CacheMove,
         waiter: Waiter,
     },
+    /// Runners of the spare units the plan of load number `load` gives this device, loaded ahead.
+    SparesLoaded {
+        load: u64,
+        runners: Vec<Arc<SegmentRunner>>,
+    },
     /// The grace of the plan replaced at `first_epoch` is over: sessions still on it replay.
     DropPrevious {
         first_epoch: u64,
@@ -194,7 +199,15 @@ struct Current {
 /// A plan this device can run its share of.
 pub struct Ready {
     map: TransmissionMap,
-    runners: HashMap<usize, Arc<SegmentRunner>>,
+    /// Each local segment, as runners of consecutive units.
+    runners: HashMap<usize, Arc<Chain>>,
+    /// Every runner this device holds: its segments' parts, and spare units
+    /// loaded ahead, so that a move loads only units new to it.
+    held: Vec<Arc<SegmentRunner>>,
+    /// The spare units the plan gives it.
+    spares: Vec<Range<usize>>,
+    /// Units loaded for this plan; the others were held already.
+    fresh: usize,
     /// The package files its segments read.
     files: BTreeSet<String>,
     /// Files of the spare units the plan gives it ([`llnode_planner::plan::Spare`]), not among `files`.
@@ -267,7 +280,7 @@ struct Session {
     /// The plan epoch its initiator routes by.
     epoch: u64,
     /// Each local segment's cache; `None` while a step runs.
-    states: HashMap<usize, Option<SegmentState>>,
+    states: HashMap<usize, Option<ChainState>>,
     /// The step each local segment runs next (steps may arrive out of order).
     next: HashMap<usize, u64>,
     /// Inputs gathered per (segment, step).
@@ -325,20 +338,34 @@ impl Actor for ExecutionActor {
                 let epoch = current.doc.epoch;
                 match &result {
                     Ok(ready) => {
-                        tracing::info!("epoch {epoch}: loaded {} segment(s)", ready.runners.len());
+                        tracing::info!("epoch {epoch}: loaded {} segment(s), {} unit(s) new to this device", ready.runners.len(), ready.fresh);
                         // Units this device neither runs nor keeps spare leave its disk;
                         // spares are fetched in the background, after its own.
                         let (store, model) = (state.args.store.clone(), current.doc.model.clone());
                         let keep: BTreeSet<String> = ready.files.union(&ready.spare_files).cloned().collect();
                         let (spare, client) = (ready.spare_files.clone(), state.args.client.clone());
+                        // Spare units not held yet are loaded too, so that a move onto them is at once.
+                        let gaps: Vec<Range<usize>> =
+                            ready.spares.iter().flat_map(|r| cover(r.clone(), &ready.held)).filter_map(Result::err).collect();
+                        let myself = myself.clone();
                         tokio::spawn(async move {
                             let (retained, id) = (store.clone(), model.clone());
                             let _ = tokio::task::spawn_blocking(move || retained.retain(&id, &keep)).await;
-                            if !spare.is_empty() {
-                                match store.ensure(&client, &model, &spare).await {
-                                    Ok(_) => tracing::info!("holding {} spare file(s) for failover", spare.len()),
-                                    Err(e) => tracing::warn!("cannot fetch the spare units the plan gives this device: {e}"),
+                            if spare.is_empty() && gaps.is_empty() {
+                                return;
+                            }
+                            let loaded = match store.ensure(&client, &model, &spare).await {
+                                Ok(dir) => {
+                                    tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps)).await.map_err(|e| e.to_string()).and_then(|r| r)
                                 }
+                                Err(e) => Err(e),
+                            };
+                            match loaded {
+                                Ok(runners) => {
+                                    tracing::info!("holding {} spare file(s) for failover, {} spare runner(s) loaded", spare.len(), runners.len());
+                                    let _ = myself.cast(ExecutionMsg::SparesLoaded { load, runners: runners.into_values().collect() });
+                                }
+                                Err(e) => tracing::warn!("cannot get the spare units the plan gives this device: {e}"),
                             }
                         });
                     }
@@ -496,6 +523,11 @@ impl Actor for ExecutionActor {
                 let _ = reply.send(newer.and_then(Current::route).and_then(Result::ok));
             }
             ExecutionMsg::Move { asker, order, waiter } => state.move_caches(asker, order, waiter),
+            ExecutionMsg::SparesLoaded { load, runners } => {
+                if let Some(Ok(ready)) = state.plans.current.as_mut().filter(|c| c.load == load).and_then(|c| c.ready.as_mut()) {
+                    ready.held.extend(runners);
+                }
+            }
             ExecutionMsg::DropPrevious { first_epoch } => {
                 if state.plans.previous.as_ref().is_some_and(|p| p.first_epoch == first_epoch) {
                     state.plans.previous = None;
@@ -604,7 +636,7 @@ impl ExecutionState {
         if let Some(mut outgoing) = self.plans.current.take() {
             waiters = std::mem::take(&mut outgoing.route_waiters);
             if outgoing.doc.model == doc.model {
-                reuse = outgoing.ready().map(Ready::runners_by_segment).unwrap_or_default();
+                reuse = outgoing.ready().map(|r| r.held.clone()).unwrap_or_default();
             }
             // A loaded plan with all its devices serves on while this one
             // loads, until its sessions move (a live move); any other is
@@ -668,7 +700,7 @@ impl ExecutionState {
 
     /// Gets and loads this device's share of `doc` in the background;
     /// `Loaded` brings the result under the number returned.
-    fn prepare(&mut self, doc: &PlanDoc, reuse: Vec<LoadedSegment>, myself: &ActorRef<ExecutionMsg>) -> u64 {
+    fn prepare(&mut self, doc: &PlanDoc, reuse: Vec<Arc<SegmentRunner>>, myself: &ActorRef<ExecutionMsg>) -> u64 {
         self.loads += 1;
         let load = self.loads;
         let me = self.args.me.to_base58();
@@ -977,19 +1009,44 @@ impl ExecutionState {
     }
 }
 
-/// A loaded runner, by what it was loaded for: its units and the outputs asked of it.
-type LoadedSegment = (Range<usize>, Vec<String>, Arc<SegmentRunner>);
-
-impl Ready {
-    /// This device's runners, for a plan that gives it the same segments again.
-    fn runners_by_segment(&self) -> Vec<LoadedSegment> {
-        self.runners.iter().map(|(&s, runner)| (self.map.segments[s].clone(), self.map.output_names(s), runner.clone())).collect()
+/// How to run units `range` with the runners `held`: each held runner that
+/// lies inside it (the longest where several start at one unit), and the
+/// units between them, to load (`Err`).
+fn cover(range: Range<usize>, held: &[Arc<SegmentRunner>]) -> Vec<Result<Arc<SegmentRunner>, Range<usize>>> {
+    let inside: Vec<&Arc<SegmentRunner>> = held.iter().filter(|r| range.start <= r.units().start && r.units().end <= range.end).collect();
+    let mut parts = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        match inside.iter().filter(|r| r.units().start == at).max_by_key(|r| r.units().end) {
+            Some(runner) => {
+                at = runner.units().end;
+                parts.push(Ok(Arc::clone(runner)));
+            }
+            None => {
+                let next = inside.iter().map(|r| r.units().start).filter(|&start| start > at).min().unwrap_or(range.end);
+                parts.push(Err(at..next));
+                at = next;
+            }
+        }
     }
+    parts
+}
+
+/// Loads a runner for each of `ranges` from the package in `dir`.
+fn load_ranges(dir: &std::path::Path, ranges: &[Range<usize>]) -> Result<HashMap<Range<usize>, Arc<SegmentRunner>>, String> {
+    if ranges.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let model = llnode_models::package::load_units(dir, ranges).map_err(|e| e.to_string())?;
+    ranges
+        .iter()
+        .map(|r| SegmentRunner::load_range(&model, r.clone()).map(|runner| (r.clone(), Arc::new(runner))).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Gets the manifest and this device's unit files (fetching what is missing)
-/// and loads a runner for each of its segments, reusing those in `reuse`
-/// that were loaded for the same units and outputs.
+/// and makes each of its segments a chain of runners: those it holds
+/// (`reuse`) where they fit, loading the units between them.
 async fn prepare(
     store: &Arc<Store>,
     client: &MeshClient,
@@ -997,40 +1054,35 @@ async fn prepare(
     segments: Vec<Range<usize>>,
     mine: Vec<usize>,
     spares: Vec<Range<usize>>,
-    reuse: Vec<LoadedSegment>,
+    reuse: Vec<Arc<SegmentRunner>>,
 ) -> Result<Ready, String> {
     let manifest = store.ensure_manifest(client, model).await?;
     let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
     let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
     let cache_units = specs.iter().enumerate().flat_map(|(u, spec)| spec.inputs.iter().filter(|n| is_past(n)).map(move |n| (n.clone(), u))).collect();
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
-    let spare_files: BTreeSet<String> = spares.into_iter().flat_map(|r| manifest.unit_files(r)).filter(|f| !files.contains(f)).collect();
+    let spare_files: BTreeSet<String> = spares.iter().flat_map(|r| manifest.unit_files(r.clone())).filter(|f| !files.contains(f)).collect();
+    let covers: Vec<(usize, Vec<_>)> = mine.iter().map(|&s| (s, cover(segments[s].clone(), &reuse))).collect();
+    let gaps: Vec<Range<usize>> = covers.iter().flat_map(|(_, parts)| parts.iter().filter_map(|p| p.clone().err())).collect();
+    let fresh = gaps.iter().map(ExactSizeIterator::len).sum();
+    let mut loaded = HashMap::new();
+    if !gaps.is_empty() {
+        let dir = store.ensure(client, model, &files).await?;
+        loaded = tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps)).await.map_err(|e| format!("loading failed: {e}"))??;
+    }
     let mut runners = HashMap::new();
-    let mut load = Vec::new();
-    for s in mine {
-        let outputs = map.output_names(s);
-        match reuse.iter().find(|(units, asked, _)| *units == segments[s] && *asked == outputs) {
-            Some((_, _, runner)) => {
-                runners.insert(s, runner.clone());
-            }
-            None => load.push((s, outputs)),
+    let mut held: Vec<Arc<SegmentRunner>> = Vec::new();
+    for (s, parts) in covers {
+        let parts: Vec<Arc<SegmentRunner>> = parts.into_iter().map(|p| p.unwrap_or_else(|gap| loaded[&gap].clone())).collect();
+        held.extend(parts.iter().cloned());
+        runners.insert(s, Arc::new(Chain::new(parts)));
+    }
+    // Held runners that fit the new spares stay (the rest are freed once no plan uses them).
+    for runner in reuse {
+        let spare = spares.iter().any(|s| s.start <= runner.units().start && runner.units().end <= s.end);
+        if spare && !held.iter().any(|h| Arc::ptr_eq(h, &runner)) {
+            held.push(runner);
         }
     }
-    if !load.is_empty() {
-        let dir = store.ensure(client, model, &files).await?;
-        let loaded = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let held: Vec<Range<usize>> = load.iter().map(|(s, _)| segments[*s].clone()).collect();
-            let model = llnode_models::package::load_units(&dir, &held).map_err(|e| e.to_string())?;
-            let mut runners = HashMap::new();
-            for (s, outputs) in load {
-                let runner = SegmentRunner::load(&model, segments[s].clone(), &outputs).map_err(|e| e.to_string())?;
-                runners.insert(s, Arc::new(runner));
-            }
-            Ok(runners)
-        })
-        .await
-        .map_err(|e| format!("loading failed: {e}"))??;
-        runners.extend(loaded);
-    }
-    Ok(Ready { map, runners, files, spare_files, cache_units })
+    Ok(Ready { map, runners, held, spares, fresh, files, spare_files, cache_units })
 }

@@ -40,6 +40,9 @@ const PROBE_BYTES: usize = 1 << 20;
 const LINK_CHANGE: f64 = 0.5;
 /// A new assignment for the same devices must beat the held one by this share.
 const MIN_GAIN: f64 = 0.1;
+/// A plan that keeps more units where they are loaded is preferred to the
+/// solver's if it is at most this much (a fraction) worse.
+const SETTLE_TOLERANCE: f64 = 0.03;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
 /// How often the models this device can serve (fetching adds some) are announced anew.
@@ -796,14 +799,21 @@ impl PlanningState {
         self.solving = true;
         let generation = self.generation;
         let myself = myself.clone();
-        let held: Option<Vec<(String, std::ops::Range<usize>)>> = self
-            .held
-            .as_ref()
-            .filter(|(_, d)| d.model == model_id)
-            .map(|(_, d)| d.plan.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect());
+        let held_plan = self.held.as_ref().filter(|(_, d)| d.model == model_id).map(|(_, d)| &d.plan);
+        let held: Option<Vec<(String, std::ops::Range<usize>)>> =
+            held_plan.map(|plan| plan.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect());
+        // What each device has loaded: its stages and its spares.
+        let loaded: Vec<(String, std::ops::Range<usize>)> = held_plan
+            .map(|plan| {
+                let spares = plan.spares.iter().map(|s| (s.device.clone(), s.units.clone()));
+                held.iter().flatten().cloned().chain(spares).collect()
+            })
+            .unwrap_or_default();
         self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
         tokio::task::spawn_blocking(move || {
-            let result = llnode_planner::assign::plan(&cost, &devices, &config);
+            // Of equally good plans, the one that moves the fewest units.
+            let result = llnode_planner::assign::plan(&cost, &devices, &config)
+                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, &loaded, SETTLE_TOLERANCE));
             let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
             let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
         });
