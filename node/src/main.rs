@@ -35,6 +35,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a node's log file (tests, phones) stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command.execute() {
         Ok(()) => ExitCode::SUCCESS,
