@@ -69,6 +69,10 @@ pub struct Pace {
     pub units: Vec<Range<usize>>,
     /// Seconds per token for all of them together.
     pub secs_per_token: f64,
+    /// The same from each segment's fastest step: when even that is slow,
+    /// every step of the window was (it did not straddle a change).
+    #[serde(default)]
+    pub fastest_secs_per_token: f64,
     /// Decode steps behind the figure (the fewest of any one segment).
     pub samples: u32,
     /// Queue depth: steps whose inputs were all in, waiting for a segment of
@@ -97,8 +101,8 @@ impl std::fmt::Display for Pace {
 #[derive(Default)]
 pub struct PaceWindow {
     epoch: u64,
-    /// Segment index → (its units, seconds, steps, steps queued summed over steps).
-    segments: BTreeMap<usize, (Range<usize>, f64, u32, u64)>,
+    /// Segment index → (its units, seconds, steps, steps queued summed over steps, fastest step).
+    segments: BTreeMap<usize, (Range<usize>, f64, u32, u64, f64)>,
 }
 
 impl PaceWindow {
@@ -110,24 +114,26 @@ impl PaceWindow {
 
     /// A decode step of `segment` took `secs`; `queued` steps waited for it as it ended.
     pub fn record(&mut self, segment: usize, units: Range<usize>, secs: f64, queued: usize) {
-        let entry = self.segments.entry(segment).or_insert((units, 0.0, 0, 0));
+        let entry = self.segments.entry(segment).or_insert((units, 0.0, 0, 0, f64::INFINITY));
         entry.1 += secs;
         entry.2 += 1;
         entry.3 += queued as u64;
+        entry.4 = entry.4.min(secs);
     }
 
     /// The pace so far, once every segment has [`MIN_SAMPLES`] steps; the window then starts over.
     pub fn take(&mut self) -> Option<Pace> {
-        let samples = self.segments.values().map(|(_, _, n, _)| *n).min()?;
+        let samples = self.segments.values().map(|(_, _, n, _, _)| *n).min()?;
         if samples < MIN_SAMPLES {
             return None;
         }
         let pace = Pace {
             epoch: self.epoch,
-            units: self.segments.values().map(|(u, _, _, _)| u.clone()).collect(),
-            secs_per_token: self.segments.values().map(|(_, secs, n, _)| secs / *n as f64).sum(),
+            units: self.segments.values().map(|(u, _, _, _, _)| u.clone()).collect(),
+            secs_per_token: self.segments.values().map(|(_, secs, n, _, _)| secs / *n as f64).sum(),
+            fastest_secs_per_token: self.segments.values().map(|(_, _, _, _, fastest)| fastest).sum(),
             samples,
-            queue: self.segments.values().map(|(_, _, n, q)| *q as f64 / *n as f64).sum(),
+            queue: self.segments.values().map(|(_, _, n, q, _)| *q as f64 / *n as f64).sum(),
         };
         self.segments.clear();
         Some(pace)
@@ -154,6 +160,7 @@ mod tests {
         assert_eq!(pace.epoch, 3);
         assert_eq!(pace.units, vec![0..2, 4..6]);
         assert!((pace.secs_per_token - 0.040).abs() < 1e-12);
+        assert!((pace.fastest_secs_per_token - 0.040).abs() < 1e-12);
         // Segment 0 never had a queue; segment 2 had 2, then 1 for five steps.
         assert!((pace.queue - 7.0 / MIN_SAMPLES as f64).abs() < 1e-12, "{}", pace.queue);
         assert!(pace.to_string().contains("queue depth 1.2"), "{pace}");

@@ -8,7 +8,8 @@
 //! the leader re-plans. Two windows in a row must agree (both slower or both
 //! faster) before anything happens, and the newer one's ratio is used: a
 //! window that straddles a change would re-profile half-way and cost a
-//! second move. Plans do not flap: besides this threshold, a new assignment
+//! second move. A window in which even the fastest step of each segment is
+//! slower than the threshold did not straddle one, and acts at once. Plans do not flap: besides this threshold, a new assignment
 //! must beat the held one, costed on the same profiles, by 10%.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
@@ -78,7 +79,9 @@ impl Actor for BalancingActor {
                 } else {
                     Drift::Within
                 };
-                if drift != Drift::Within && drift == state.last {
+                // A window whose every step was slow did not straddle the change: no need to wait for another.
+                let clean = drift == Drift::Slower && pace.fastest_secs_per_token / expected >= args.threshold;
+                if drift != Drift::Within && (drift == state.last || clean) {
                     args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
                     state.last = Drift::Within;
                 } else {

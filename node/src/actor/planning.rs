@@ -707,7 +707,10 @@ impl PlanningState {
             NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
             NodeMessage::Readiness { epoch, state } => {
                 let id = peer.to_base58();
-                if self.readiness.get(&id).is_none_or(|(held, _)| *held <= epoch) {
+                // Messages travel on streams of their own and may overtake each other: a
+                // device ready for an epoch stays so, whatever "loading" line comes after.
+                let stale = |(held, said): &(u64, Readiness)| *held > epoch || (*held == epoch && *said == Readiness::Ready);
+                if !self.readiness.get(&id).is_some_and(stale) {
                     self.readiness.insert(id, (epoch, state));
                 }
                 Ok(())
