@@ -22,6 +22,24 @@ pub mod trust;
 /// How long the control endpoint waits for an actor's answer.
 pub const CALL_TIMEOUT_MS: u64 = 30_000;
 
+/// Sends `peer` (called `who` in errors) a node message answered by
+/// [`Waiter::answer`]: `Ok` on its acknowledgement, else its reason, or why
+/// it did not answer.
+pub async fn ask(
+    client: &llnode_mesh::MeshClient,
+    peer: llnode_mesh::PeerId,
+    who: &str,
+    message: &crate::protocol::NodeMessage,
+) -> Result<(), String> {
+    use llnode_mesh::wire::{ControlRequest, ControlResponse};
+    match client.request(peer, ControlRequest::Node(message.encode())).await {
+        Ok(ControlResponse::Ack) => Ok(()),
+        Ok(ControlResponse::Refused { reason }) => Err(reason),
+        Ok(other) => Err(format!("{who} answered {other:?}")),
+        Err(e) => Err(format!("{who} did not answer: {e}")),
+    }
+}
+
 /// Who asked for something answered later (a plan published, caches in
 /// place): this node's CLI or code, or a member whose request waits.
 pub enum Waiter {

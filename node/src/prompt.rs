@@ -527,6 +527,15 @@ impl MeshForward {
         self.replay_onto(route)
     }
 
+    /// Goes on as session `session` on `route`, from step 1; the session is
+    /// ended on its devices when the generation ends.
+    fn open(&mut self, route: Route, session: u64) {
+        self.route = route;
+        self.session = session;
+        self.sessions.push((session, self.route.devices.clone()));
+        self.step = 0;
+    }
+
     fn startup(&self) -> Startup<'_> {
         Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None }
     }
@@ -536,10 +545,7 @@ impl MeshForward {
     /// every [`REPLAY_WINDOW`] steps, so stages still loading hold a bounded
     /// number of tensors.
     fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
-        self.route = route;
-        self.session = rand::random();
-        self.sessions.push((self.session, self.route.devices.clone()));
-        self.step = 0;
+        self.open(route, rand::random());
         let mut past = 0;
         let history = self.history.clone();
         for (i, tokens) in history.iter().enumerate() {
@@ -580,10 +586,7 @@ impl MeshForward {
         match self.handle.block_on(self.hand_over(&route, to)) {
             Ok(()) => {
                 let (epoch, tokens, past, pause_s) = (route.epoch, self.history.len(), self.past, since.elapsed().as_secs_f64());
-                self.route = route;
-                self.session = to;
-                self.sessions.push((to, self.route.devices.clone()));
-                self.step = 0;
+                self.open(route, to);
                 let note = format!(
                     "a generation moved to plan epoch {epoch} after {tokens} token(s): the caches of {past} token(s) handed over in {:.0} ms",
                     pause_s * 1e3
@@ -629,13 +632,7 @@ impl MeshForward {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r)
             } else {
-                use llnode_mesh::wire::{ControlRequest, ControlResponse};
-                match self.client.request(device, ControlRequest::Node(NodeMessage::Move(order.clone()).encode())).await {
-                    Ok(ControlResponse::Ack) => Ok(()),
-                    Ok(ControlResponse::Refused { reason }) => Err(reason),
-                    Ok(other) => Err(format!("it answered {other:?}")),
-                    Err(e) => Err(e.to_string()),
-                }
+                crate::actor::ask(&self.client, device, "it", &NodeMessage::Move(order.clone())).await
             };
             answer.map_err(|e| format!("{device}: {e}"))
         }))

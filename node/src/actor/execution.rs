@@ -50,6 +50,16 @@ const PREVIOUS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Names of handed-over KV caches on the wire start with this.
 const CACHE: &str = "cache:";
 
+/// Why a session is refused when this device holds [`MAX_SESSIONS`].
+fn busy_sessions() -> String {
+    format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment")
+}
+
+/// Whether units `inner` lie inside `outer`.
+fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
 /// Where an initiator's step gets its logits, or why they will not come.
 type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
 
@@ -227,19 +237,21 @@ struct Plans {
 impl Plans {
     /// The plan that serves sessions routed by `epoch`.
     fn of(&self, epoch: u64) -> Option<&Current> {
-        let current = self.current.as_ref()?;
-        if epoch >= current.first_epoch {
-            return Some(current);
+        if self.is_current(epoch) {
+            self.current.as_ref()
+        } else {
+            self.current.as_ref()?;
+            self.previous.as_ref().filter(|p| p.covers(epoch))
         }
-        self.previous.as_ref().filter(|p| (p.first_epoch..=p.doc.epoch).contains(&epoch))
     }
 
     fn of_mut(&mut self, epoch: u64) -> Option<&mut Current> {
-        let current = self.current.as_mut()?;
-        if epoch >= current.first_epoch {
-            return Some(current);
+        if self.is_current(epoch) {
+            self.current.as_mut()
+        } else {
+            self.current.as_ref()?;
+            self.previous.as_mut().filter(|p| p.covers(epoch))
         }
-        self.previous.as_mut().filter(|p| (p.first_epoch..=p.doc.epoch).contains(&epoch))
     }
 
     /// Whether sessions routed by `epoch` run on the plan held (not one it replaced).
@@ -249,6 +261,12 @@ impl Plans {
 }
 
 impl Current {
+    /// Whether sessions routed by `epoch` run on this plan as a replaced one
+    /// (from its first epoch to the last it was held at).
+    fn covers(&self, epoch: u64) -> bool {
+        (self.first_epoch..=self.doc.epoch).contains(&epoch)
+    }
+
     fn ready(&self) -> Option<&Ready> {
         self.ready.as_ref().and_then(|r| r.as_ref().ok())
     }
@@ -397,7 +415,7 @@ impl Actor for ExecutionActor {
             ExecutionMsg::Inbound { peer, id, tensor } => {
                 let ack = match delivery(peer, tensor) {
                     Ok(d) if !state.sessions.contains_key(&d.session) && state.sessions.len() >= MAX_SESSIONS => {
-                        TensorAck::Refused { reason: format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment") }
+                        TensorAck::Refused { reason: busy_sessions() }
                     }
                     Ok(d) if d.name == "logits" => {
                         state.logits(d);
@@ -513,8 +531,7 @@ impl Actor for ExecutionActor {
                 }
                 // A replaced plan that lost a device serves nothing more.
                 if state.plans.previous.as_ref().is_some_and(|p| p.devices.contains(&peer)) {
-                    state.plans.previous = None;
-                    state.forget_orphans(&format!("device {peer} left the mesh"));
+                    state.drop_previous(&format!("device {peer} left the mesh"));
                 }
                 state.drop_previous_if_idle();
             }
@@ -530,8 +547,7 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::DropPrevious { first_epoch } => {
                 if state.plans.previous.as_ref().is_some_and(|p| p.first_epoch == first_epoch) {
-                    state.plans.previous = None;
-                    state.forget_orphans("the plan it ran on was replaced");
+                    state.drop_previous("the plan it ran on was replaced");
                 }
             }
             ExecutionMsg::NoPlan(reason) => {
@@ -678,12 +694,17 @@ impl ExecutionState {
         }
     }
 
+    /// Drops the replaced plan; its sessions replay (`why`).
+    fn drop_previous(&mut self, why: &str) {
+        self.plans.previous = None;
+        self.forget_orphans(why);
+    }
+
     /// Drops the replaced plan once the one held is loaded and no session is left on it.
     fn drop_previous_if_idle(&mut self) {
         let loaded = self.plans.current.as_ref().is_some_and(|c| c.ready().is_some());
         let Some(previous) = self.plans.previous.as_ref().filter(|_| loaded) else { return };
-        let serving = |epoch: u64| (previous.first_epoch..=previous.doc.epoch).contains(&epoch);
-        if !self.sessions.values().any(|s| serving(s.epoch)) && !self.waiting.values().any(|(epoch, _)| serving(*epoch)) {
+        if !self.sessions.values().any(|s| previous.covers(s.epoch)) && !self.waiting.values().any(|(epoch, _)| previous.covers(*epoch)) {
             tracing::info!("epoch {}: no session is left on it", previous.doc.epoch);
             self.plans.previous = None;
         }
@@ -957,7 +978,7 @@ impl ExecutionState {
     /// Keeps a handed-over cache until its session is sealed.
     fn import(&mut self, d: Delivery) -> Result<(), String> {
         if !self.imports.contains_key(&d.session) && self.imports.len() >= MAX_SESSIONS {
-            return Err(format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment"));
+            return Err(busy_sessions());
         }
         let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new() });
         if import.initiator != d.initiator {
@@ -977,7 +998,7 @@ impl ExecutionState {
             return Err("this session belongs to another initiator".into());
         }
         if !self.sessions.contains_key(&session) && self.sessions.len() >= MAX_SESSIONS {
-            return Err(format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment"));
+            return Err(busy_sessions());
         }
         let mut states = HashMap::new();
         for (&s, runner) in &ready.runners {
@@ -1013,17 +1034,17 @@ impl ExecutionState {
 /// lies inside it (the longest where several start at one unit), and the
 /// units between them, to load (`Err`).
 fn cover(range: Range<usize>, held: &[Arc<SegmentRunner>]) -> Vec<Result<Arc<SegmentRunner>, Range<usize>>> {
-    let inside: Vec<&Arc<SegmentRunner>> = held.iter().filter(|r| range.start <= r.units().start && r.units().end <= range.end).collect();
+    let within: Vec<&Arc<SegmentRunner>> = held.iter().filter(|r| inside(&r.units(), &range)).collect();
     let mut parts = Vec::new();
     let mut at = range.start;
     while at < range.end {
-        match inside.iter().filter(|r| r.units().start == at).max_by_key(|r| r.units().end) {
+        match within.iter().filter(|r| r.units().start == at).max_by_key(|r| r.units().end) {
             Some(runner) => {
                 at = runner.units().end;
                 parts.push(Ok(Arc::clone(runner)));
             }
             None => {
-                let next = inside.iter().map(|r| r.units().start).filter(|&start| start > at).min().unwrap_or(range.end);
+                let next = within.iter().map(|r| r.units().start).filter(|&start| start > at).min().unwrap_or(range.end);
                 parts.push(Err(at..next));
                 at = next;
             }
@@ -1079,7 +1100,7 @@ async fn prepare(
     }
     // Held runners that fit the new spares stay (the rest are freed once no plan uses them).
     for runner in reuse {
-        let spare = spares.iter().any(|s| s.start <= runner.units().start && runner.units().end <= s.end);
+        let spare = spares.iter().any(|s| inside(&runner.units(), s));
         if spare && !held.iter().any(|h| Arc::ptr_eq(h, &runner)) {
             held.push(runner);
         }

@@ -546,13 +546,7 @@ impl PlanningState {
     fn ask_leader(&self, leader: PeerId, message: NodeMessage, reply: RpcReplyPort<Result<(), String>>) {
         let client = self.args.client.clone();
         tokio::spawn(async move {
-            let answer = match client.request(leader, ControlRequest::Node(message.encode())).await {
-                Ok(ControlResponse::Ack) => Ok(()),
-                Ok(ControlResponse::Refused { reason }) => Err(reason),
-                Ok(other) => Err(format!("the leader answered {other:?}")),
-                Err(e) => Err(format!("the leader did not answer: {e}")),
-            };
-            let _ = reply.send(answer);
+            let _ = reply.send(crate::actor::ask(&client, leader, "the leader", &message).await);
         });
     }
 
