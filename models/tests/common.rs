@@ -1,4 +1,7 @@
 //! The built-in tiny model, generated once per test binary.
+//!
+//! A static is never dropped, so its directory outlives the run: it goes under
+//! cargo's own scratch directory (`cargo clean` removes it), not into /tmp.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -9,7 +12,7 @@ use llnode_models::synth::{self, SynthConfig};
 pub fn tiny_export() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = DIR.get_or_init(|| {
-        let root = tempfile::tempdir().expect("temp dir");
+        let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         let path = root.path().join("tiny");
         synth::write_export(&SynthConfig::tiny(), &path, &Silent).expect("built-in model");
         (root, path)

@@ -126,7 +126,7 @@ impl DataDir {
 pub struct StartArgs {
     #[command(flatten)]
     pub dir: DataDir,
-    /// Listen on this multiaddr (repeatable; default: every interface, random ports, TCP and QUIC).
+    /// Listen on this multiaddr (repeatable; default: every interface, a random TCP port, and a QUIC one in a build with `--features quic`).
     #[arg(long, env = "LLNODE_LISTEN", value_delimiter = ',')]
     pub listen: Vec<Multiaddr>,
     /// Dial this peer multiaddr at start and whenever it drops (repeatable).

@@ -1,5 +1,5 @@
 //! BalancingActor: child of `llnode start`, spawned unless `--no-rebalance`.
-//! Every 250 ms it takes this device's measured pace from the execution
+//! Every 100 ms it takes this device's measured pace from the execution
 //! actor (seconds per decoded token of its own segments, [`crate::pace`]),
 //! once that covers at least [`crate::pace::MIN_SAMPLES`] steps,
 //! and asks the planning actor what the device's profile promised for those
@@ -9,8 +9,10 @@
 //! faster) before anything happens, and the newer one's ratio is used: a
 //! window that straddles a change would re-profile half-way and cost a
 //! second move. A window in which even the fastest step of each segment is
-//! slower than the threshold did not straddle one, and acts at once. Plans do not flap: besides this threshold, a new assignment
-//! must beat the held one, costed on the same profiles, by 10%.
+//! slower than the threshold did not straddle one, and acts at once (the
+//! leader then re-plans without waiting). Plans do not flap: besides this
+//! threshold, a new assignment must beat the held one, costed on the same
+//! profiles, by 10%.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
 
@@ -18,8 +20,9 @@ use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::execution::ExecutionMsg;
 use crate::actor::planning::PlanningMsg;
 
-/// How often the pace is checked.
-const TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often the pace is checked; a window also needs
+/// [`crate::pace::MIN_SAMPLES`] steps, so it closes as soon as it has them.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// A pace this close to the profile (seconds per token) is within it, whatever
 /// the ratio: a stage of a unit or two (the embeddings) takes well under a
 /// millisecond, where fixed costs per step make ratios meaningless.

@@ -505,7 +505,7 @@ impl PlanningState {
         self.profiles.insert(self.me.clone(), profile.clone());
         self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
         self.broadcast(NodeMessage::Profile(profile));
-        self.changed(myself);
+        self.reprofiled(myself);
     }
 
     /// Something the next plan answers, kept by the leader only (members do not plan).
@@ -643,10 +643,21 @@ impl PlanningState {
 
     /// Something a plan depends on changed: plan again shortly, if leading.
     fn changed(&mut self, myself: &ActorRef<PlanningMsg>) {
+        self.replan_after(DEBOUNCE, myself);
+    }
+
+    /// A planned device measured itself anew: plan again at once, if leading.
+    /// Nothing else is likely to change with it, and every token spent
+    /// waiting runs at the slow device's pace.
+    fn reprofiled(&mut self, myself: &ActorRef<PlanningMsg>) {
+        self.replan_after(Duration::ZERO, myself);
+    }
+
+    fn replan_after(&mut self, delay: Duration, myself: &ActorRef<PlanningMsg>) {
         self.generation += 1;
         if self.election.is_leader() && !self.replan_queued {
             self.replan_queued = true;
-            myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
+            myself.send_after(delay, || PlanningMsg::Replan);
         }
     }
 
@@ -667,14 +678,19 @@ impl PlanningState {
                 if profile.id != peer.to_base58() {
                     return Err("a profile must be the sender's own".into());
                 }
-                if let Some(old) = self.profiles.get(&profile.id) {
-                    let ratio = old.flops_per_s / profile.flops_per_s;
-                    if (ratio - 1.0).abs() > 0.01 {
-                        self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
-                    }
+                let known = self.profiles.get(&profile.id).map(|old| old.flops_per_s / profile.flops_per_s);
+                if let Some(ratio) = known
+                    && (ratio - 1.0).abs() > 0.01
+                {
+                    self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
                 }
                 self.profiles.insert(profile.id.clone(), profile);
-                self.changed(myself);
+                // A member's first profile comes with others' as devices meet: those are planned together.
+                if known.is_some() {
+                    self.reprofiled(myself);
+                } else {
+                    self.changed(myself);
+                }
                 Ok(())
             }
             NodeMessage::Plan(signed) => self.receive_plan(&peer, signed, myself),
