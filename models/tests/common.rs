@@ -12,7 +12,9 @@ use llnode_models::synth::{self, SynthConfig};
 pub fn tiny_export() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = DIR.get_or_init(|| {
-        let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+        let scratch = env!("CARGO_TARGET_TMPDIR");
+        std::fs::create_dir_all(scratch).expect("cargo's scratch directory");
+        let root = tempfile::tempdir_in(scratch).expect("temp dir");
         let path = root.path().join("tiny");
         synth::write_export(&SynthConfig::tiny(), &path, &Silent).expect("built-in model");
         (root, path)

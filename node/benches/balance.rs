@@ -89,7 +89,8 @@ fn main() {
             .collect();
         eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
         assert!(!extra.is_empty() || moved > 0, "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again");
-        let moved_at = moves_at(&out.stderr).into_iter().rfind(|&k| k >= throttled_at);
+        // The first move after the throttle is the one that answers it.
+        let moved_at = moves_at(&out.stderr).into_iter().find(|&k| k >= throttled_at);
         // When each step of a move happened, from the nodes' logs.
         for (i, node) in mesh.nodes.iter().enumerate() {
             for line in node.log().lines().filter(|l| TIMELINE.iter().any(|t| l.contains(t))) {

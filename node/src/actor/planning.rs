@@ -107,7 +107,7 @@ pub enum PlanningMsg {
     /// The balancer measured `pace` and asks what this device's profile
     /// promises for its units (seconds per token), if they are its share of
     /// the held plan.
-    Expected { pace: crate::pace::Pace, reply: RpcReplyPort<Option<f64>> },
+    Expected { pace: crate::pace::Pace, reply: RpcReplyPort<Option<Expectation>> },
     /// The balancer measured this device `ratio` times slower than `expected`.
     Reprofile { ratio: f64, pace: crate::pace::Pace, expected: f64 },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
@@ -125,6 +125,13 @@ pub enum PlanningMsg {
     UseModel { model: String, reply: RpcReplyPort<Result<(), String>> },
     /// What these devices last said of their readiness (for an initiator).
     ReadinessOf { devices: Vec<PeerId>, reply: RpcReplyPort<Vec<DeviceReadiness>> },
+}
+
+/// What this device's profile promises for the units it measured, against
+/// what a whole token takes on the plan (the balancer weighs drifts by it).
+pub struct Expectation {
+    pub secs_per_token: f64,
+    pub token_s: f64,
 }
 
 /// What `llnode plan` shows.
@@ -390,9 +397,10 @@ impl Actor for PlanningActor {
                 }
             }
             PlanningMsg::Expected { pace, reply } => {
-                let _ = reply.send(state.expected(&pace.units));
                 state.broadcast(NodeMessage::Pace(pace.clone()));
-                state.paces.insert(state.me.clone(), pace);
+                state.paces.insert(state.me.clone(), pace.clone());
+                let expectation = state.expected(&pace.units).map(|secs_per_token| Expectation { secs_per_token, token_s: state.token_s(pace.epoch) });
+                let _ = reply.send(expectation);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
             PlanningMsg::Note(line) => state.note(line),
@@ -478,6 +486,12 @@ impl PlanningState {
     /// says by more than the threshold, re-profile and let the leader re-plan.
     /// Seconds per token this device's profile promises for `units`, if they
     /// are its share of the held plan.
+    /// Seconds per token of a generation on plan `epoch`: the members' last
+    /// paces on it, summed (a token passes every stage in turn).
+    fn token_s(&self, epoch: u64) -> f64 {
+        self.paces.values().filter(|p| p.epoch == epoch).map(|p| p.secs_per_token).sum()
+    }
+
     fn expected(&self, units: &[std::ops::Range<usize>]) -> Option<f64> {
         let (model, cost) = self.args.model.as_ref()?;
         let (_, held) = self.held.as_ref().filter(|(_, d)| d.model == *model)?;
