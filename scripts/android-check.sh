@@ -41,6 +41,10 @@ done
 timings=()
 started=$SECONDS
 timed() { timings+=("$(printf '%-44s %4d s' "$1" $((SECONDS - started)))"); started=$SECONDS; }
+passed() {
+    say "$1 (by emulation: qemu-user, no phone). Times:"
+    printf '%s\n' "${timings[@]}" >&2
+}
 
 qemu=$(command -v qemu-aarch64-static || command -v qemu-aarch64 || true)
 [[ -n $qemu ]] || fail "qemu-aarch64-static not found; run \`just android-setup\` (apt-get install qemu-user-static)"
@@ -91,8 +95,7 @@ got=$("$qemu" "$arm" run -m "$work/tiny" --segments 3 "${prompt_args[@]}" "$text
 timed "a. qemu: llnode run --segments 3"
 say "a. ok: both print the same text"
 if [[ -n $run_only ]]; then
-    say "the aarch64 build prints what the x86-64 build prints (by emulation: qemu-user, no phone). Times:"
-    printf '%s\n' "${timings[@]}" >&2
+    passed "the aarch64 build prints what the x86-64 build prints"
     exit 0
 fi
 
@@ -235,5 +238,4 @@ status=$(deploy status phone-a phone-b)
 timed "c. stop"
 say "c. ok: deployed, refused the bad devices, answered, upgraded, stopped"
 
-say "all Android checks passed (by emulation: qemu-user, no phone). Times:"
-printf '%s\n' "${timings[@]}" >&2
+passed "all Android checks passed"

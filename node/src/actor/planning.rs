@@ -482,16 +482,14 @@ impl PlanningState {
         paces.into_iter().map(|(id, pace)| (self.name_of(id), pace.to_string())).collect()
     }
 
-    /// This device's pace, measured: when it has drifted from what the profile
-    /// says by more than the threshold, re-profile and let the leader re-plan.
-    /// Seconds per token this device's profile promises for `units`, if they
-    /// are its share of the held plan.
     /// Seconds per token of a generation on plan `epoch`: the members' last
     /// paces on it, summed (a token passes every stage in turn).
     fn token_s(&self, epoch: u64) -> f64 {
         self.paces.values().filter(|p| p.epoch == epoch).map(|p| p.secs_per_token).sum()
     }
 
+    /// Seconds per token this device's profile promises for `units`, if they
+    /// are its share of the held plan.
     fn expected(&self, units: &[std::ops::Range<usize>]) -> Option<f64> {
         let (model, cost) = self.args.model.as_ref()?;
         let (_, held) = self.held.as_ref().filter(|(_, d)| d.model == *model)?;
