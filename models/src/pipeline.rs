@@ -122,6 +122,8 @@ pub struct UnitTiming {
     pub prefill_s: f64,
     /// Seconds per decoded token (the median step).
     pub decode_s: f64,
+    /// Seconds to load its runner: reading its weights and optimising its graph.
+    pub load_s: f64,
 }
 
 /// Times the first `upto` units of `model` on this device, each as its own
@@ -145,7 +147,9 @@ pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Re
     }
     let mut timings = Vec::with_capacity(n);
     for unit in 0..upto.min(n) {
+        let loading = Instant::now();
         let runner = SegmentRunner::load(model, unit..unit + 1, &map.output_names(unit))?;
+        let load_s = loading.elapsed().as_secs_f64();
         let mut state = runner.new_state();
         let mut secs = Vec::with_capacity(feeds.len());
         for (tokens, acts) in &mut feeds {
@@ -156,7 +160,7 @@ pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Re
         }
         let prefill_s = secs.remove(0);
         secs.sort_by(f64::total_cmp);
-        timings.push(UnitTiming { prefill_s, decode_s: secs[secs.len() / 2] });
+        timings.push(UnitTiming { prefill_s, decode_s: secs[secs.len() / 2], load_s });
     }
     Ok(timings)
 }

@@ -175,7 +175,7 @@ fn every_unit_is_timed_on_its_own() {
     let n = model.units.len();
     let timings = llnode_models::pipeline::time_units(&model, 16, 4, n).unwrap();
     assert_eq!(timings.len(), n);
-    assert!(timings.iter().all(|t| t.prefill_s > 0.0 && t.decode_s > 0.0), "{timings:?}");
+    assert!(timings.iter().all(|t| t.prefill_s > 0.0 && t.decode_s > 0.0 && t.load_s > 0.0), "{timings:?}");
     // Units from `upto` on are left alone.
     assert_eq!(llnode_models::pipeline::time_units(&model, 16, 4, n - 1).unwrap().len(), n - 1);
 }

@@ -28,8 +28,10 @@ const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
 /// Meshes the balancing run may start to get the first run's plan.
 const MESH_TRIES: usize = 4;
-/// Log lines that time a move: re-profile, plan, load, hand-over.
-const TIMELINE: [&str; 5] = ["re-profiled", "moving units", "loaded", "handed over", "no session is left"];
+/// Log lines that time a move: profile, re-profile, plan, fetch, load, hand-over.
+const TIMELINE: [&str; 7] = ["measured this device", "re-profiled", "moving units", "fetched", "loaded", "handed over", "no session is left"];
+/// Log lines that time a failover: the loss, the election, the plan, the fetch, the load.
+const FAILOVER_TIMELINE: [&str; 6] = ["left the mesh", "leads", "moving units", "published", "fetched", "loaded"];
 /// Token intervals in the window that decides the pace has settled.
 const WINDOW: usize = 8;
 
@@ -134,7 +136,11 @@ fn main() {
     // Without the balancer, so that the stage killed is one the generation runs on.
     let mut mesh = ready_mesh(&package, &["--no-rebalance"]);
     let victim = mesh.busiest_besides(ASKING);
-    let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| mesh.nodes[victim].kill());
+    let mut killed_clock = String::new();
+    let (out, killed_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 2, |mesh| {
+        killed_clock = utc_clock();
+        mesh.nodes[victim].kill();
+    });
     assert_eq!(out.stdout, reference, "failover: the answer changed: {}", out.stderr);
     assert!(out.stderr.contains("resumed on plan epoch"), "failover: the generation never moved: {}", out.stderr);
     let token_ms = timings(&out.stderr);
@@ -145,6 +151,12 @@ fn main() {
     // The last move is the kill's (an earlier one may be the balancer's).
     let resumed = out.stderr.lines().rfind(|l| l.contains("resumed on plan epoch")).unwrap_or("(no move reported)");
     println!("kill -9 of a stage halfway: the stream went on {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
+    eprintln!("failover: n{victim} killed at {killed_clock}");
+    for (i, node) in mesh.nodes.iter().enumerate().filter(|(i, _)| *i != victim) {
+        for line in node.log().lines().filter(|l| FAILOVER_TIMELINE.iter().any(|t| l.contains(t))) {
+            eprintln!("failover: n{i}: {line}");
+        }
+    }
     mesh.nodes.truncate(0);
 
     let path = draw(&runs);
@@ -192,6 +204,12 @@ fn prompt_with(mesh: &mut Mesh, tokens: &str, at_bytes: usize, act: impl FnOnce(
     let out = prompt.finish();
     let first_token_ms = timings(&out.stderr).first().copied().unwrap_or(0.0);
     (out, first_token_ms + since_first)
+}
+
+/// The time of day, UTC, as the nodes' logs write it (`14:13:22.581`).
+fn utc_clock() -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()) % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
 
 fn timings(stderr: &str) -> Vec<f64> {

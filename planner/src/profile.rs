@@ -65,6 +65,10 @@ impl Thermal {
     }
 }
 
+/// Loading speed taken for a device that has not measured its own: a phone
+/// reading and optimising weights from flash.
+pub const ASSUMED_LOAD_BYTES_PER_S: f64 = 100e6;
+
 /// Everything the planner knows about one device.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceProfile {
@@ -83,6 +87,10 @@ pub struct DeviceProfile {
     pub measured_on: Option<String>,
     /// Estimated arithmetic throughput, used for units without a measurement.
     pub flops_per_s: f64,
+    /// Measured bytes of weights per second it loads from disk into runners
+    /// (reading and optimising the units); `None`: [`ASSUMED_LOAD_BYTES_PER_S`].
+    #[serde(default)]
+    pub load_bytes_per_s: Option<f64>,
     /// Links to peers, by peer id. A link missing here is taken from the
     /// peer's profile (links are assumed symmetric when measured one way).
     pub links: BTreeMap<String, Link>,
@@ -100,6 +108,7 @@ impl DeviceProfile {
             unit_time_s: None,
             measured_on: None,
             flops_per_s,
+            load_bytes_per_s: None,
             links: BTreeMap::new(),
             battery: None,
             thermal: None,
@@ -114,6 +123,15 @@ impl DeviceProfile {
             Some(&measured) => measured,
             None => unit.flops_per_token as f64 / self.flops_per_s,
         }
+    }
+
+    /// Seconds to load `bytes` of weights into runners.
+    pub fn load_s(&self, bytes: u64) -> f64 {
+        bytes as f64
+            / self
+                .load_bytes_per_s
+                .filter(|r| *r > 0.0)
+                .unwrap_or(ASSUMED_LOAD_BYTES_PER_S)
     }
 
     /// The same device running `factor` times slower (below 1: faster).

@@ -40,9 +40,9 @@ const PROBE_BYTES: usize = 1 << 20;
 const LINK_CHANGE: f64 = 0.5;
 /// A new assignment for the same devices must beat the held one by this share.
 const MIN_GAIN: f64 = 0.1;
-/// A plan that keeps more units where they are loaded is preferred to the
-/// solver's if it is at most this much (a fraction) worse.
-const SETTLE_TOLERANCE: f64 = 0.03;
+/// Tokens over which a plan's gain must make up for the time its units take
+/// to load ([`llnode_planner::assign::settle`]): an answer's length.
+const SETTLE_HORIZON: f64 = 256.0;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
 /// How often the models this device can serve (fetching adds some) are announced anew.
@@ -287,6 +287,7 @@ impl Actor for PlanningActor {
                 state.args.store.peer_gone(peer);
                 if state.members.remove(&peer) {
                     let name = state.name_of(&peer.to_base58());
+                    state.note(format!("{name} left the mesh"));
                     state.profiles.remove(&peer.to_base58());
                     state.paces.remove(&peer.to_base58());
                     state.readiness.remove(&peer.to_base58());
@@ -836,9 +837,10 @@ impl PlanningState {
             .unwrap_or_default();
         self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
         tokio::task::spawn_blocking(move || {
-            // Of equally good plans, the one that moves the fewest units.
+            // The solver's plan, or one that loads less where that is worth more.
+            let running = held.as_deref().unwrap_or_default();
             let result = llnode_planner::assign::plan(&cost, &devices, &config)
-                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, &loaded, SETTLE_TOLERANCE));
+                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON));
             let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
             let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
         });
@@ -890,9 +892,11 @@ impl PlanningState {
             // sessions running on it would have to start over.
             // A plan for another model or another private device is news, whatever its assignment.
             let same_asks = held.private == self.private && held.model == model;
+            // New spares (a device back, with room for some) are news too.
             if held.leader == self.me
                 && held.term == term
                 && same_assignment(&held.plan, &plan)
+                && held.plan.spares == plan.spares
                 && held.plan.objective == plan.objective
                 && same_asks
             {
@@ -1031,7 +1035,8 @@ pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
 
 fn describe(p: &DeviceProfile) -> String {
     let power = power_text(p.battery, p.thermal);
-    format!("{:.1} GiB usable, {:.2} GFLOP/s, {power}", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
+    let load = p.load_bytes_per_s.map_or(String::new(), |r| format!(", loads {:.0} MB/s", r / 1e6));
+    format!("{:.1} GiB usable, {:.2} GFLOP/s{load}, {power}", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
 }
 
 fn power_text(battery: Option<Battery>, thermal: Option<Thermal>) -> String {
