@@ -124,7 +124,12 @@ pub struct UnitTiming {
     pub decode_s: f64,
     /// Seconds to load its runner: reading its weights and optimising its graph.
     pub load_s: f64,
+    /// Bytes of weights that runner loaded (lookup tables cut short, see [`time_units`]).
+    pub loaded_bytes: u64,
 }
+
+/// Token ids and positions of the unit timing run are below this.
+const TIMED_IDS: usize = 64;
 
 /// Times the first `upto` units of `model` on this device, each as its own
 /// segment: a prefill of `prompt` tokens, then `steps` single-token decode
@@ -138,17 +143,21 @@ pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Re
     let singles: Vec<Range<usize>> = (0..n).map(|i| i..i + 1).collect();
     let map = TransmissionMap::new(&specs, &singles)?;
     let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
-    let prompt: Vec<u32> = (0..prompt.max(1) as u32).map(|t| t % 64 + 1).collect();
+    let prompt: Vec<u32> = (0..prompt.max(1) as u32).map(|t| t % TIMED_IDS as u32 + 1).collect();
     let mut past = 0;
     let mut feeds: Vec<(usize, Activations)> = Vec::new();
-    for step in std::iter::once(prompt).chain((0..steps.max(1)).map(|s| vec![(s % 64 + 1) as u32])) {
+    for step in std::iter::once(prompt).chain((0..steps.max(1)).map(|s| vec![(s % TIMED_IDS + 1) as u32])) {
         feeds.push((step.len(), step_inputs(&step, past, with_positions)));
         past += step.len();
     }
     let mut timings = Vec::with_capacity(n);
     for unit in 0..upto.min(n) {
+        let rows = (TIMED_IDS + past + 1) as i64;
+        let short = with_short_tables(model, unit, rows);
+        let timed = short.as_ref().unwrap_or(model);
+        let loaded_bytes = timed.units[unit].graph.initializer.iter().map(crate::onnx::tensor_bytes).sum();
         let loading = Instant::now();
-        let runner = SegmentRunner::load(model, unit..unit + 1, &map.output_names(unit))?;
+        let runner = SegmentRunner::load(timed, unit..unit + 1, &map.output_names(unit))?;
         let load_s = loading.elapsed().as_secs_f64();
         let mut state = runner.new_state();
         let mut secs = Vec::with_capacity(feeds.len());
@@ -160,9 +169,43 @@ pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Re
         }
         let prefill_s = secs.remove(0);
         secs.sort_by(f64::total_cmp);
-        timings.push(UnitTiming { prefill_s, decode_s: secs[secs.len() / 2], load_s });
+        timings.push(UnitTiming { prefill_s, decode_s: secs[secs.len() / 2], load_s, loaded_bytes });
     }
     Ok(timings)
+}
+
+/// `model` with unit `unit`'s lookup tables cut to their first `rows` rows,
+/// if it has any: external initializers that a `Gather` along the first axis
+/// indexes by a model input (token embeddings by `input_ids`, position
+/// embeddings by `position_ids`). A lookup takes as long in a table of 65
+/// rows as in one of 32 000, and timing the prologue then does not hold the
+/// whole embedding (twice, while it loads). `None` when there is nothing to cut.
+fn with_short_tables(model: &Model, unit: usize, rows: i64) -> Option<Model> {
+    let graph = &model.units[unit].graph;
+    let model_input = |name: &str| model.inputs.iter().any(|i| i.name == name);
+    let tables: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Gather" && n.input.len() == 2 && model_input(&n.input[1]))
+        .filter(|n| n.attribute.iter().find(|a| a.name == "axis").is_none_or(|a| a.i == 0))
+        .map(|n| n.input[0].clone())
+        .collect();
+    let cut = |t: &tract_onnx::pb::TensorProto| tables.contains(&t.name) && crate::onnx::is_external(t) && t.dims.first().is_some_and(|&d| d > rows);
+    if !graph.initializer.iter().any(cut) {
+        return None;
+    }
+    let mut short = model.clone();
+    for t in short.units[unit].graph.initializer.iter_mut() {
+        if !cut(t) {
+            continue;
+        }
+        let Some(location) = crate::onnx::external_entry(t, "location").map(str::to_string) else { continue };
+        let offset: u64 = crate::onnx::external_entry(t, "offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+        t.dims[0] = rows;
+        let length = crate::onnx::tensor_bytes(t);
+        crate::onnx::set_external(t, &location, offset, length);
+    }
+    Some(short)
 }
 
 impl Forward for LocalPipeline {

@@ -176,6 +176,13 @@ fn every_unit_is_timed_on_its_own() {
     let timings = llnode_models::pipeline::time_units(&model, 16, 4, n).unwrap();
     assert_eq!(timings.len(), n);
     assert!(timings.iter().all(|t| t.prefill_s > 0.0 && t.decode_s > 0.0 && t.load_s > 0.0), "{timings:?}");
+    // The prologue's token table is cut to the rows the run looks up (the
+    // tiny model has 512); every other unit loads all its weights.
+    let cost = llnode_models::cost::CostProfile::of(&model);
+    assert!(timings[0].loaded_bytes < cost.units[0].weight_bytes / 4, "{timings:?}");
+    for (t, c) in timings.iter().zip(&cost.units).skip(1) {
+        assert_eq!(t.loaded_bytes, c.weight_bytes, "{}", c.name);
+    }
     // Units from `upto` on are left alone.
     assert_eq!(llnode_models::pipeline::time_units(&model, 16, 4, n - 1).unwrap().len(), n - 1);
 }

@@ -76,7 +76,9 @@ fn single(mesh: &Mesh, n: usize) -> Figures {
     Figures { stages: view["plan"]["stages"].as_array().unwrap().len(), first_token_ms: median(first), decode_tok_s: median(decode) }
 }
 
-/// Bytes each node sent each other node per generated token, and each node's peak RSS vs its weights.
+/// Bytes each node sent each other node per generated token, and each node's
+/// peak RSS vs the weights it holds: its stages' and the spare units it loads
+/// ahead (target: 1.1× plus 64 MiB).
 fn links(mesh: &Mesh, manifest: &Value) {
     let view = plan(&mesh.nodes[0].dir);
     let name = |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
@@ -90,16 +92,31 @@ fn links(mesh: &Mesh, manifest: &Value) {
     }
     println!("       activations: {}", line.join(", "));
     let mut rss = Vec::new();
+    // Units a node holds as `list` ("stages" or "spares") of the plan says.
+    let units = |list: &str, id: &str| -> std::collections::BTreeSet<u64> {
+        let ranges = view["plan"][list].as_array().unwrap().iter().filter(|st| st["device"] == id);
+        ranges.flat_map(|st| st["units"]["start"].as_u64().unwrap()..st["units"]["end"].as_u64().unwrap()).collect()
+    };
+    let bytes = |units: &std::collections::BTreeSet<u64>| -> u64 {
+        units.iter().map(|&u| manifest["cost"]["units"][u as usize]["weight_bytes"].as_u64().unwrap()).sum()
+    };
+    let mib = |b: u64| b as f64 / 1048576.0;
     for (i, node) in mesh.nodes.iter().enumerate() {
-        let weights: u64 = view["plan"]["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|st| st["device"] == node.peer_id.as_str())
-            .flat_map(|st| st["units"]["start"].as_u64().unwrap()..st["units"]["end"].as_u64().unwrap())
-            .map(|u| manifest["cost"]["units"][u as usize]["weight_bytes"].as_u64().unwrap())
-            .sum();
-        rss.push(format!("n{i} {:.0} MiB peak RSS / {:.0} MiB weights", node.peak_rss() as f64 / 1048576.0, weights as f64 / 1048576.0));
+        let own = units("stages", &node.peer_id);
+        let spare: std::collections::BTreeSet<u64> = units("spares", &node.peer_id).difference(&own).copied().collect();
+        let (weights, spares) = (bytes(&own), bytes(&spare));
+        let peak = node.peak_rss();
+        // The target: weights held (spares loaded ahead included) × 1.1 + 64 MiB.
+        let target = ((weights + spares) as f64 * 1.1) as u64 + (64 << 20);
+        let verdict = if peak <= target { "within" } else { "over" };
+        rss.push(format!(
+            "n{i} {:.0} MiB peak RSS ({:.0} MiB now) / {:.0} MiB weights + {:.0} MiB spare ({verdict} {:.0} MiB)",
+            mib(peak),
+            mib(node.rss()),
+            mib(weights),
+            mib(spares),
+            mib(target)
+        ));
     }
     println!("       memory: {}", rss.join(", "));
 }

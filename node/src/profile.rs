@@ -75,7 +75,7 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
     times.extend(cost.units[timed..].iter().map(|u| u.flops_per_token as f64 * secs / flops.max(1) as f64));
     let mut profile = DeviceProfile::new(id, name, mem, flops as f64 / secs);
     profile.unit_time_s = Some(times);
-    let loaded: u64 = cost.units[..timed].iter().map(|u| u.weight_bytes).sum();
+    let loaded: u64 = timings.iter().map(|t| t.loaded_bytes).sum();
     let load_s: f64 = timings.iter().map(|t| t.load_s).sum();
     profile.load_bytes_per_s = (loaded > 0 && load_s > 0.0).then(|| loaded as f64 / load_s);
     profile.measured_on = Some(package_id);
