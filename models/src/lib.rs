@@ -20,3 +20,4 @@ pub mod segment;
 pub mod shape;
 pub mod tokenizer;
 pub mod transmission;
+pub mod weight;

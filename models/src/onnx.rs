@@ -171,6 +171,11 @@ pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     }
 }
 
+pub fn attr_string(name: &str, s: &str) -> AttributeProto {
+    use pb::attribute_proto::AttributeType;
+    AttributeProto { name: name.into(), r#type: AttributeType::String as i32, s: s.as_bytes().to_vec(), ..Default::default() }
+}
+
 pub fn attr_float(name: &str, f: f32) -> AttributeProto {
     use pb::attribute_proto::AttributeType;
     AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f, ..Default::default() }

@@ -16,6 +16,7 @@ use crate::model::Model;
 use crate::onnx;
 use crate::segment::{cache_layer, is_past, is_present};
 use crate::shape;
+use crate::weight;
 
 /// Named tensors flowing between segments.
 pub type Activations = HashMap<String, TValue>;
@@ -123,7 +124,7 @@ impl SegmentRunner {
             .filter(|n| !specs().any(|s| s.inputs.contains(n)))
             .cloned()
             .collect();
-        SegmentRunner::from_proto(&proto, &model.dir, units.clone(), &shape_only, true, |name| model.empty_cache_shape(name))
+        SegmentRunner::from_proto(proto, &model.dir, units.clone(), &shape_only, true, |name| model.empty_cache_shape(name))
     }
 
     /// Units `units` of `model`, returning every tensor they make that a
@@ -153,11 +154,11 @@ impl SegmentRunner {
         shape::normalize(graph);
         let declared = graph.input.clone();
         let empty = |name: &str| shape::concrete(declared.iter().find(|i| i.name == name)?, 0, 0);
-        SegmentRunner::from_proto(&proto, dir, 0..0, &[], false, empty)
+        SegmentRunner::from_proto(proto, dir, 0..0, &[], false, empty)
     }
 
     fn from_proto(
-        proto: &ModelProto,
+        mut proto: ModelProto,
         dir: &Path,
         units: Range<usize>,
         shape_only: &[String],
@@ -168,13 +169,16 @@ impl SegmentRunner {
         let graph = proto.graph.as_ref().expect("segments have graphs");
         let inputs: Vec<String> = graph.input.iter().map(|i| i.name.clone()).collect();
         let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-        let parsed = shape::frontend().parse(proto, dir.to_str()).map_err(fail)?;
+        let shape_inputs = graph.input.iter().filter(|i| shape_only.contains(&i.name)).cloned().collect();
+        let deferred = weight::prepare(&mut proto, dir).map_err(fail)?;
+        let mut parsed = shape::frontend().parse(&proto, dir.to_str()).map_err(fail)?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(RunError::Load {
                 units,
                 reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs),
             });
         }
+        deferred.fill(&mut parsed.model, dir).map_err(fail)?;
         let plan = parsed
             .model
             .into_typed()
@@ -201,8 +205,6 @@ impl SegmentRunner {
             let empty = Tensor::zero_dt(dt, &shape).map_err(fail)?.into_tvalue();
             caches.push(CacheSlot { past: name.clone(), empty });
         }
-        let shape_inputs =
-            graph.input.iter().filter(|i| shape_only.contains(&i.name)).cloned().collect();
         Ok(SegmentRunner { plan, units, inputs, outputs, caches, shape_inputs })
     }
 

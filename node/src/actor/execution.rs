@@ -662,8 +662,10 @@ impl ExecutionState {
             }
             // A loaded plan with all its devices serves on while this one
             // loads, until its sessions move (a live move); any other is
-            // dropped, and its sessions replay on the new plan.
-            if outgoing.ready().is_some() && outgoing.gone.is_empty() && outgoing.doc.model == doc.model {
+            // dropped, and its sessions replay on the new plan. A plan
+            // without sessions is dropped at once: keeping it would only
+            // hold its units in memory beside the new plan's.
+            if self.serves(&outgoing) && outgoing.ready().is_some() && outgoing.gone.is_empty() && outgoing.doc.model == doc.model {
                 tracing::info!("epoch {}: serving epoch {} until its sessions move", doc.epoch, outgoing.doc.epoch);
                 self.plans.previous = Some(outgoing);
             }
@@ -706,11 +708,16 @@ impl ExecutionState {
         self.forget_orphans(why);
     }
 
+    /// Whether a session, or a step waiting for its logits, runs on `plan`.
+    fn serves(&self, plan: &Current) -> bool {
+        self.sessions.values().any(|s| plan.covers(s.epoch)) || self.waiting.values().any(|(epoch, _)| plan.covers(*epoch))
+    }
+
     /// Drops the replaced plan once the one held is loaded and no session is left on it.
     fn drop_previous_if_idle(&mut self) {
         let loaded = self.plans.current.as_ref().is_some_and(|c| c.ready().is_some());
         let Some(previous) = self.plans.previous.as_ref().filter(|_| loaded) else { return };
-        if !self.sessions.values().any(|s| previous.covers(s.epoch)) && !self.waiting.values().any(|(epoch, _)| previous.covers(*epoch)) {
+        if !self.serves(previous) {
             tracing::info!("epoch {}: no session is left on it", previous.doc.epoch);
             self.plans.previous = None;
         }
@@ -1129,6 +1136,11 @@ async fn prepare(
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
     let spare_files = spare_files(&manifest, &spares, &files);
     let covers: Vec<(usize, Vec<_>)> = mine.iter().map(|&s| (s, cover(segments[s].clone(), &reuse))).collect();
+    // Held runners the new plan neither runs nor keeps spare are let go
+    // before anything loads: a device holds old and new units at once only
+    // while a plan it still serves keeps the old ones.
+    let covering = |r: &Arc<SegmentRunner>| covers.iter().flat_map(|(_, parts)| parts.iter().flatten()).any(|h| Arc::ptr_eq(h, r));
+    let reuse: Vec<Arc<SegmentRunner>> = reuse.into_iter().filter(|r| covering(r) || spares.iter().any(|s| inside(&r.units(), s))).collect();
     let gaps: Vec<Range<usize>> = covers.iter().flat_map(|(_, parts)| parts.iter().filter_map(|p| p.clone().err())).collect();
     let fresh = gaps.iter().map(ExactSizeIterator::len).sum();
     let mut loaded = HashMap::new();
