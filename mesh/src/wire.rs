@@ -209,9 +209,18 @@ pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(io: &mut W, frame:
     if bytes.len() > limit {
         return Err(WireError::TooLong { len: bytes.len() as u64, limit: limit as u64 });
     }
-    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(&bytes).await?;
+    io.write_all(&framed(&bytes, &[])).await?;
     Ok(())
+}
+
+/// `bytes` behind their length, then `tail`, in one buffer: one write, so
+/// one muxer frame rather than one per piece.
+fn framed(bytes: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + bytes.len() + tail.len());
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(tail);
+    out
 }
 
 pub async fn read_tensor<R: AsyncRead + Unpin>(io: &mut R) -> Result<Frame<Tensor>, WireError> {
@@ -233,8 +242,11 @@ pub async fn write_tensor<W: AsyncWrite + Unpin>(io: &mut W, id: u64, tensor: &T
     if expected > TENSOR_LIMIT {
         return Err(WireError::TooLong { len: expected, limit: TENSOR_LIMIT });
     }
-    write_frame(io, &Frame::new(id, tensor.header.clone()), TENSOR_HEADER_LIMIT).await?;
-    io.write_all(&tensor.data).await?;
+    let header = encode(&Frame::new(id, tensor.header.clone()));
+    if header.len() > TENSOR_HEADER_LIMIT {
+        return Err(WireError::TooLong { len: header.len() as u64, limit: TENSOR_HEADER_LIMIT as u64 });
+    }
+    io.write_all(&framed(&header, &tensor.data)).await?;
     Ok(())
 }
 

@@ -471,10 +471,13 @@ impl MeshForward {
             .map_err(|_| StepFail::Failed("the node dropped the step".into()))?
     }
 
-    /// Sends a step's inputs (token ids, mask, positions) to the segments that read them.
+    /// Sends a step's inputs (token ids, mask, positions) to the segments
+    /// that read them. Remote ones go out together, so a stage waits for one
+    /// round trip, not one per input.
     fn send_step(&self, step: u64, tokens: &[u32], past: usize) -> Result<(), StepFail> {
         let failed = |e: String| StepFail::Failed(e);
         let acts = step_inputs(tokens, past, self.with_positions);
+        let mut remote = Vec::new();
         for t in self.route.map.transfers.iter().filter(|t| t.from == Endpoint::Initiator) {
             let Endpoint::Segment(s) = t.to else { continue };
             let value = acts.get(&t.tensor).ok_or_else(|| failed(format!("the model reads {} from the initiator", t.tensor)))?;
@@ -495,16 +498,20 @@ impl MeshForward {
             if device == self.me {
                 self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| failed(e.to_string()))?;
             } else {
-                let tensor = wire_tensor(&d);
-                let bytes = tensor.data.len();
-                // A device that cannot be reached or refuses is on its way out of the plan.
-                self.handle
-                    .block_on(self.client.send_tensor(device, tensor))
-                    .map_err(|e| StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")))?;
-                self.traffic.record(&device, bytes);
+                remote.push((s, device, wire_tensor(&d)));
             }
         }
-        Ok(())
+        let sends = remote.into_iter().map(|(s, device, tensor)| async move {
+            let bytes = tensor.data.len();
+            // A device that cannot be reached or refuses is on its way out of the plan.
+            self.client
+                .send_tensor(device, tensor)
+                .await
+                .map_err(|e| StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")))?;
+            self.traffic.record(&device, bytes);
+            Ok(())
+        });
+        self.handle.block_on(futures::future::join_all(sends)).into_iter().collect()
     }
 
     /// Waits for a plan newer than the current route and replays the generation onto it.
