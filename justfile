@@ -34,7 +34,7 @@ bench-mesh:
 bench-mesh-infer:
     cargo bench -p llnode --bench mesh_infer
 
-# Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until the move and until the pace settles, kill -9 to the end of the stall; draws target/bench-balance.svg.
+# Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until the move and until the pace recovers, kill -9 to the end of the stall; draws target/bench-balance.svg.
 bench-balance:
     cargo bench -p llnode --bench balance
 

@@ -5,8 +5,8 @@
 //! throttled 2× (`llnode throttle`). Once with `--no-rebalance`, once with
 //! balancing: tokens/s after the throttle and their ratio (target ≥ 1.3×),
 //! the longest pause, tokens until the generation moved to the plan that took
-//! work off the throttled node, and tokens until the pace settled (a window
-//! within 15% of the pace of the answer's last third) (target ≤ 20). Then a
+//! work off the throttled node, and tokens until the pace recovered (a window
+//! within 15% of the pace before the throttle) (target ≤ 20). Then a
 //! stage is killed (SIGKILL) halfway through a prompt: the time from the kill
 //! to the token that ends the stall. Every answer is checked against
 //! `llnode run` in one process, both runs must throttle the same share of
@@ -32,7 +32,7 @@ const MESH_TRIES: usize = 4;
 const TIMELINE: [&str; 7] = ["measured this device", "re-profiled", "moving units", "fetched", "loaded", "handed over", "no session is left"];
 /// Log lines that time a failover: the loss, the election, the plan, the fetch, the load.
 const FAILOVER_TIMELINE: [&str; 6] = ["left the mesh", "leads", "moving units", "published", "fetched", "loaded"];
-/// Token intervals in the window that decides the pace has settled.
+/// Token intervals in the window that decides the pace has recovered.
 const WINDOW: usize = 8;
 
 struct Run {
@@ -104,20 +104,20 @@ fn main() {
 
     println!(
         "{:<18} {:>12} {:>20} {:>16} {:>18} {:>18} {:>18}",
-        "", "before tok/s", "after throttle tok/s", "steady tok/s", "longest pause ms", "tokens until moved", "tokens until steady"
+        "", "before tok/s", "after throttle tok/s", "steady tok/s", "longest pause ms", "tokens until moved", "until recovered"
     );
     let (mut after, mut steady) = (Vec::new(), Vec::new());
     for run in &runs {
         let at = run.throttled_at.saturating_sub(1);
         let before = rate(&run.token_ms[1..run.throttled_at.max(2)]);
         let later = rate(&run.token_ms[at..]);
-        let settled = settling(run);
+        let recovered = recovery(run);
         // Steady: from the move (or, never moving, from the throttle) to the end.
         let calm = rate(&run.token_ms[run.moved_at.unwrap_or(at)..]);
         let pause = run.token_ms[at..].windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
         let moved = run.moved_at.map_or("-".to_string(), |k| (k - run.throttled_at).to_string());
-        let settled = settled.map_or("never".to_string(), |n| n.to_string());
-        println!("{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>18} {:>18}", run.label, before, later, calm, pause, moved, settled);
+        let recovered = recovered.map_or("never".to_string(), |n| n.to_string());
+        println!("{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>18} {:>18}", run.label, before, later, calm, pause, moved, recovered);
         after.push(later);
         steady.push(calm);
     }
@@ -236,17 +236,21 @@ fn moves_at(stderr: &str) -> Vec<usize> {
     stderr.lines().filter_map(|l| l.split_once("moved to plan epoch ")?.1.split_once(" after ")?.1.split_once(" token")?.0.parse().ok()).collect()
 }
 
-/// Tokens after the throttle until a window of intervals is within 15% of
-/// the pace the run settles at (the median interval of its last third), with
-/// no pause in it (no interval over three times that pace).
-fn settling(run: &Run) -> Option<usize> {
+/// Tokens after the throttle until the pace has recovered: a window of
+/// intervals whose median is within 15% of the pace just before the throttle
+/// (the median of the window that ends there), with no pause in it (no
+/// interval over three times that pace). Not against the pace the answer
+/// ends at: tokens slow as the context grows, so the last third's pace is
+/// nearer the throttled one than the start's, and a run that never recovered
+/// could count as settled at once.
+fn recovery(run: &Run) -> Option<usize> {
     let intervals: Vec<f64> = run.token_ms.windows(2).map(|w| w[1] - w[0]).collect();
     let start = run.throttled_at.checked_sub(1)?;
-    let settled = median(intervals.get(intervals.len() * 2 / 3..)?.to_vec());
+    let before = median(intervals.get(start.checked_sub(WINDOW)?..start)?.to_vec());
     (start..intervals.len().saturating_sub(WINDOW))
         .find(|&i| {
             let window = &intervals[i..i + WINDOW];
-            (median(window.to_vec()) - settled).abs() <= settled * 0.15 && window.iter().all(|t| *t <= settled * 3.0)
+            median(window.to_vec()) <= before * 1.15 && window.iter().all(|t| *t <= before * 3.0)
         })
         .map(|i| i - start)
 }

@@ -91,12 +91,9 @@ pub fn settle(
     loaded: &[(String, Range<usize>)],
     horizon_tokens: f64,
 ) -> Plan {
-    let Ok(instance) = Instance::new(model, devices, config) else {
+    let Some(instance) = reshapable(model, devices, config) else {
         return plan;
     };
-    if config.privacy.is_some() || instance.devices() > 8 {
-        return plan;
-    }
     let index = |id: &str| instance.ids.iter().position(|d| d == id);
     let profiles: Vec<&DeviceProfile> = instance
         .ids
@@ -137,11 +134,7 @@ pub fn settle(
             instance.objective_of(&instance.evaluate(stages)) * horizon_tokens + load_s(stages)
         })
     };
-    let solved: Vec<(String, Range<usize>)> = plan
-        .stages
-        .iter()
-        .map(|s| (s.device.clone(), s.units.clone()))
-        .collect();
+    let solved = plan.assignment();
     let Some(stages) = solved
         .iter()
         .map(|(id, units)| Some((index(id)?, units.clone())))
@@ -181,6 +174,130 @@ pub fn settle(
         Some((_, best)) if best != stages => instance.plan(&best, plan.method),
         _ => plan,
     }
+}
+
+/// `plan` with spares chosen for failover: a device the plan leaves idle
+/// keeps, first, copies of the units it would run if a running device left
+/// (the plan [`plan`] makes without that device, [`settle`]d against `plan`
+/// as the leader would), the units most leavers would give it first, as its
+/// memory allows; then the usual spares ([`Instance::spares`]) where room is
+/// left. So the likeliest move onto it loads nothing. Devices with stages
+/// keep their neighbours' stages as before. `plan` as it is in privacy mode,
+/// past 8 devices, or with no idle device.
+pub fn failover_spares(
+    model: &ModelCost,
+    devices: &[DeviceProfile],
+    config: &Config,
+    plan: Plan,
+    horizon_tokens: f64,
+) -> Plan {
+    let Some(instance) = reshapable(model, devices, config) else {
+        return plan;
+    };
+    let running = plan.assignment();
+    let idle: Vec<&String> = instance
+        .ids
+        .iter()
+        .filter(|id| !running.iter().any(|(d, _)| d == *id))
+        .collect();
+    if idle.is_empty() {
+        return plan;
+    }
+    let mut leavers: Vec<&str> = running.iter().map(|(d, _)| d.as_str()).collect();
+    leavers.sort_unstable();
+    leavers.dedup();
+    // (device, units, how many leavers would give it those units), in the order first seen.
+    let mut wanted: Vec<(String, Range<usize>, usize)> = Vec::new();
+    for gone in leavers {
+        let rest: Vec<DeviceProfile> = devices.iter().filter(|p| p.id != gone).cloned().collect();
+        let Ok(next) = self::plan(model, &rest, config) else {
+            continue;
+        };
+        let next = settle(
+            model,
+            &rest,
+            config,
+            next,
+            &running,
+            &running,
+            horizon_tokens,
+        );
+        for stage in next.stages.iter().filter(|s| idle.contains(&&s.device)) {
+            match wanted
+                .iter_mut()
+                .find(|(d, u, _)| *d == stage.device && *u == stage.units)
+            {
+                Some(entry) => entry.2 += 1,
+                None => wanted.push((stage.device.clone(), stage.units.clone(), 1)),
+            }
+        }
+    }
+    // A stable sort: of equally wanted units, those seen first.
+    wanted.sort_by_key(|w| std::cmp::Reverse(w.2));
+    let stages: Option<Stages> = running
+        .iter()
+        .map(|(id, units)| Some((instance.ids.iter().position(|d| d == id)?, units.clone())))
+        .collect();
+    let Some(stages) = stages else {
+        return plan;
+    };
+    let usual = instance.spares(&stages);
+    let mut spares: Vec<crate::plan::Spare> = usual
+        .iter()
+        .filter(|s| !idle.contains(&&s.device))
+        .cloned()
+        .collect();
+    for device in idle {
+        let d = instance
+            .ids
+            .iter()
+            .position(|id| id == device)
+            .expect("an instance device");
+        let mut used = 0u64;
+        let candidates = wanted
+            .iter()
+            .filter(|(id, _, _)| id == device)
+            .map(|(_, units, _)| units.clone())
+            .chain(
+                usual
+                    .iter()
+                    .filter(|s| &s.device == device)
+                    .map(|s| s.units.clone()),
+            );
+        // Kept ranges do not overlap: one that covers kept ones replaces them.
+        let mut kept: Vec<Range<usize>> = Vec::new();
+        for units in candidates {
+            let inside = |k: &Range<usize>| units.start <= k.start && k.end <= units.end;
+            let overlapping: Vec<&Range<usize>> = kept
+                .iter()
+                .filter(|k| k.start < units.end && units.start < k.end)
+                .collect();
+            if !overlapping.iter().all(|k| inside(k)) {
+                continue;
+            }
+            let freed: u64 = overlapping.iter().map(|k| instance.range_need(k)).sum();
+            let need = instance.range_need(&units) - freed.min(instance.range_need(&units));
+            if used + need <= instance.cap[d] {
+                used += need;
+                kept.retain(|k| !inside(k));
+                kept.push(units);
+            }
+        }
+        kept.sort_by_key(|k| k.start);
+        spares.extend(kept.into_iter().map(|units| crate::plan::Spare {
+            device: device.clone(),
+            units,
+        }));
+    }
+    Plan { spares, ..plan }
+}
+
+/// The instance of a plan [`settle`] and [`failover_spares`] may change:
+/// not in privacy mode (the pinned device stays) and with at most 8 devices
+/// (they try every reshuffle of the devices).
+fn reshapable(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Option<Instance> {
+    let instance = Instance::new(model, devices, config).ok()?;
+    (config.privacy.is_none() && instance.devices() <= 8).then_some(instance)
 }
 
 /// Calls `visit` with every sequence of `k` distinct devices among `n`.
@@ -445,6 +562,7 @@ mod tests {
     use crate::cost::TransformerShape;
     use crate::instance::tests::{devices, model};
     use crate::phone;
+    use crate::plan::Spare;
 
     #[test]
     fn splits_when_memory_forces_it() {
@@ -473,11 +591,7 @@ mod tests {
     fn a_held_assignment_is_costed_on_new_profiles() {
         let config = Config::default();
         let plan = plan(&model(), &devices(), &config).unwrap();
-        let stages: Vec<(String, Range<usize>)> = plan
-            .stages
-            .iter()
-            .map(|s| (s.device.clone(), s.units.clone()))
-            .collect();
+        let stages = plan.assignment();
         let same = objective_of(&model(), &devices(), &config, &stages).unwrap();
         assert!((same - plan.objective_s).abs() < 1e-12);
         // A device twice as slow makes the same assignment cost more.
@@ -549,23 +663,30 @@ mod tests {
         );
     }
 
+    /// `devices()`'s a and b with `mem` bytes each, and c with `c_mem`, as
+    /// fast as a; all linked at 10 MB/s and 10 ms.
+    fn with_c(mem: u64, c_mem: u64) -> Vec<DeviceProfile> {
+        let mut devices = devices();
+        for d in &mut devices {
+            d.mem_bytes = mem;
+        }
+        devices.push(DeviceProfile::new("c", "C", c_mem, 1e10));
+        let link = crate::profile::Link {
+            bandwidth_bytes_per_s: 1e7,
+            rtt_s: 0.01,
+        };
+        crate::profile::connect_all(&mut devices, link);
+        devices
+    }
+
     /// A throttled device's stage goes to the idle device holding it as a
     /// spare, on the boundaries the mesh runs, unless the solver's better
     /// boundaries make up for loading them within the horizon; a device that
     /// is gone hands its stage on the same way.
     #[test]
     fn settling_weighs_loading_against_the_gain() {
-        let mut devices = devices();
+        let mut devices = with_c(300_000_000, 300_000_000);
         devices[0].flops_per_s /= 2.0;
-        devices.push(DeviceProfile::new("c", "C", 250_000_000, 1e10));
-        for d in &mut devices {
-            d.mem_bytes = 300_000_000;
-        }
-        let link = crate::profile::Link {
-            bandwidth_bytes_per_s: 1e7,
-            rtt_s: 0.01,
-        };
-        crate::profile::connect_all(&mut devices, link);
         let config = Config::default();
         let running = vec![("a".to_string(), 0..2), ("b".to_string(), 2..4)];
         let mut loaded = running.clone();
@@ -578,12 +699,7 @@ mod tests {
                 elapsed: std::time::Duration::ZERO,
             },
         );
-        let stages = |plan: &Plan| -> Vec<(String, Range<usize>)> {
-            plan.stages
-                .iter()
-                .map(|s| (s.device.clone(), s.units.clone()))
-                .collect()
-        };
+        let stages = Plan::assignment;
         let spare = vec![("c".to_string(), 0..2), ("b".to_string(), 2..4)];
         // 0.05 s a token better, for 2 s of loading on b (it holds unit 2): worth it past 40 tokens.
         let over = |devices: &[DeviceProfile], horizon| {
@@ -612,6 +728,49 @@ mod tests {
         let solved = plan(&model(), &left, &config).unwrap();
         let failover = settle(&model(), &left, &config, solved, &running, &loaded, 10.0);
         assert_eq!(stages(&failover), spare, "{:?}", failover.explain());
+    }
+
+    /// An idle device keeps the units it would run if a running device
+    /// left, so a failover onto it loads nothing. With room for one unit, the
+    /// usual rule (whole stages, the first first) would give it nothing.
+    #[test]
+    fn an_idle_device_keeps_what_a_failover_would_give_it() {
+        let devices = with_c(300_000_000, 150_000_000);
+        let config = Config::default();
+        let instance = Instance::new(&model(), &devices, &config).unwrap();
+        let method = Method::Search {
+            elapsed: std::time::Duration::ZERO,
+        };
+        let running = instance.plan(&[(0, 0..2), (1, 2..4)], method.clone());
+        assert_eq!(running.spares, vec![]);
+        let with = failover_spares(&model(), &devices, &config, running.clone(), 100.0);
+        let spare = Spare {
+            device: "c".into(),
+            units: 0..1,
+        };
+        assert_eq!(with.spares, vec![spare]);
+        assert_eq!(with.stages, running.stages);
+        // Whichever of a and b leaves, the leader's plan gives c that unit.
+        let held = running.assignment();
+        for gone in ["a", "b"] {
+            let rest: Vec<DeviceProfile> =
+                devices.iter().filter(|d| d.id != gone).cloned().collect();
+            let next = plan(&model(), &rest, &config).unwrap();
+            let next = settle(&model(), &rest, &config, next, &held, &held, 100.0);
+            let on_c: Vec<Range<usize>> = next
+                .stages
+                .iter()
+                .filter(|s| s.device == "c")
+                .map(|s| s.units.clone())
+                .collect();
+            assert_eq!(on_c, vec![0..1], "{gone} leaves: {:?}", next.explain());
+        }
+        // A device with stages keeps the usual spares; so does a mesh with no idle device.
+        let busy = instance.plan(&[(0, 0..1), (2, 1..2), (1, 2..4)], method);
+        assert_eq!(
+            failover_spares(&model(), &devices, &config, busy.clone(), 100.0),
+            busy
+        );
     }
 
     #[test]

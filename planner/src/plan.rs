@@ -184,6 +184,14 @@ pub enum PlanCheckError {
 }
 
 impl Plan {
+    /// Who runs what: (device id, units) per stage, in order.
+    pub fn assignment(&self) -> Vec<(String, Range<usize>)> {
+        self.stages
+            .iter()
+            .map(|s| (s.device.clone(), s.units.clone()))
+            .collect()
+    }
+
     /// The device that runs the prologue, where each sampled token returns.
     pub fn initiator(&self) -> Option<&str> {
         self.stages.first().map(|s| s.device.as_str())

@@ -196,15 +196,9 @@ fn agree(seed: u64, devices: usize, units: usize) -> Result<(), TestCaseError> {
                 config.objective,
                 config.privacy,
                 mip.objective_s,
-                mip.stages
-                    .iter()
-                    .map(|s| (s.device.clone(), s.units.clone()))
-                    .collect::<Vec<_>>(),
+                mip.assignment(),
                 best.objective_s,
-                best.stages
-                    .iter()
-                    .map(|s| (s.device.clone(), s.units.clone()))
-                    .collect::<Vec<_>>(),
+                best.assignment(),
             );
             prop_assert!(
                 matches!(

@@ -826,8 +826,7 @@ impl PlanningState {
         let generation = self.generation;
         let myself = myself.clone();
         let held_plan = self.held.as_ref().filter(|(_, d)| d.model == model_id).map(|(_, d)| &d.plan);
-        let held: Option<Vec<(String, std::ops::Range<usize>)>> =
-            held_plan.map(|plan| plan.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect());
+        let held = held_plan.map(Plan::assignment);
         // What each device has loaded: its stages and its spares.
         let loaded: Vec<(String, std::ops::Range<usize>)> = held_plan
             .map(|plan| {
@@ -837,10 +836,12 @@ impl PlanningState {
             .unwrap_or_default();
         self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
         tokio::task::spawn_blocking(move || {
-            // The solver's plan, or one that loads less where that is worth more.
+            // The solver's plan, or one that loads less where that is worth more;
+            // idle devices keep spares of what a failover would give them.
             let running = held.as_deref().unwrap_or_default();
             let result = llnode_planner::assign::plan(&cost, &devices, &config)
-                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON));
+                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON))
+                .map(|plan| llnode_planner::assign::failover_spares(&cost, &devices, &config, plan, SETTLE_HORIZON));
             let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
             let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
         });

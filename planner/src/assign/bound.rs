@@ -821,12 +821,7 @@ mod tests {
             Err(e) => return Err(TestCaseError::fail(e.to_string())),
         };
         let optimum = best.objective_s;
-        let stages = |plan: &crate::plan::Plan| {
-            plan.stages
-                .iter()
-                .map(|s| (s.device.clone(), s.units.clone()))
-                .collect::<Vec<_>>()
-        };
+        let stages = crate::plan::Plan::assignment;
         // The cutoff the planner uses (the search's plan), the optimum itself
         // and a loose one: some plan meets each, so the relaxation must
         // admit it and the bound must be found, and at most the optimum.
