@@ -4,6 +4,7 @@
 //! answers (`llnode prompt`); `docs/architecture.md` draws the actors.
 
 mod actor;
+mod alloc;
 mod bar;
 mod cli;
 mod control;
@@ -23,10 +24,6 @@ mod traffic;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-#[cfg(target_env = "gnu")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

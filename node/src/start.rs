@@ -111,9 +111,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     };
     {
         // Measuring runs the units once (all but the last): seconds for big models, so off the runtime,
-        // on a thread of its own that ends with it: the allocator hands a finished
-        // thread's memory back at once, where a pooled thread would keep the units'
-        // weights resident.
+        // on a thread of its own; the units' memory is handed back as it ends.
         // Members know each other by their certificates' names.
         let name = trust_name.unwrap_or_else(|| options.name.clone());
         let (planning, id) = (planning.clone(), key.peer_id().to_base58());
@@ -127,6 +125,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!("cannot measure this device: {e:#}"),
             }
+            crate::alloc::hand_back();
         });
     }
 

@@ -706,6 +706,7 @@ impl ExecutionState {
     fn drop_previous(&mut self, why: &str) {
         self.plans.previous = None;
         self.forget_orphans(why);
+        crate::alloc::hand_back();
     }
 
     /// Whether a session, or a step waiting for its logits, runs on `plan`.
@@ -720,6 +721,7 @@ impl ExecutionState {
         if !self.serves(previous) {
             tracing::info!("epoch {}: no session is left on it", previous.doc.epoch);
             self.plans.previous = None;
+            crate::alloc::hand_back();
         }
     }
 
@@ -1108,13 +1110,17 @@ fn load_ranges(dir: &std::path::Path, ranges: &[Range<usize>]) -> Result<HashMap
         return Ok(HashMap::new());
     }
     let model = llnode_models::package::load_units(dir, ranges).map_err(|e| e.to_string())?;
-    ranges
+    let loaded = ranges
         .iter()
         .map(|r| {
             let units = r.clone().map(|u| SegmentRunner::load_range(&model, u..u + 1).map(Arc::new).map_err(|e| e.to_string()));
             units.collect::<Result<Vec<_>, _>>().map(|runners| (r.clone(), runners))
         })
-        .collect()
+        .collect();
+    // The graphs and tract's unpacked copies are gone: their memory goes back now, not at the next allocation.
+    drop(model);
+    crate::alloc::hand_back();
+    loaded
 }
 
 /// Gets the manifest and this device's unit files (fetching what is missing)
