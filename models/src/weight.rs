@@ -209,8 +209,12 @@ impl Deferred {
     /// Turns each deferred weight's input of `model` (parsed from the graph
     /// [`defer`] changed) into a constant read from `dir`, straight into its tensor.
     pub fn fill(self, model: &mut InferenceModel, dir: &Path) -> TractResult<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let dir = dir.canonicalize().with_context(|| format!("opening {}", dir.display()))?;
         for t in self.0 {
-            let tensor = read(&t, dir).with_context(|| format!("reading weight {}", t.name))?;
+            let tensor = read(&t, &dir).with_context(|| format!("reading weight {}", t.name))?;
             let id = model.node_by_name(&t.name)?.id;
             let tensor = tensor.into_arc_tensor();
             model.nodes[id].op = Box::new(tract_onnx::tract_core::ops::konst::Const::new(tensor.clone())?);
@@ -221,13 +225,14 @@ impl Deferred {
     }
 }
 
-/// An external initializer's bytes, read into a tensor of its type and shape.
+/// An external initializer's bytes, read into a tensor of its type and
+/// shape, from a file inside `dir` (canonical).
 fn read(t: &TensorProto, dir: &Path) -> TractResult<Tensor> {
     let Some(at) = extent(t) else { bail!("no location") };
     let dt = datum_type(t.data_type).context("an element type tract cannot read as bytes")?;
     let shape: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().context("a negative dimension")?;
     let path = dir.join(&at.location);
-    if !path.canonicalize()?.starts_with(dir.canonicalize()?) {
+    if !path.canonicalize()?.starts_with(dir) {
         bail!("{} is outside the model directory", at.location);
     }
     let mut tensor = Tensor::zero_dt(dt, &shape)?;

@@ -180,15 +180,15 @@ pub fn settle(
 /// keeps, first, copies of the units it would run if a running device left
 /// (the plan [`plan`] makes without that device, [`settle`]d against `plan`
 /// as the leader would), the units most leavers would give it first, as its
-/// memory allows; then the usual spares ([`Instance::spares`]) where room is
-/// left. So the likeliest move onto it loads nothing. Devices with stages
+/// memory allows; then the spares `plan` came with ([`Instance::spares`])
+/// where room is left. So the likeliest move onto it loads nothing. Devices with stages
 /// keep their neighbours' stages as before. `plan` as it is in privacy mode,
 /// past 8 devices, or with no idle device.
 pub fn failover_spares(
     model: &ModelCost,
     devices: &[DeviceProfile],
     config: &Config,
-    plan: Plan,
+    mut plan: Plan,
     horizon_tokens: f64,
 ) -> Plan {
     let Some(instance) = reshapable(model, devices, config) else {
@@ -234,14 +234,8 @@ pub fn failover_spares(
     }
     // A stable sort: of equally wanted units, those seen first.
     wanted.sort_by_key(|w| std::cmp::Reverse(w.2));
-    let stages: Option<Stages> = running
-        .iter()
-        .map(|(id, units)| Some((instance.ids.iter().position(|d| d == id)?, units.clone())))
-        .collect();
-    let Some(stages) = stages else {
-        return plan;
-    };
-    let usual = instance.spares(&stages);
+    // The spares the plan came with (`Instance::spares`).
+    let usual = std::mem::take(&mut plan.spares);
     let mut spares: Vec<crate::plan::Spare> = usual
         .iter()
         .filter(|s| !idle.contains(&&s.device))
@@ -276,7 +270,7 @@ pub fn failover_spares(
                 continue;
             }
             let freed: u64 = overlapping.iter().map(|k| instance.range_need(k)).sum();
-            let need = instance.range_need(&units) - freed.min(instance.range_need(&units));
+            let need = instance.range_need(&units).saturating_sub(freed);
             if used + need <= instance.cap[d] {
                 used += need;
                 kept.retain(|k| !inside(k));
@@ -289,7 +283,8 @@ pub fn failover_spares(
             units,
         }));
     }
-    Plan { spares, ..plan }
+    plan.spares = spares;
+    plan
 }
 
 /// The instance of a plan [`settle`] and [`failover_spares`] may change:
