@@ -1,6 +1,7 @@
 //! `just bench-mesh`: two trusted nodes on loopback in one process (real
 //! libp2p over real TCP sockets, Noise, Yamux). Prints the control-message
-//! round trip (p50, p99) and tensor throughput. Targets: p50 < 1 ms, ≥ 200 MB/s.
+//! round trip and a 4 KiB tensor's (p50, p99), and tensor throughput. Targets:
+//! control p50 < 1 ms, ≥ 200 MB/s.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,21 @@ fn node(key: &DeviceKey, trust: Trust, shutdown: &CancellationToken) -> (MeshCli
     (client, trusted_rx)
 }
 
+/// 3000 timed calls of `call` after 200 untimed ones, sorted.
+async fn round_trips<F: std::future::Future<Output = ()>>(call: impl Fn() -> F) -> Vec<Duration> {
+    for _ in 0..200 {
+        call().await;
+    }
+    let mut times = Vec::new();
+    for _ in 0..3000 {
+        let t = Instant::now();
+        call().await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -52,19 +68,18 @@ async fn main() {
     assert_eq!(peer, kb.peer_id());
 
     // Control round trips: a small request and its echo.
-    for _ in 0..200 {
-        a.request(peer, ControlRequest::Echo(vec![0; 64])).await.unwrap();
-    }
-    let mut times = Vec::new();
-    for _ in 0..3000 {
-        let t = Instant::now();
-        a.request(peer, ControlRequest::Echo(vec![0; 64])).await.unwrap();
-        times.push(t.elapsed());
-    }
-    times.sort();
+    let times = round_trips(|| async { a.request(peer, ControlRequest::Echo(vec![0; 64])).await.unwrap(); }).await;
     let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
     println!("control round trip (64 B, {} requests): p50 {:.3} ms, p99 {:.3} ms (target p50 < 1 ms: {:.1}x under)",
         times.len(), p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, 1e-3 / p50.as_secs_f64());
+    // A decode step's hop: a residual-stream-sized tensor, sent and acknowledged.
+    let small = || Tensor {
+        header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, 1024] },
+        data: vec![7u8; 4096],
+    };
+    let times = round_trips(|| async { a.send_tensor(peer, small()).await.unwrap(); }).await;
+    println!("tensor round trip (4 KiB and its acknowledgement, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
+        times.len(), percentile(&times, 0.5).as_secs_f64() * 1e3, percentile(&times, 0.99).as_secs_f64() * 1e3);
 
     // Tensor throughput, one at a time and four in flight.
     for (label, size, count, in_flight) in [("1 MiB, sequential", 1 << 20, 200, 1), ("16 MiB, sequential", 16 << 20, 32, 1), ("16 MiB, 4 in flight", 16 << 20, 64, 4)] {

@@ -13,6 +13,19 @@ use crate::wire::{ControlRequest, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct InboundId(pub u64);
 
+impl InboundId {
+    /// Tensors that came on a tensor stream are numbered apart from what the event loop numbers.
+    const STREAM: u64 = 1 << 63;
+
+    pub(crate) fn stream(n: u64) -> InboundId {
+        InboundId(InboundId::STREAM | n)
+    }
+
+    pub(crate) fn on_stream(self) -> bool {
+        self.0 & InboundId::STREAM != 0
+    }
+}
+
 #[derive(Debug)]
 pub enum MeshEvent {
     Listening { addr: Multiaddr },

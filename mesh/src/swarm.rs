@@ -12,8 +12,10 @@
 
 mod client;
 mod gate;
+mod links;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -26,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use client::{Command, MeshClient, MeshError};
+use links::{Links, Standing};
 
 use crate::cert::{SignedCertificate, SignedRevocation};
 use crate::config::MeshConfig;
@@ -34,11 +37,12 @@ use crate::identity::DeviceKey;
 use crate::trust::Trust;
 use crate::wire::{
     self, CONTROL_PROTOCOL, ControlRequest, ControlResponse, CborCodec, Frame, GATE_PROTOCOL, GateRequest, GateResponse,
-    TENSOR_PROTOCOL, TensorAck, TensorCodec,
+    TENSOR_PROTOCOL, TENSOR_STREAM_PROTOCOL, TensorAck, TensorCodec,
 };
 
-/// Where mesh events go: the node routes them to its actors.
-pub type EventSink = Box<dyn FnMut(MeshEvent) + Send>;
+/// Where mesh events go: the node routes them to its actors. Shared: the
+/// event loop and each tensor stream's reader deliver through it.
+pub type EventSink = Arc<dyn Fn(MeshEvent) + Send + Sync>;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -46,6 +50,7 @@ struct Behaviour {
     gate: request_response::Behaviour<CborCodec<GateRequest, GateResponse>>,
     control: request_response::Behaviour<CborCodec<ControlRequest, ControlResponse>>,
     tensor: request_response::Behaviour<TensorCodec>,
+    streams: libp2p_stream::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -57,13 +62,19 @@ pub fn spawn(
     key: &DeviceKey,
     config: MeshConfig,
     trust: Trust,
-    sink: EventSink,
+    sink: impl Fn(MeshEvent) + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) -> Result<(MeshClient, tokio::task::JoinHandle<()>), MeshError> {
+    let sink: EventSink = Arc::new(sink);
     let mut swarm = build_swarm(key, &config)?;
     for addr in config.listen_addrs() {
         swarm.listen_on(addr.clone()).map_err(|e| MeshError::Listen { addr: addr.to_string(), why: e.to_string() })?;
     }
+    let standing = Arc::new(Standing::default());
+    let mut streams = swarm.behaviour().streams.new_control();
+    let incoming = streams.accept(TENSOR_STREAM_PROTOCOL).map_err(|e| MeshError::Build(e.to_string()))?;
+    let links = Arc::new(Links::new(streams, standing.clone(), sink.clone(), config.request_timeout));
+    links.accept(incoming);
     let (tx, rx) = mpsc::unbounded_channel();
     let event_loop = EventLoop {
         me: key.peer_id(),
@@ -81,13 +92,15 @@ pub fn spawn(
         in_join: HashMap::new(),
         in_control: HashMap::new(),
         in_tensor: HashMap::new(),
+        standing,
+        links: links.clone(),
         listeners: Vec::new(),
         listen_addrs: HashMap::new(),
         refused_us: HashSet::new(),
         welcomed_by: HashSet::new(),
     };
     let handle = tokio::spawn(event_loop.run(shutdown));
-    Ok((MeshClient::new(tx), handle))
+    Ok((MeshClient::new(tx, links), handle))
 }
 
 fn build_swarm(key: &DeviceKey, config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
@@ -124,6 +137,7 @@ fn build_swarm(key: &DeviceKey, config: &MeshConfig) -> Result<Swarm<Behaviour>,
                     [(TENSOR_PROTOCOL, ProtocolSupport::Full)],
                     rr_config.clone().with_max_concurrent_streams(256),
                 ),
+                streams: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(identify::Config::new("/llnode/1".into(), keypair.public()).with_agent_version(config.agent.clone())),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_timeout)),
                 mdns: mdns.into(),
@@ -181,6 +195,9 @@ struct EventLoop {
     refused_us: HashSet<PeerId>,
     /// Peers that accepted our hello.
     welcomed_by: HashSet<PeerId>,
+    /// Who is trusted and who is a member, for the tensor streams.
+    standing: Arc<Standing>,
+    links: Arc<Links>,
 }
 
 impl EventLoop {
@@ -197,6 +214,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.swarm_event(event),
                 _ = tick.tick() => self.tick(),
             }
+            self.publish_standing();
         }
         tracing::debug!("mesh event loop stopped");
     }
@@ -207,7 +225,15 @@ impl EventLoop {
     }
 
     fn emit(&mut self, event: MeshEvent) {
+        // What the node hears, the tensor streams already know.
+        self.publish_standing();
         (self.sink)(event)
+    }
+
+    fn publish_standing(&self) {
+        let trusted: HashSet<PeerId> = self.peers.keys().filter(|p| self.is_trusted(p)).copied().collect();
+        let members = trusted.iter().filter(|p| self.welcomed_by.contains(p)).copied().collect();
+        self.standing.publish(trusted, members);
     }
 
     /// We accepted its certificate.
@@ -266,11 +292,16 @@ impl EventLoop {
                 }
                 self.emit(MeshEvent::Connected { peer: peer_id, addr: endpoint.get_remote_address().clone(), dialed: endpoint.is_dialer() });
             }
+            // Its tensor streams may have been on this connection, and would never hear.
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } if num_established > 0 => self.links.disconnected(peer_id),
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.peers.remove(&peer_id);
                 self.listen_addrs.remove(&peer_id);
                 self.refused_us.remove(&peer_id);
                 self.welcomed_by.remove(&peer_id);
+                // No longer a member before its streams end, so no sender opens another.
+                self.publish_standing();
+                self.links.disconnected(peer_id);
                 self.emit(MeshEvent::Disconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {

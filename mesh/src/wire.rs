@@ -4,10 +4,13 @@
 //! response echoes its request's id. Tensors travel as a CBOR header followed
 //! by their raw little-endian bytes, never as arrays of numbers.
 //!
-//! Three libp2p protocols use it:
+//! Four libp2p protocols use it:
 //! - `/llnode/gate/1`: certificates and joins, the only one open to peers not yet trusted;
 //! - `/llnode/control/1`: control requests between trusted members;
-//! - `/llnode/tensor/1`: activations between trusted members.
+//! - `/llnode/tensor-stream/1`: small tensors between trusted members, on one
+//!   long-lived stream per peer and direction: tensors one way, each
+//!   acknowledged by id the other;
+//! - `/llnode/tensor/1`: large tensors between trusted members, a substream each.
 
 use std::io;
 
@@ -24,6 +27,14 @@ pub const WIRE_VERSION: u16 = 2;
 pub const GATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/gate/1");
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/control/1");
 pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor/1");
+pub const TENSOR_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor-stream/1");
+/// Tensors up to this size (a decode step's activations and logits, a
+/// short prompt's prefill) go on a peer's tensor stream; larger ones each on
+/// a substream of their own. A stream is written from the sending task, and
+/// Yamux hands a task's writes to the connection 16 KiB at a time, a
+/// wake-up each: a third of the throughput a substream gets, where the
+/// connection's own task writes.
+pub const STREAM_TENSOR_MAX: usize = 256 << 10;
 
 /// Largest gate frame: a certificate and the mesh's revocations.
 pub const GATE_LIMIT: usize = 1 << 20;
@@ -235,6 +246,13 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(io: &mut R) -> Result<Frame<Tenso
 }
 
 pub async fn write_tensor<W: AsyncWrite + Unpin>(io: &mut W, id: u64, tensor: &Tensor) -> Result<(), WireError> {
+    io.write_all(&tensor_bytes(id, tensor)?).await?;
+    Ok(())
+}
+
+/// Tensor `id` as it goes on the wire, in one buffer, once its header is
+/// checked against its payload and both against the limits.
+pub fn tensor_bytes(id: u64, tensor: &Tensor) -> Result<Vec<u8>, WireError> {
     let expected = tensor.header.byte_len().ok_or_else(|| WireError::Tensor("shape overflows".into()))?;
     if expected != tensor.data.len() as u64 {
         return Err(WireError::Tensor(format!("shape needs {expected} bytes, data has {}", tensor.data.len())));
@@ -246,8 +264,7 @@ pub async fn write_tensor<W: AsyncWrite + Unpin>(io: &mut W, id: u64, tensor: &T
     if header.len() > TENSOR_HEADER_LIMIT {
         return Err(WireError::TooLong { len: header.len() as u64, limit: TENSOR_HEADER_LIMIT as u64 });
     }
-    io.write_all(&framed(&header, &tensor.data)).await?;
-    Ok(())
+    Ok(framed(&header, &tensor.data))
 }
 
 /// The request-response codec of one CBOR protocol.
@@ -291,7 +308,8 @@ where
     }
 }
 
-/// The tensor protocol's codec: a tensor goes out, an acknowledgement comes back.
+/// The bulk tensor protocol's codec: a tensor goes out on a substream of its
+/// own, an acknowledgement comes back on it.
 #[derive(Clone, Default)]
 pub struct TensorCodec;
 

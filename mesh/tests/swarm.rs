@@ -76,20 +76,29 @@ async fn members_exchange_messages_and_tensors_intact() {
     let echo = a.client.request(b_id, ControlRequest::Echo(b"ping".to_vec())).await.unwrap();
     assert_eq!(echo, ControlResponse::Echo(b"ping".to_vec()));
 
-    // A tensor arrives byte for byte, with its header; b acknowledges it.
-    let data: Vec<u8> = (0..3 * 5 * 4).map(|i| i as u8).collect();
-    let tensor = Tensor { header: TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, 5] }, data };
-    let sent = tensor.clone();
-    let sender = a.client.clone();
-    let send = tokio::spawn(async move { sender.send_tensor(b_id, sent).await });
-    let (id, got) = next(&mut b, |e| match e {
-        MeshEvent::Tensor { peer, id, tensor } if peer == a_id => Some((id, tensor)),
-        _ => None,
-    })
-    .await;
-    assert_eq!(got, tensor);
-    b.client.ack_tensor(id, TensorAck::Received);
-    send.await.unwrap().unwrap();
+    // Tensors arrive byte for byte, with their headers, and b acknowledges
+    // them: a small one (on a's tensor stream to b), a large one (on a
+    // substream of its own), then a small one again on the same stream.
+    let tensor_of = |elements: usize| {
+        let data: Vec<u8> = (0..elements * 4).map(|i| (i % 251) as u8).collect();
+        let header = TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, elements as u64 / 3] };
+        Tensor { header, data }
+    };
+    let large = 3 * (llnode_mesh::wire::STREAM_TENSOR_MAX / 4);
+    for tensor in [tensor_of(15), tensor_of(large), tensor_of(15 * 7)] {
+        let sent = tensor.clone();
+        let sender = a.client.clone();
+        let send = tokio::spawn(async move { sender.send_tensor(b_id, sent).await });
+        let (id, got) = next(&mut b, |e| match e {
+            MeshEvent::Tensor { peer, id, tensor } if peer == a_id => Some((id, tensor)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got, tensor);
+        b.client.ack_tensor(id, TensorAck::Received);
+        send.await.unwrap().unwrap();
+    }
+    let tensor = tensor_of(15);
 
     // A refusal comes back as an error, not a hang.
     let sender = a.client.clone();

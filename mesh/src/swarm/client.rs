@@ -1,6 +1,8 @@
 //! The node's handle on the mesh: a cloneable sender of commands to the
 //! event loop, with replies on oneshot channels.
 
+use std::sync::Arc;
+
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -49,14 +51,22 @@ pub enum Command {
     Disconnect { peer: PeerId },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MeshClient {
     tx: mpsc::UnboundedSender<Command>,
+    /// Tensors skip the event loop: they go on streams of their own.
+    links: Arc<super::Links>,
+}
+
+impl std::fmt::Debug for MeshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshClient").finish_non_exhaustive()
+    }
 }
 
 impl MeshClient {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<Command>) -> MeshClient {
-        MeshClient { tx }
+    pub(crate) fn new(tx: mpsc::UnboundedSender<Command>, links: Arc<super::Links>) -> MeshClient {
+        MeshClient { tx, links }
     }
 
     fn send(&self, command: Command) {
@@ -118,12 +128,22 @@ impl MeshClient {
         self.send(Command::Respond { id, response })
     }
 
+    /// Sends `tensor` to member `peer` and waits until it is acknowledged:
+    /// on the peer's tensor stream, or, when large, on a substream of its own.
     pub async fn send_tensor(&self, peer: PeerId, tensor: Tensor) -> Result<(), MeshError> {
-        self.call(|reply| Command::SendTensor { peer, tensor, reply }).await
+        if tensor.data.len() <= crate::wire::STREAM_TENSOR_MAX {
+            self.links.send(peer, &tensor).await
+        } else {
+            self.call(|reply| Command::SendTensor { peer, tensor, reply }).await
+        }
     }
 
     pub fn ack_tensor(&self, id: InboundId, ack: TensorAck) {
-        self.send(Command::AckTensor { id, ack })
+        if id.on_stream() {
+            self.links.ack(id, ack)
+        } else {
+            self.send(Command::AckTensor { id, ack })
+        }
     }
 
     pub fn disconnect(&self, peer: PeerId) {

@@ -1,5 +1,5 @@
 //! The event loop's protocol handlers: the gate (hello, join), and the
-//! control and tensor protocols, which serve trusted peers only.
+//! control and bulk tensor protocols, which serve trusted peers only.
 
 use std::time::Instant;
 
