@@ -149,6 +149,15 @@ impl Node {
         assert!(status.success(), "kill -s {name} failed");
     }
 
+    /// Waits until the node has measured itself (it logs its profile).
+    pub fn wait_measured(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.log().contains("measured this device") {
+            assert!(Instant::now() < deadline, "{} never measured itself: {}", self.dir.display(), self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
@@ -213,10 +222,15 @@ impl Mesh {
             admit(&dir(0), &dir(i), &format!("n{i}"), "1d");
         }
         let strs = |i: usize| args[i].iter().map(String::as_str).collect::<Vec<_>>();
+        // One after another, each once it has measured itself: devices measured
+        // at the same time on this machine's two cores slow each other down
+        // (by 1.7x), and plans follow the measurements. Phones have their own cores.
         let first = Node::start_with(&dir(0), &[], &strs(0));
+        first.wait_measured();
         let mut nodes = vec![first];
         for i in 1..n {
             let node = Node::start_with(&dir(i), &[&nodes[0]], &strs(i));
+            node.wait_measured();
             nodes.push(node);
         }
         let mesh = Mesh { nodes, args, _root: root };

@@ -10,7 +10,9 @@
 //! window that straddles a change would re-profile half-way and cost a
 //! second move. A window in which even the fastest step of each segment is
 //! slower than the threshold did not straddle one, and acts at once (the
-//! leader then re-plans without waiting). Plans do not flap: besides this
+//! leader then re-plans without waiting), unless it is the first window of
+//! a plan: that one also times the move itself (devices loading spares,
+//! first runs, caches arriving), so it waits for a second. Plans do not flap: besides this
 //! threshold, a new assignment must beat the held one, costed on the same
 //! profiles, by 10%.
 
@@ -50,6 +52,8 @@ pub struct BalancingState {
     args: BalancingArgs,
     /// How the last window compared with the profile.
     last: Drift,
+    /// The plan epoch of the last window.
+    epoch: u64,
 }
 
 /// A window's pace against the profile, by the threshold.
@@ -67,7 +71,7 @@ impl Actor for BalancingActor {
 
     async fn pre_start(&self, myself: ActorRef<BalancingMsg>, args: BalancingArgs) -> Result<BalancingState, ActorProcessingErr> {
         myself.send_interval(TICK, || BalancingMsg::Tick);
-        Ok(BalancingState { args, last: Drift::Within })
+        Ok(BalancingState { args, last: Drift::Within, epoch: 0 })
     }
 
     async fn handle(&self, _: ActorRef<BalancingMsg>, msg: BalancingMsg, state: &mut BalancingState) -> Result<(), ActorProcessingErr> {
@@ -87,9 +91,11 @@ impl Actor for BalancingActor {
                 } else {
                     Drift::Within
                 };
-                // A window whose every step was slow did not straddle the change: no need to wait for another.
+                // A window whose every step was slow did not straddle the change: no need to wait for
+                // another. A plan's first window only counts with the next: it times the move as well.
+                let first = std::mem::replace(&mut state.epoch, pace.epoch) != pace.epoch;
                 let clean = drift == Drift::Slower && pace.fastest_secs_per_token / expected >= args.threshold;
-                if drift != Drift::Within && (drift == state.last || clean) {
+                if !first && drift != Drift::Within && (drift == state.last || clean) {
                     args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
                     state.last = Drift::Within;
                 } else {
