@@ -72,14 +72,17 @@ async fn main() {
     let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
     println!("control round trip (64 B, {} requests): p50 {:.3} ms, p99 {:.3} ms (target p50 < 1 ms: {:.1}x under)",
         times.len(), p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, 1e-3 / p50.as_secs_f64());
-    // A decode step's hop: a residual-stream-sized tensor, sent and acknowledged.
-    let small = || Tensor {
-        header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, 1024] },
-        data: vec![7u8; 4096],
-    };
-    let times = round_trips(|| async { a.send_tensor(peer, small()).await.unwrap(); }).await;
-    println!("tensor round trip (4 KiB and its acknowledgement, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
-        times.len(), percentile(&times, 0.5).as_secs_f64() * 1e3, percentile(&times, 0.99).as_secs_f64() * 1e3);
+    // A decode step's hops: a residual-stream-sized tensor, and a last
+    // position's logits (32000 floats), each sent and acknowledged.
+    for (label, elements) in [("4 KiB", 1024), ("125 KiB", 32000)] {
+        let tensor = || Tensor {
+            header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, elements] },
+            data: vec![7u8; elements as usize * 4],
+        };
+        let times = round_trips(|| async { a.send_tensor(peer, tensor()).await.unwrap(); }).await;
+        println!("tensor round trip ({label} and its acknowledgement, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
+            times.len(), percentile(&times, 0.5).as_secs_f64() * 1e3, percentile(&times, 0.99).as_secs_f64() * 1e3);
+    }
 
     // Tensor throughput, one at a time and four in flight.
     for (label, size, count, in_flight) in [("1 MiB, sequential", 1 << 20, 200, 1), ("16 MiB, sequential", 16 << 20, 32, 1), ("16 MiB, 4 in flight", 16 << 20, 64, 4)] {

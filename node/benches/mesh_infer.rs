@@ -1,7 +1,8 @@
 //! `just bench-mesh-infer`: distributed inference on loopback meshes of real
 //! `llnode start` processes, against one node. For 1, 2, 3 and 4 nodes (one
 //! compute thread each, memory caps that force a split): time to first token
-//! and decode tokens/s of one greedy prompt and their ratio to one node;
+//! and decode tokens/s of one greedy prompt and their ratio to one node
+//! (each run paired with one on the one-node mesh just before);
 //! aggregate tokens/s of k prompts at once from k members vs one prompt;
 //! activation bytes sent per token on each link; peak RSS of each node
 //! against the weights it runs. `LLNODE_BENCH_SIZE=tiny` uses the small model.
@@ -17,7 +18,7 @@ use support::{Mesh, llnode, ok, package_of, s, share_of};
 
 const TOKENS: &str = "48";
 const PROMPT: &str = "The mesh of phones answers";
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 #[derive(Clone, Copy)]
 struct Figures {
@@ -37,43 +38,61 @@ fn main() {
     println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
     println!("{:<6} {:>7} {:>16} {:>10} {:>12} {:>10}", "nodes", "stages", "first token ms", "ratio", "decode tok/s", "ratio");
 
-    let mut one: Option<Figures> = None;
-    for n in 1..=4 {
-        let share = if n == 1 { 1.5 } else { 1.0 / n as f64 + 0.15 };
+    // The one-node mesh stays up: each run on a bigger mesh is paired with a
+    // run on it just before, and the ratios are the medians of the pairs'.
+    // This machine's pace drifts by a third from one minute to the next, which
+    // a ratio of medians taken minutes apart would carry.
+    let one = Mesh::with_args(&package, 1, 1, &share_of(&package, 1.5), &["--no-rebalance"]);
+    let (alone, _) = runs(&one, None);
+    row(1, &alone, (1.0, 1.0));
+    for n in 2..=4 {
+        let share = 1.0 / n as f64 + 0.15;
         // The plan stays put: this measures the pipeline, not the balancer
         // (`just bench-balance` does), which on 2 cores would move units away
         // from nodes slowed by sharing them.
         let mesh = Mesh::with_args(&package, n, n, &share_of(&package, share), &["--no-rebalance"]);
-        let figures = single(&mesh, n);
-        let base = *one.get_or_insert(figures);
-        println!(
-            "{:<6} {:>7} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
-            n,
-            figures.stages,
-            figures.first_token_ms,
-            base.first_token_ms / figures.first_token_ms,
-            figures.decode_tok_s,
-            figures.decode_tok_s / base.decode_tok_s
-        );
-        if n > 1 {
-            links(&mesh, &manifest);
-            concurrent(&mesh, n, figures.decode_tok_s, cores);
-        }
+        let (figures, ratios) = runs(&mesh, Some(&one));
+        row(n, &figures, ratios);
+        links(&mesh, &manifest);
+        concurrent(&mesh, n, figures.decode_tok_s, cores);
     }
 }
 
-/// One greedy prompt from the last node, `RUNS` times.
-fn single(mesh: &Mesh, n: usize) -> Figures {
-    let mut first = Vec::new();
-    let mut decode = Vec::new();
+fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
+    println!(
+        "{:<6} {:>7} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
+        n, figures.stages, figures.first_token_ms, first_ratio, figures.decode_tok_s, decode_ratio
+    );
+}
+
+/// One greedy prompt from the mesh's last node, `RUNS` times, each after one
+/// on `paired_with` (the one-node mesh) when given: the medians of the
+/// mesh's figures and of its ratios to the one node's (first token: theirs
+/// over ours; decode: ours over theirs).
+fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
+    let (mut first, mut decode, mut first_ratio, mut decode_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let out = llnode(&["prompt", "--data-dir", s(&mesh.nodes[n - 1].dir), "--stats", "--ignore-eos", "--max-tokens", TOKENS, PROMPT]);
-        assert!(out.ok, "{}", out.stderr);
-        first.push(stat(&out.stderr, "first_token_ms"));
-        decode.push(stat(&out.stderr, "decode_tok_s"));
+        let base = paired_with.map(|one| prompt_stats(one));
+        let (first_ms, tok_s) = prompt_stats(mesh);
+        if let Some((base_first_ms, base_tok_s)) = base {
+            first_ratio.push(base_first_ms / first_ms);
+            decode_ratio.push(tok_s / base_tok_s);
+        }
+        first.push(first_ms);
+        decode.push(tok_s);
     }
     let view = plan(&mesh.nodes[0].dir);
-    Figures { stages: view["plan"]["stages"].as_array().unwrap().len(), first_token_ms: median(first), decode_tok_s: median(decode) }
+    let figures = Figures { stages: view["plan"]["stages"].as_array().unwrap().len(), first_token_ms: median(first), decode_tok_s: median(decode) };
+    let ratios = if paired_with.is_some() { (median(first_ratio), median(decode_ratio)) } else { (1.0, 1.0) };
+    (figures, ratios)
+}
+
+/// Time to first token (ms) and decode tokens/s of one prompt from the mesh's last node.
+fn prompt_stats(mesh: &Mesh) -> (f64, f64) {
+    let dir = &mesh.nodes[mesh.nodes.len() - 1].dir;
+    let out = llnode(&["prompt", "--data-dir", s(dir), "--stats", "--ignore-eos", "--max-tokens", TOKENS, PROMPT]);
+    assert!(out.ok, "{}", out.stderr);
+    (stat(&out.stderr, "first_token_ms"), stat(&out.stderr, "decode_tok_s"))
 }
 
 /// Bytes each node sent each other node per generated token, and each node's
