@@ -50,6 +50,19 @@ async fn next<T>(node: &mut TestNode, mut pick: impl FnMut(MeshEvent) -> Option<
     .expect("event in time")
 }
 
+/// Whether an event `pick` accepts comes within a second.
+async fn within_a_second(node: &mut TestNode, pick: impl Fn(&MeshEvent) -> bool) -> bool {
+    let seen = async {
+        while let Some(event) = node.events.recv().await {
+            if pick(&event) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::time::timeout(Duration::from_secs(1), seen).await.is_ok()
+}
+
 async fn connect(from: &TestNode, to: &TestNode) {
     let addr = loop {
         if let Some(a) = to.client.listeners().await.into_iter().next() {
@@ -150,14 +163,58 @@ async fn outsiders_get_nothing_and_are_dropped() {
     next(&mut nobody, |e| matches!(e, MeshEvent::Disconnected { .. }).then_some(())).await;
     // Blocked for a while: dialling again does not get a connection.
     connect(&nobody, &a).await;
-    let again = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            if let Some(MeshEvent::Trusted { .. }) = nobody.events.recv().await {
-                return;
-            }
+    assert!(!within_a_second(&mut nobody, |e| matches!(e, MeshEvent::Trusted { .. })).await, "a blocked peer was trusted");
+    shutdown.cancel();
+}
+
+/// A peer that never proved membership opens a tensor stream to a member
+/// directly (libp2p-stream, no `MeshClient` to refuse it locally) and writes
+/// a tensor: the member drops the stream unread and hands the node nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outsiders_tensor_stream_is_dropped_unread() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use libp2p::{noise, tcp, yamux};
+
+    let shutdown = CancellationToken::new();
+    let owner = OwnerKey::generate();
+    let mut a = start(|k| member(&owner, k), &shutdown);
+    let addr = loop {
+        if let Some(addr) = a.client.listeners().await.into_iter().next() {
+            break addr;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut outsider = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .build();
+    let mut control = outsider.behaviour().new_control();
+    outsider.dial(addr).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(outsider.select_next_some().await, libp2p::swarm::SwarmEvent::ConnectionEstablished { .. }) {}
     })
-    .await;
-    assert!(again.is_err(), "a blocked peer was trusted");
+    .await
+    .expect("connected in time");
+    tokio::spawn(async move {
+        loop {
+            outsider.select_next_some().await;
+        }
+    });
+    let mut stream = control.open_stream(a.key.peer_id(), llnode_mesh::wire::TENSOR_STREAM_PROTOCOL).await.expect("a speaks the protocol");
+    let tensor = Tensor {
+        header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4] },
+        data: vec![0; 16],
+    };
+    // The write may or may not get through before the stream is reset; no answer ever comes.
+    let _ = llnode_mesh::wire::write_tensor(&mut stream, 1, &tensor).await;
+    let _ = stream.flush().await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the stream stayed open");
+    assert!(answer.is_empty(), "an outsider got {} bytes back", answer.len());
+    assert!(!within_a_second(&mut a, |e| matches!(e, MeshEvent::Tensor { .. })).await, "a handed an outsider's tensor to the node");
     shutdown.cancel();
 }
