@@ -10,7 +10,7 @@
 //! - `/llnode/tensor-stream/1`: small tensors between trusted members, on one
 //!   long-lived stream per peer and direction: tensors one way, each
 //!   acknowledged by id the other;
-//! - `/llnode/tensor/1`: large tensors between trusted members, a substream each.
+//! - `/llnode/tensor/1`: larger tensors between trusted members, a substream each.
 
 use std::io;
 
@@ -28,13 +28,15 @@ pub const GATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/gate/1");
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/control/1");
 pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor/1");
 pub const TENSOR_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor-stream/1");
-/// Tensors up to this size (a decode step's activations and logits, a
-/// short prompt's prefill) go on a peer's tensor stream; larger ones each on
-/// a substream of their own. A stream is written from the sending task, and
-/// Yamux hands a task's writes to the connection 16 KiB at a time, a
-/// wake-up each: a third of the throughput a substream gets, where the
-/// connection's own task writes.
-pub const STREAM_TENSOR_MAX: usize = 256 << 10;
+/// A step's tensors for one device, up to this size in all (a decode step's
+/// activations, a last position's logits of 32 000 floats), go in one write on
+/// that device's tensor stream; larger ones each on a substream of their own.
+/// A stream is written from the sending task, and Yamux hands such writes to
+/// the connection 16 KiB and one wake-up at a time: a third of the throughput
+/// a substream gets, where the connection's own task writes. Writes also stay
+/// under half a stream's first window (256 KiB): a 1 MiB write on a stream
+/// between two nodes never arrived (not understood; a substream carries it).
+pub const STREAM_TENSOR_MAX: usize = 128 << 10;
 
 /// Largest gate frame: a certificate and the mesh's revocations.
 pub const GATE_LIMIT: usize = 1 << 20;

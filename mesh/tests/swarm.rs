@@ -89,6 +89,26 @@ async fn members_exchange_messages_and_tensors_intact() {
     let echo = a.client.request(b_id, ControlRequest::Echo(b"ping".to_vec())).await.unwrap();
     assert_eq!(echo, ControlResponse::Echo(b"ping".to_vec()));
 
+    // Tensors sent at once on a stream not yet open all arrive.
+    let burst: Vec<_> = (0..4u64)
+        .map(|i| {
+            let sender = a.client.clone();
+            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4] };
+            tokio::spawn(async move { sender.send_tensor(b_id, Tensor { header, data: vec![0; 16] }).await })
+        })
+        .collect();
+    for _ in 0..4 {
+        let id = next(&mut b, |e| match e {
+            MeshEvent::Tensor { id, .. } => Some(id),
+            _ => None,
+        })
+        .await;
+        b.client.ack_tensor(id, TensorAck::Received);
+    }
+    for send in burst {
+        send.await.unwrap().unwrap();
+    }
+
     // Tensors arrive byte for byte, with their headers, and b acknowledges
     // them: a small one (on a's tensor stream to b), a large one (on a
     // substream of its own), then a small one again on the same stream.

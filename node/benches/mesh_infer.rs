@@ -72,7 +72,7 @@ fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
 fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
     let (mut first, mut decode, mut first_ratio, mut decode_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let base = paired_with.map(|one| prompt_stats(one));
+        let base = paired_with.map(prompt_stats);
         let (first_ms, tok_s) = prompt_stats(mesh);
         if let Some((base_first_ms, base_tok_s)) = base {
             first_ratio.push(base_first_ms / first_ms);

@@ -477,7 +477,7 @@ impl MeshForward {
     fn send_step(&self, step: u64, tokens: &[u32], past: usize) -> Result<(), StepFail> {
         let failed = |e: String| StepFail::Failed(e);
         let acts = step_inputs(tokens, past, self.with_positions);
-        let mut remote = Vec::new();
+        let mut remote: Vec<(usize, PeerId, Vec<llnode_mesh::wire::Tensor>)> = Vec::new();
         for t in self.route.map.transfers.iter().filter(|t| t.from == Endpoint::Initiator) {
             let Endpoint::Segment(s) = t.to else { continue };
             let value = acts.get(&t.tensor).ok_or_else(|| failed(format!("the model reads {} from the initiator", t.tensor)))?;
@@ -498,17 +498,21 @@ impl MeshForward {
             if device == self.me {
                 self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| failed(e.to_string()))?;
             } else {
-                remote.push((s, device, wire_tensor(&d)));
+                // Each device's inputs go together, in one write; named by the first segment they feed.
+                match remote.iter_mut().find(|(_, d, _)| *d == device) {
+                    Some((_, _, tensors)) => tensors.push(wire_tensor(&d)),
+                    None => remote.push((s, device, vec![wire_tensor(&d)])),
+                }
             }
         }
-        let sends = remote.into_iter().map(|(s, device, tensor)| async move {
-            let bytes = tensor.data.len();
+        let sends = remote.into_iter().map(|(s, device, tensors)| async move {
+            let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
             // A device that cannot be reached or refuses is on its way out of the plan.
             self.client
-                .send_tensor(device, tensor)
+                .send_tensors(device, tensors)
                 .await
                 .map_err(|e| StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")))?;
-            self.traffic.record(&device, bytes);
+            sizes.into_iter().for_each(|bytes| self.traffic.record(&device, bytes));
             Ok(())
         });
         self.handle.block_on(futures::future::join_all(sends)).into_iter().collect()

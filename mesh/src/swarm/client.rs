@@ -128,14 +128,20 @@ impl MeshClient {
         self.send(Command::Respond { id, response })
     }
 
-    /// Sends `tensor` to member `peer` and waits until it is acknowledged:
-    /// on the peer's tensor stream, or, when large, on a substream of its own.
+    /// Sends `tensor` to member `peer` and waits until it is acknowledged.
     pub async fn send_tensor(&self, peer: PeerId, tensor: Tensor) -> Result<(), MeshError> {
-        if tensor.data.len() <= crate::wire::STREAM_TENSOR_MAX {
-            self.links.send(peer, &tensor).await
-        } else {
-            self.call(|reply| Command::SendTensor { peer, tensor, reply }).await
+        self.send_tensors(peer, vec![tensor]).await
+    }
+
+    /// Sends `tensors` to member `peer` and waits until all are acknowledged:
+    /// in one write on the peer's tensor stream, or, together over
+    /// [`crate::wire::STREAM_TENSOR_MAX`], each on a substream of its own.
+    pub async fn send_tensors(&self, peer: PeerId, tensors: Vec<Tensor>) -> Result<(), MeshError> {
+        if tensors.iter().map(|t| t.data.len()).sum::<usize>() <= crate::wire::STREAM_TENSOR_MAX {
+            return self.links.send(peer, &tensors).await;
         }
+        let sends = tensors.into_iter().map(|tensor| self.call(|reply| Command::SendTensor { peer, tensor, reply }));
+        futures::future::join_all(sends).await.into_iter().collect()
     }
 
     pub fn ack_tensor(&self, id: InboundId, ack: TensorAck) {

@@ -113,12 +113,15 @@ impl Links {
         }
     }
 
-    /// Sends `tensor` to `peer` and waits for its acknowledgement.
-    pub(crate) async fn send(&self, peer: PeerId, tensor: &Tensor) -> Result<(), MeshError> {
+    /// Sends `tensors` to `peer` in one write and waits for all their acknowledgements.
+    pub(crate) async fn send(&self, peer: PeerId, tensors: &[Tensor]) -> Result<(), MeshError> {
         // Encoded (and checked) once, before any stream is touched; ids are
         // unique across streams, so a stream opened again cannot mix them up.
-        let id = self.next_out.fetch_add(1, Ordering::Relaxed);
-        let bytes = wire::tensor_bytes(id, tensor).map_err(|e| MeshError::Protocol(e.to_string()))?;
+        let ids: Vec<u64> = tensors.iter().map(|_| self.next_out.fetch_add(1, Ordering::Relaxed)).collect();
+        let mut bytes = Vec::new();
+        for (id, tensor) in ids.iter().zip(tensors) {
+            bytes.extend(wire::tensor_bytes(*id, tensor).map_err(|e| MeshError::Protocol(e.to_string()))?);
+        }
         // A stream found broken before or during the write is replaced once: a
         // connection that closed while another to the same peer stays up, say.
         for _ in 0..2 {
@@ -126,7 +129,7 @@ impl Links {
                 return Err(MeshError::NotTrusted(peer));
             }
             let link = self.link(peer).await?;
-            match link.send(peer, id, &bytes, self.timeout).await {
+            match link.send(peer, &ids, &bytes, self.timeout).await {
                 Ok(()) => return Ok(()),
                 Err(Failed::Final(e)) => return Err(e),
                 Err(Failed::Broken) => continue,
@@ -236,13 +239,19 @@ impl Link {
         !self.connection.is_cancelled() && self.pending.lock().expect("link lock").is_some()
     }
 
-    /// Writes tensor `id` (already framed as `bytes`) and waits for its acknowledgement.
-    async fn send(&self, peer: PeerId, id: u64, bytes: &[u8], timeout: Duration) -> Result<(), Failed> {
-        let (tx, rx) = oneshot::channel();
-        match self.pending.lock().expect("link lock").as_mut() {
-            Some(pending) => pending.insert(id, tx),
-            None => return Err(Failed::Broken),
-        };
+    /// Writes tensors `ids` (already framed, one after another, as `bytes`)
+    /// and waits for their acknowledgements.
+    async fn send(&self, peer: PeerId, ids: &[u64], bytes: &[u8], timeout: Duration) -> Result<(), Failed> {
+        let mut answers = Vec::new();
+        {
+            let mut pending = self.pending.lock().expect("link lock");
+            let Some(pending) = pending.as_mut() else { return Err(Failed::Broken) };
+            for id in ids {
+                let (tx, rx) = oneshot::channel();
+                pending.insert(*id, tx);
+                answers.push(rx);
+            }
+        }
         let write = async {
             let mut writer = self.writer.lock().await;
             writer.write_all(bytes).await?;
@@ -258,12 +267,14 @@ impl Link {
             self.close();
             return Err(Failed::Broken);
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result.map_err(Failed::Final),
-            Ok(Err(_)) => Err(Failed::Final(MeshError::Unreachable { peer, why: "its tensor stream closed before the tensor was acknowledged".into() })),
+        let closed = || MeshError::Unreachable { peer, why: "its tensor stream closed before the tensor was acknowledged".into() };
+        match tokio::time::timeout(timeout, futures::future::join_all(answers)).await {
+            Ok(answers) => answers.into_iter().try_for_each(|a| a.unwrap_or_else(|_| Err(closed()))).map_err(Failed::Final),
             Err(_) => {
                 if let Some(pending) = self.pending.lock().expect("link lock").as_mut() {
-                    pending.remove(&id);
+                    for id in ids {
+                        pending.remove(id);
+                    }
                 }
                 Err(Failed::Final(MeshError::Unreachable { peer, why: format!("no acknowledgement in {} s", timeout.as_secs()) }))
             }

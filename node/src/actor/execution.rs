@@ -870,6 +870,8 @@ impl ExecutionState {
         let (transfers, devices): (Vec<_>, _) = (ready.map.outputs_of(s).cloned().collect(), current.devices.clone());
         let me = self.args.me;
         let mut local = Vec::new();
+        // Each device's tensors of the step go together, in one write.
+        let mut remote: HashMap<PeerId, Vec<WireTensor>> = HashMap::new();
         for t in &transfers {
             let Some(value) = outputs.get(&t.tensor) else {
                 continue;
@@ -892,16 +894,18 @@ impl ExecutionState {
             if to == me {
                 local.push(d);
             } else {
-                let tensor = wire_tensor(&d);
-                let (client, traffic) = (self.args.client.clone(), self.args.traffic.clone());
-                tokio::spawn(async move {
-                    let bytes = tensor.data.len();
-                    match client.send_tensor(to, tensor).await {
-                        Ok(()) => traffic.record(&to, bytes),
-                        Err(e) => tracing::warn!(session, "cannot send a tensor to {to}: {e}"),
-                    }
-                });
+                remote.entry(to).or_default().push(wire_tensor(&d));
             }
+        }
+        for (to, tensors) in remote {
+            let (client, traffic) = (self.args.client.clone(), self.args.traffic.clone());
+            tokio::spawn(async move {
+                let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+                match client.send_tensors(to, tensors).await {
+                    Ok(()) => sizes.into_iter().for_each(|bytes| traffic.record(&to, bytes)),
+                    Err(e) => tracing::warn!(session, "cannot send a step's tensors to {to}: {e}"),
+                }
+            });
         }
         for d in local {
             if d.name == "logits" {
