@@ -214,7 +214,6 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.swarm_event(event),
                 _ = tick.tick() => self.tick(),
             }
-            self.publish_standing();
         }
         tracing::debug!("mesh event loop stopped");
     }
@@ -225,7 +224,9 @@ impl EventLoop {
     }
 
     fn emit(&mut self, event: MeshEvent) {
-        // What the node hears, the tensor streams already know.
+        // What the node hears, the tensor streams already know. Every change of
+        // trust or membership is told (Trusted, Member, Refused, Disconnected),
+        // so publishing here keeps them current.
         self.publish_standing();
         (self.sink)(event)
     }

@@ -63,14 +63,18 @@ async fn within_a_second(node: &mut TestNode, pick: impl Fn(&MeshEvent) -> bool)
     tokio::time::timeout(Duration::from_secs(1), seen).await.is_ok()
 }
 
-async fn connect(from: &TestNode, to: &TestNode) {
-    let addr = loop {
-        if let Some(a) = to.client.listeners().await.into_iter().next() {
-            break a;
+/// Where `node` listens, once it does.
+async fn listen_addr(node: &TestNode) -> libp2p::Multiaddr {
+    loop {
+        if let Some(addr) = node.client.listeners().await.into_iter().next() {
+            return addr;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    from.client.dial(addr).await.unwrap();
+    }
+}
+
+async fn connect(from: &TestNode, to: &TestNode) {
+    from.client.dial(listen_addr(to).await).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,12 +202,7 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
     let shutdown = CancellationToken::new();
     let owner = OwnerKey::generate();
     let mut a = start(|k| member(&owner, k), &shutdown);
-    let addr = loop {
-        if let Some(addr) = a.client.listeners().await.into_iter().next() {
-            break addr;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let addr = listen_addr(&a).await;
     let mut outsider = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
