@@ -83,7 +83,8 @@ fn segments_return_the_last_position_logits() {
     let model = Model::from_export(common::tiny_export()).unwrap();
     let units = model.units.len();
     let acts = step_inputs(&PROMPT, 0, true);
-    for segments in [vec![0..units], vec![0..units - 1, units - 1..units]] {
+    let whole = 0..units;
+    for segments in [vec![whole], vec![0..units - 1, units - 1..units]] {
         let map = TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), &segments).unwrap();
         let last = segments.len() - 1;
         let runner = SegmentRunner::load(&model, segments[last].clone(), &map.output_names(last)).unwrap();

@@ -394,7 +394,7 @@ impl Instance {
             used[*d] += self.range_need(units);
         }
         let mut spares = Vec::new();
-        for d in 0..self.devices() {
+        for (d, used) in used.iter_mut().enumerate() {
             let mine: Vec<usize> = (0..stages.len()).filter(|&i| stages[i].0 == d).collect();
             let candidates: Vec<usize> = if mine.is_empty() {
                 (0..stages.len()).collect()
@@ -407,8 +407,8 @@ impl Instance {
             let mut kept: Vec<usize> = Vec::new();
             for c in candidates {
                 let need = self.range_need(&stages[c].1);
-                if !kept.contains(&c) && used[d] + need <= self.cap[d] {
-                    used[d] += need;
+                if !kept.contains(&c) && *used + need <= self.cap[d] {
+                    *used += need;
                     kept.push(c);
                     spares.push(Spare {
                         device: self.ids[d].clone(),
