@@ -64,11 +64,21 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     let config = MeshConfig { listen: options.listen, mdns: options.mdns, ..MeshConfig::default() };
 
     // The mesh's events go to the actors, which exist only once the mesh
-    // client does; they wait in a channel until then.
+    // client does; they wait in a channel until then, for the router below.
+    // A step's tensors skip the router once the execution actor is up.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<MeshEvent>();
-    let sink = Box::new(move |e| {
-        let _ = events_tx.send(e);
-    });
+    let tensors_to = std::sync::Arc::new(std::sync::OnceLock::<ractor::ActorRef<ExecutionMsg>>::new());
+    let sink = {
+        let tensors_to = tensors_to.clone();
+        move |event| match (event, tensors_to.get()) {
+            (MeshEvent::Tensor { peer, id, tensor }, Some(execution)) if tensor.header.name != crate::actor::planning::PROBE => {
+                let _ = execution.cast(ExecutionMsg::Inbound { peer, id, tensor });
+            }
+            (event, _) => {
+                let _ = events_tx.send(event);
+            }
+        }
+    };
     let (client, mesh_task) = llnode_mesh::spawn(&key, config, trust.clone(), sink, shutdown.clone())?;
 
     let (discovery, discovery_handle) = Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
@@ -91,6 +101,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         readiness: readiness_tx,
     };
     let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
+    let _ = tensors_to.set(execution.clone());
     let planning_args = PlanningArgs {
         key: key.clone(),
         client: client.clone(),
