@@ -34,6 +34,12 @@ fn built_in_model_answers_the_same_from_every_member() {
     let mut sampled = SAMPLED.to_vec();
     sampled.push("The mesh of phones");
     assert_eq!(mesh.prompt(1, &sampled), sampled_reference);
+    // Greedy and top-k runs get only the highest logits back; a repetition
+    // penalty needs every one of them.
+    let penalised = [&["--repetition-penalty", "1.3"][..], &GREEDY[..]].concat();
+    let penalised_reference = ok(&[&["run", "-m", s(&package)][..], &penalised[..]].concat());
+    assert_ne!(penalised_reference, reference);
+    assert_eq!(mesh.prompt(1, &penalised), penalised_reference);
 
     // Three prompts at once, from three members.
     std::thread::scope(|scope| {

@@ -76,7 +76,7 @@ async fn main() {
     // position's logits (32000 floats), each sent and acknowledged.
     for (label, elements) in [("4 KiB", 1024), ("125 KiB", 32000)] {
         let tensor = || Tensor {
-            header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, elements] },
+            header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, elements], top_logits: 0 },
             data: vec![7u8; elements as usize * 4],
         };
         let times = round_trips(|| async { a.send_tensor(peer, tensor()).await.unwrap(); }).await;
@@ -87,7 +87,7 @@ async fn main() {
     // Tensor throughput, one at a time and four in flight.
     for (label, size, count, in_flight) in [("1 MiB, sequential", 1 << 20, 200, 1), ("16 MiB, sequential", 16 << 20, 32, 1), ("16 MiB, 4 in flight", 16 << 20, 64, 4)] {
         let make = || Tensor {
-            header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![(size / 4) as u64] },
+            header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![(size / 4) as u64], top_logits: 0 },
             data: vec![7u8; size],
         };
         a.send_tensor(peer, make()).await.unwrap();

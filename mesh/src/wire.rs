@@ -143,6 +143,10 @@ pub struct TensorHeader {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
+    /// How many of each step's logits the initiator reads: the last stage
+    /// returns only the highest this many; 0, the default, returns them all.
+    #[serde(default)]
+    pub top_logits: u32,
 }
 
 impl TensorHeader {

@@ -97,7 +97,7 @@ async fn members_exchange_messages_and_tensors_intact() {
     let burst: Vec<_> = (0..4u64)
         .map(|i| {
             let sender = a.client.clone();
-            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4] };
+            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4], top_logits: 0 };
             tokio::spawn(async move { sender.send_tensor(b_id, Tensor { header, data: vec![0; 16] }).await })
         })
         .collect();
@@ -118,7 +118,7 @@ async fn members_exchange_messages_and_tensors_intact() {
     // substream of its own), then a small one again on the same stream.
     let tensor_of = |elements: usize| {
         let data: Vec<u8> = (0..elements * 4).map(|i| (i % 251) as u8).collect();
-        let header = TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, elements as u64 / 3] };
+        let header = TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, elements as u64 / 3], top_logits: 0 };
         Tensor { header, data }
     };
     let large = 3 * (llnode_mesh::wire::STREAM_TENSOR_MAX / 4);
@@ -224,7 +224,7 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
     });
     let mut stream = control.open_stream(a.key.peer_id(), llnode_mesh::wire::TENSOR_STREAM_PROTOCOL).await.expect("a speaks the protocol");
     let tensor = Tensor {
-        header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4] },
+        header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4], top_logits: 0 },
         data: vec![0; 16],
     };
     // The write may or may not get through before the stream is reset; no answer ever comes.

@@ -41,6 +41,23 @@ impl SamplingConfig {
         }
         Ok(())
     }
+
+    /// How many of a step's logits this sampler reads: `Some(k)` when only the
+    /// k highest can change its choice (greedy, or top-k, without a repetition
+    /// penalty), `None` when it needs them all. A device that computes the
+    /// logits for another sends just those ([`TopLogits`]).
+    pub fn logits_needed(&self) -> Option<usize> {
+        if self.repetition_penalty != 1.0 {
+            // A penalty can lower every high logit below one that was not sent.
+            None
+        } else if self.temperature == 0.0 {
+            Some(1)
+        } else if self.top_k > 0 {
+            Some(self.top_k)
+        } else {
+            None
+        }
+    }
 }
 
 pub struct Sampler {
@@ -105,6 +122,74 @@ impl Sampler {
     }
 }
 
+/// No model's vocabulary comes near this; a bigger claim is not believed.
+const MAX_VOCAB: usize = 1 << 24;
+
+/// The highest logits of a step with their token ids: as much as a sampler
+/// whose [`SamplingConfig::logits_needed`] is `Some(k)` reads, in a few bytes
+/// rather than the whole vocabulary's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopLogits {
+    pub vocab: usize,
+    /// Token id and logit, in the order the sampler ranks them.
+    pub entries: Vec<(u32, f32)>,
+}
+
+impl TopLogits {
+    /// The `k` highest of `logits`, ranked as [`Sampler::sample`] ranks them
+    /// (by [`argmax`] for one); `None` when they are not all finite (the filler
+    /// of [`TopLogits::expand`] could then tie with them) or `k` is not below
+    /// the vocabulary: send them all.
+    pub fn of(logits: &[f32], k: usize) -> Option<TopLogits> {
+        if k == 0 || k >= logits.len() {
+            return None;
+        }
+        let ids: Vec<usize> = if k == 1 {
+            vec![argmax(logits) as usize]
+        } else {
+            let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            let mut ids: Vec<usize> = (0..logits.len()).collect();
+            ids.select_nth_unstable_by(k - 1, rank);
+            ids.truncate(k);
+            ids.sort_by(rank);
+            ids
+        };
+        let entries: Vec<(u32, f32)> = ids.into_iter().map(|i| (i as u32, logits[i])).collect();
+        entries.iter().all(|(_, l)| l.is_finite()).then_some(TopLogits { vocab: logits.len(), entries })
+    }
+
+    /// The whole vocabulary's logits as the sampler sees them: the kept ones,
+    /// and minus infinity, below all of them, everywhere else.
+    pub fn expand(&self) -> Vec<f32> {
+        let mut logits = vec![f32::NEG_INFINITY; self.vocab];
+        for &(id, l) in &self.entries {
+            logits[id as usize] = l;
+        }
+        logits
+    }
+
+    /// As 32-bit integers, a row per entry after a first of (vocabulary,
+    /// entries): token id, then the logit's bits.
+    pub fn to_words(&self) -> Vec<[i32; 2]> {
+        let head = [self.vocab as i32, self.entries.len() as i32];
+        std::iter::once(head).chain(self.entries.iter().map(|&(id, l)| [id as i32, l.to_bits() as i32])).collect()
+    }
+
+    pub fn from_words(words: &[[i32; 2]]) -> Result<TopLogits, String> {
+        let bad = || format!("top logits: {} rows do not make a vocabulary size and its entries", words.len());
+        let (&[vocab, n], rows) = words.split_first().ok_or_else(bad)?;
+        let vocab = usize::try_from(vocab).map_err(|_| bad())?;
+        if usize::try_from(n) != Ok(rows.len()) || vocab > MAX_VOCAB {
+            return Err(bad());
+        }
+        let entries: Vec<(u32, f32)> = rows.iter().map(|&[id, bits]| (id as u32, f32::from_bits(bits as u32))).collect();
+        if entries.iter().any(|&(id, _)| id as usize >= vocab) {
+            return Err(format!("top logits: a token id is not below the vocabulary size {vocab}"));
+        }
+        Ok(TopLogits { vocab, entries })
+    }
+}
+
 /// Index of the largest logit; the first on ties.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -119,6 +204,47 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the sampler needs, sampling from the top logits alone
+        /// picks what sampling from all of them picks, ties and signed zeros included.
+        #[test]
+        fn the_top_logits_sample_like_all_of_them(
+            levels in proptest::collection::vec(-3i8..4, 2..60),
+            temperature in prop_oneof![Just(0.0f32), 0.1f32..2.0],
+            top_k in 0usize..8,
+            top_p in prop_oneof![Just(1.0f32), 0.05f32..1.0],
+            seed in any::<u64>(),
+        ) {
+            // Few distinct values, so ties are common; -0.0 and 0.0 both occur.
+            let logits: Vec<f32> = levels.iter().enumerate().map(|(i, &l)| if l == 0 && i % 2 == 1 { -0.0 } else { f32::from(l) / 2.0 }).collect();
+            let config = SamplingConfig { temperature, top_k, top_p, seed, ..Default::default() };
+            let Some(k) = config.logits_needed() else { return Ok(()) };
+            let Some(top) = TopLogits::of(&logits, k) else {
+                prop_assert!(k >= logits.len());
+                return Ok(());
+            };
+            prop_assert_eq!(TopLogits::from_words(&top.to_words()), Ok(top.clone()));
+            let (mut all, mut kept) = (Sampler::new(config.clone()), Sampler::new(config));
+            for _ in 0..4 {
+                prop_assert_eq!(all.sample(&mut logits.clone(), &[]), kept.sample(&mut top.expand(), &[]));
+            }
+        }
+    }
+
+    #[test]
+    fn samplers_that_read_every_logit_get_them_all() {
+        let penalised = SamplingConfig { repetition_penalty: 1.2, ..Default::default() };
+        assert_eq!(penalised.logits_needed(), None);
+        let nucleus = SamplingConfig { temperature: 0.7, top_p: 0.9, ..Default::default() };
+        assert_eq!(nucleus.logits_needed(), None);
+        assert_eq!(TopLogits::of(&[1.0, f32::NAN, 0.5], 2), None);
+        // Greedy takes the first of equal maxima, though total order ranks 0.0 above -0.0.
+        assert_eq!(TopLogits::of(&[-1.0, -0.0, 0.0], 1).map(|t| t.entries), Some(vec![(1, -0.0)]));
+        assert!(TopLogits::from_words(&[[1 << 30, 0]]).is_err());
+        assert!(TopLogits::from_words(&[[4, 1], [4, 0]]).is_err());
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

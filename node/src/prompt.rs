@@ -170,6 +170,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
             past: 0,
             history: Vec::new(),
             with_positions,
+            top_logits: options.sampling.logits_needed().and_then(|k| u32::try_from(k).ok()).unwrap_or(0),
             started: std::time::Instant::now(),
             token_ms: Vec::new(),
         };
@@ -386,6 +387,8 @@ struct MeshForward {
     /// The token groups of every step that has run, in order: what a move replays.
     history: Vec<Vec<u32>>,
     with_positions: bool,
+    /// How many logits the sampler reads ([`SamplingConfig::logits_needed`]); 0: all.
+    top_logits: u32,
     started: std::time::Instant,
     /// When each step's logits came, in ms from `started`.
     token_ms: Vec<f64>,
@@ -490,6 +493,7 @@ impl MeshForward {
                 tokens: tokens.len() as u32,
                 name: t.tensor.clone(),
                 value,
+                top_logits: self.top_logits,
             };
             let device = self.route.devices[s];
             if self.private && device != self.me && t.tensor == "input_ids" {
@@ -500,8 +504,8 @@ impl MeshForward {
             } else {
                 // Each device's inputs go together, in one write; named by the first segment they feed.
                 match remote.iter_mut().find(|(_, d, _)| *d == device) {
-                    Some((_, _, tensors)) => tensors.push(wire_tensor(&d)),
-                    None => remote.push((s, device, vec![wire_tensor(&d)])),
+                    Some((_, _, tensors)) => tensors.push(wire_tensor(d)),
+                    None => remote.push((s, device, vec![wire_tensor(d)])),
                 }
             }
         }

@@ -29,6 +29,7 @@ use llnode_mesh::{MeshClient, PeerId, event::InboundId};
 use llnode_models::pipeline::last_logits;
 use llnode_models::raw::{self, RawTensor, RawType};
 use llnode_models::runner::{Activations, Chain, ChainState, RunError, SegmentRunner};
+use llnode_models::sampling::TopLogits;
 use llnode_models::segment::is_past;
 use llnode_models::transmission::{Endpoint, TransmissionMap};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -115,6 +116,8 @@ pub struct Delivery {
     pub tokens: u32,
     pub name: String,
     pub value: llnode_models::raw::RawTensor,
+    /// How many logits the initiator reads ([`TensorHeader::top_logits`]).
+    pub top_logits: u32,
 }
 
 pub enum ExecutionMsg {
@@ -328,6 +331,8 @@ struct Session {
     next: HashMap<usize, u64>,
     /// Inputs gathered per (segment, step).
     inbox: HashMap<(usize, u64), (u32, Activations)>,
+    /// How many logits the initiator reads, as its tensors say.
+    top_logits: u32,
 }
 
 /// Caches handed over for a session that has not started here yet.
@@ -602,12 +607,46 @@ fn delivery(initiator_or_sender: PeerId, tensor: WireTensor) -> Result<Delivery,
         tokens: h.tokens,
         name,
         value: RawTensor { dtype, shape, data: tensor.data },
+        top_logits: h.top_logits,
     })
 }
 
+/// A step's logits for its initiator: all of them, or, for an initiator
+/// that reads only the highest `top`, just those ([`TopLogits`]): 16 bytes
+/// rather than 4 per token of the vocabulary for a greedy generation.
+fn logits_tensor(logits: &[f32], top: u32) -> RawTensor {
+    match TopLogits::of(logits, top as usize) {
+        Some(top) => {
+            let words = top.to_words();
+            let data = words.iter().flatten().flat_map(|w| w.to_le_bytes()).collect();
+            RawTensor { dtype: RawType::I32, shape: vec![words.len(), 2], data }
+        }
+        None => {
+            let data = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+            RawTensor { dtype: RawType::F32, shape: vec![1, 1, logits.len()], data }
+        }
+    }
+}
+
+/// The logits in a [`logits_tensor`], as the sampler reads them.
+fn read_logits(value: RawTensor) -> Result<Vec<f32>, String> {
+    fn words(bytes: &[u8]) -> impl Iterator<Item = [u8; 4]> + '_ {
+        bytes.chunks_exact(4).map(|w| w.try_into().expect("4 bytes"))
+    }
+    match value.dtype {
+        RawType::F32 => Ok(words(&value.data).map(f32::from_le_bytes).collect()),
+        RawType::I32 => {
+            let ints: Vec<i32> = words(&value.data).map(i32::from_le_bytes).collect();
+            let rows: Vec<[i32; 2]> = ints.chunks_exact(2).map(|r| [r[0], r[1]]).collect();
+            Ok(TopLogits::from_words(&rows)?.expand())
+        }
+        other => Err(format!("logits came as {other:?}")),
+    }
+}
+
 /// Puts a tensor on the wire.
-pub fn wire_tensor(d: &Delivery) -> WireTensor {
-    let value = &d.value;
+pub fn wire_tensor(d: Delivery) -> WireTensor {
+    let value = d.value;
     let dtype = match value.dtype {
         RawType::F32 => DType::F32,
         RawType::F16 => DType::F16,
@@ -624,8 +663,9 @@ pub fn wire_tensor(d: &Delivery) -> WireTensor {
             name: format!("{}/{}", d.initiator, d.name),
             dtype,
             shape: value.shape.iter().map(|&d| d as u64).collect(),
+            top_logits: d.top_logits,
         },
-        data: value.data.clone(),
+        data: value.data,
     }
 }
 
@@ -802,7 +842,9 @@ impl ExecutionState {
             states: HashMap::new(),
             next: HashMap::new(),
             inbox: HashMap::new(),
+            top_logits: d.top_logits,
         });
+        session.top_logits = d.top_logits;
         for s in &readers {
             let entry = session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, Activations::new()));
             entry.1.insert(d.name.clone(), value.clone());
@@ -862,7 +904,7 @@ impl ExecutionState {
     /// Sends segment `s`'s outputs where the transmission map says.
     #[allow(clippy::too_many_arguments)]
     fn forward(&mut self, session: u64, initiator: PeerId, s: usize, step: u64, tokens: u32, outputs: Activations, myself: &ActorRef<ExecutionMsg>) {
-        let Some(epoch) = self.sessions.get(&session).map(|sess| sess.epoch) else {
+        let Some((epoch, top_logits)) = self.sessions.get(&session).map(|sess| (sess.epoch, sess.top_logits)) else {
             return;
         };
         let Some(current) = self.plans.of(epoch) else { return };
@@ -877,10 +919,7 @@ impl ExecutionState {
                 continue;
             };
             let converted = match t.to {
-                Endpoint::Initiator => last_logits(value).map(|logits| {
-                    let data = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    (initiator, RawTensor { dtype: RawType::F32, shape: vec![1, 1, logits.len()], data })
-                }),
+                Endpoint::Initiator => last_logits(value).map(|logits| (initiator, logits_tensor(&logits, top_logits))),
                 Endpoint::Segment(d) => raw::to_raw(value).map(|raw| (devices[d], raw)).map_err(|e| RunError::Remote(e.to_string())),
             };
             let (to, raw) = match converted {
@@ -890,11 +929,11 @@ impl ExecutionState {
                     return;
                 }
             };
-            let d = Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw };
+            let d = Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw, top_logits };
             if to == me {
                 local.push(d);
             } else {
-                remote.entry(to).or_default().push(wire_tensor(&d));
+                remote.entry(to).or_default().push(wire_tensor(d));
             }
         }
         for (to, tensors) in remote {
@@ -932,7 +971,7 @@ impl ExecutionState {
                             return waiter.answer(&client, Err(why));
                         }
                     } else {
-                        sends.push((device, wire_tensor(&d)));
+                        sends.push((device, wire_tensor(d)));
                     }
                 }
                 self.drop_previous_if_idle();
@@ -987,7 +1026,7 @@ impl ExecutionState {
                 let device: PeerId = device.parse().map_err(|_| format!("{device} is not a peer id"))?;
                 let value = raw::to_raw(value).map_err(|e| e.to_string())?;
                 let name = format!("{CACHE}{name}");
-                handed.push((device, Delivery { session: to, epoch, initiator: asker, step: 0, tokens: past as u32, name, value }));
+                handed.push((device, Delivery { session: to, epoch, initiator: asker, step: 0, tokens: past as u32, name, value, top_logits: 0 }));
             }
         }
         self.sessions.remove(&from);
@@ -1028,7 +1067,9 @@ impl ExecutionState {
             let state = runner.resume(past, &mut take).map_err(|e| format!("segment {s} cannot resume the session: {e}"))?;
             states.insert(s, Some(state));
         }
-        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new() });
+        // The session's next tensors say how many logits its initiator reads.
+        let top_logits = 0;
+        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new(), top_logits });
         Ok(())
     }
 
@@ -1036,8 +1077,7 @@ impl ExecutionState {
         let Some((_, reply)) = self.waiting.remove(&(d.session, d.step)) else {
             return;
         };
-        let values: Vec<f32> = d.value.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        let _ = reply.send(Ok(values));
+        let _ = reply.send(read_logits(d.value).map_err(StepFail::Failed));
     }
 
     fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {

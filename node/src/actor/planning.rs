@@ -986,6 +986,7 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
             name: PROBE.into(),
             dtype: llnode_mesh::wire::DType::U8,
             shape: vec![PROBE_BYTES as u64],
+            top_logits: 0,
         },
         data: vec![0; PROBE_BYTES],
     };
