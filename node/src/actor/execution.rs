@@ -1157,7 +1157,12 @@ fn load_ranges(dir: &std::path::Path, ranges: &[Range<usize>]) -> Result<HashMap
     let loaded = ranges
         .iter()
         .map(|r| {
-            let units = r.clone().map(|u| SegmentRunner::load_range(&model, u..u + 1).map(Arc::new).map_err(|e| e.to_string()));
+            let units = r.clone().map(|u| {
+                let runner = SegmentRunner::load_range(&model, u..u + 1).map(Arc::new).map_err(|e| e.to_string());
+                // The unit's weights as read, before tract packed them, go back before the next unit's are read.
+                crate::alloc::hand_back();
+                runner
+            });
             units.collect::<Result<Vec<_>, _>>().map(|runners| (r.clone(), runners))
         })
         .collect();
