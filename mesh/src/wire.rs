@@ -7,7 +7,7 @@
 //! Four libp2p protocols use it:
 //! - `/llnode/gate/1`: certificates and joins, the only one open to peers not yet trusted;
 //! - `/llnode/control/1`: control requests between trusted members;
-//! - `/llnode/tensor-stream/1`: small tensors between trusted members, on one
+//! - `/llnode/tensor-stream/2`: small tensors between trusted members, on one
 //!   long-lived stream per peer and direction: tensors one way, each
 //!   acknowledged by id the other;
 //! - `/llnode/tensor/1`: larger tensors between trusted members, a substream each.
@@ -27,15 +27,13 @@ pub const WIRE_VERSION: u16 = 2;
 pub const GATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/gate/1");
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/control/1");
 pub const TENSOR_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor/1");
-pub const TENSOR_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor-stream/1");
+pub const TENSOR_STREAM_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/tensor-stream/2");
 /// A step's tensors for one device, up to this size in all (a decode step's
 /// activations, a last position's logits of 32 000 floats), go in one write on
 /// that device's tensor stream; larger ones each on a substream of their own.
 /// A stream is written from the sending task, and Yamux hands such writes to
 /// the connection 16 KiB and one wake-up at a time: a third of the throughput
-/// a substream gets, where the connection's own task writes. Writes also stay
-/// under half a stream's first window (256 KiB): a 1 MiB write on a stream
-/// between two nodes never arrived (not understood; a substream carries it).
+/// a substream gets, where the connection's own task writes.
 pub const STREAM_TENSOR_MAX: usize = 128 << 10;
 
 /// Largest gate frame: a certificate and the mesh's revocations.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use llnode_mesh::cert::{OwnerKey, now};
-use llnode_mesh::wire::{ControlRequest, ControlResponse, DType, Tensor, TensorAck, TensorHeader};
+use llnode_mesh::wire::{ControlRequest, ControlResponse, DType, STREAM_TENSOR_MAX, Tensor, TensorAck, TensorHeader};
 use llnode_mesh::{DeviceKey, MeshClient, MeshConfig, MeshError, MeshEvent, Trust};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -93,12 +93,14 @@ async fn members_exchange_messages_and_tensors_intact() {
     let echo = a.client.request(b_id, ControlRequest::Echo(b"ping".to_vec())).await.unwrap();
     assert_eq!(echo, ControlResponse::Echo(b"ping".to_vec()));
 
-    // Tensors sent at once on a stream not yet open all arrive.
+    // Tensors sent at once on a stream not yet open all arrive, though
+    // together they are more than Yamux queues for a stream (11 frames of 16 KiB).
+    let elements = STREAM_TENSOR_MAX as u64 / 4 - 256;
     let burst: Vec<_> = (0..4u64)
         .map(|i| {
             let sender = a.client.clone();
-            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4], top_logits: 0 };
-            tokio::spawn(async move { sender.send_tensor(b_id, Tensor { header, data: vec![0; 16] }).await })
+            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![elements], top_logits: 0 };
+            tokio::spawn(async move { sender.send_tensor(b_id, Tensor { header, data: vec![0; elements as usize * 4] }).await })
         })
         .collect();
     for _ in 0..4 {

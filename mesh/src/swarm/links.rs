@@ -31,6 +31,16 @@ use super::{EventSink, MeshError, short};
 use crate::event::{InboundId, MeshEvent};
 use crate::wire::{self, Frame, TENSOR_STREAM_PROTOCOL, Tensor, TensorAck, WireError};
 
+/// The first byte on a tensor stream, from the side that accepted it. The
+/// opener proposes the protocol and may write at once, but its stream stays
+/// in negotiation until the peer's confirmation is read, and while it is, a
+/// read also flushes the write side: the task reading acknowledgements then
+/// takes over the Yamux channel's one wake-up slot from a writer waiting for
+/// room, and that writer is never woken. A write of more than about 160 KiB
+/// (the channel's eleven 16 KiB frames) as a stream's first hung that way. So
+/// the opener reads this byte before it writes or splits the stream.
+const READY: [u8; 1] = [0x01];
+
 /// A stream out to one peer, once opened; its async lock is held while one is opened.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 /// Where a tensor's acknowledgement goes: its wire id, and the stream it came on.
@@ -145,12 +155,22 @@ impl Links {
         if let Some(link) = slot.as_ref().filter(|l| l.is_open()) {
             return Ok(link.clone());
         }
-        let stream = self
-            .control
-            .clone()
-            .open_stream(peer, TENSOR_STREAM_PROTOCOL)
-            .await
-            .map_err(|e| MeshError::Unreachable { peer, why: e.to_string() })?;
+        let unreachable = |why: String| MeshError::Unreachable { peer, why };
+        let mut stream =
+            self.control.clone().open_stream(peer, TENSOR_STREAM_PROTOCOL).await.map_err(|e| unreachable(e.to_string()))?;
+        // The protocol is only proposed so far: wait for the peer's word that
+        // it took the stream (see [`READY`]) before the halves go their ways.
+        let mut ready = [0u8; 1];
+        let opened = async {
+            stream.flush().await?;
+            stream.read_exact(&mut ready).await
+        };
+        match tokio::time::timeout(self.timeout, opened).await {
+            Ok(Ok(())) if ready == READY => {}
+            Ok(Ok(())) => return Err(unreachable("its tensor stream opened with an unknown byte".into())),
+            Ok(Err(e)) => return Err(unreachable(format!("its tensor stream closed as it opened: {e}"))),
+            Err(_) => return Err(unreachable(format!("it did not take a tensor stream in {} s", self.timeout.as_secs()))),
+        }
         let (reader, writer) = stream.split();
         let connection = self.connection(peer);
         let link = Arc::new(Link { writer: tokio::sync::Mutex::new(writer), pending: Mutex::new(Some(HashMap::new())), connection });
@@ -195,8 +215,11 @@ impl Links {
 
     /// Reads `peer`'s tensors off `stream` and hands each to the node; its
     /// acknowledgements go back on the same stream.
-    async fn serve(self: Arc<Self>, peer: PeerId, stream: Stream) {
+    async fn serve(self: Arc<Self>, peer: PeerId, mut stream: Stream) {
         let connection = self.connection(peer);
+        if stream.write_all(&READY).await.is_err() || stream.flush().await.is_err() {
+            return;
+        }
         let (mut reader, mut writer) = stream.split();
         let (acks, mut to_write) = mpsc::unbounded_channel::<Frame<TensorAck>>();
         tokio::spawn(async move {
