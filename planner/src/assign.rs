@@ -68,6 +68,12 @@ pub fn objective_of(
         .then(|| instance.objective_of(&instance.evaluate(&stages)))
 }
 
+/// How many times slower a device loads units while it runs a stage: its
+/// cores and memory bandwidth go to both. So of two moves that load as much,
+/// the one loading on an idle device wins, and the generation, which goes on
+/// on the old plan meanwhile, is not slowed.
+pub const BUSY_LOAD_SLOWDOWN: f64 = 2.0;
+
 /// A plan for a mesh that already runs one (`running`: device id and units
 /// per stage), weighing what a change costs to load. The candidates are
 /// `plan`'s stages and `running`'s, each with its devices reshuffled (every
@@ -77,8 +83,10 @@ pub fn objective_of(
 /// the seconds the slowest of its devices takes to load the units it does
 /// not hold, at the device's measured loading speed (`loaded`: device id and
 /// units, stages and spares; a node loads a runner per unit, so any unit it
-/// holds is reused). The cheapest wins, `plan` on a tie: of equally good
-/// plans the one that moves the fewest units, and the plan that runs, or the
+/// holds is reused), [`BUSY_LOAD_SLOWDOWN`] times slower on a device that
+/// runs a stage of `running` meanwhile (while none of its devices is gone).
+/// The cheapest wins, `plan` on a tie: of equally good plans the one that
+/// moves the fewest units, and the plan that runs, or the
 /// one its spares make ready, unless the solver's gains over the horizon
 /// outweigh loading it. `plan` itself in privacy mode (the pinned device
 /// stays) or past 8 devices.
@@ -105,6 +113,9 @@ pub fn settle(
                 .expect("the instance's devices")
         })
         .collect();
+    // While all of `running`'s devices are here, generations go on on it
+    // during the loads; after a device left, nothing runs until they end.
+    let live = running.iter().all(|(id, _)| index(id).is_some());
     // Seconds until every device has loaded what it does not hold.
     let load_s = |stages: &Stages| -> f64 {
         (0..instance.devices())
@@ -125,7 +136,8 @@ pub fn settle(
                     .filter(|&u| !held(u))
                     .map(|u| model.units[u].weight_bytes)
                     .sum();
-                profiles[d].load_s(bytes)
+                let busy = live && running.iter().any(|(id, _)| index(id) == Some(d));
+                profiles[d].load_s(bytes) * if busy { BUSY_LOAD_SLOWDOWN } else { 1.0 }
             })
             .fold(0.0, f64::max)
     };
@@ -723,6 +735,34 @@ mod tests {
         let solved = plan(&model(), &left, &config).unwrap();
         let failover = settle(&model(), &left, &config, solved, &running, &loaded, 10.0);
         assert_eq!(stages(&failover), spare, "{:?}", failover.explain());
+    }
+
+    /// Of two moves off a throttled device that load as much, the one
+    /// loading on the idle device wins, though that device loads slower: the
+    /// running one would load beside its stage. After a device left, nothing
+    /// runs during the loads, and the quicker loader wins.
+    #[test]
+    fn a_move_loads_on_an_idle_device_rather_than_a_busy_one() {
+        let mut devices = with_c(250_000_000, 250_000_000);
+        devices[0].flops_per_s /= 2.0;
+        devices[1].flops_per_s = devices[2].flops_per_s;
+        devices[1].load_bytes_per_s = Some(1e8);
+        devices[2].load_bytes_per_s = Some(7e7);
+        let config = Config::default();
+        let running = vec![("a".to_string(), 0..2), ("b".to_string(), 2..4)];
+        let mut loaded = running.clone();
+        loaded.push(("c".to_string(), 2..4));
+        let fresh = plan(&model(), &devices, &config).unwrap();
+        let settled = settle(&model(), &devices, &config, fresh, &running, &loaded, 100.0);
+        settled.check(&model(), &devices).unwrap();
+        let on_c = vec![("c".to_string(), 0..2), ("b".to_string(), 2..4)];
+        assert_eq!(settled.assignment(), on_c, "{:?}", settled.explain());
+        // a is gone: b, the quicker loader, loads its units, and c runs b's from its spares.
+        let left: Vec<DeviceProfile> = devices[1..].to_vec();
+        let solved = plan(&model(), &left, &config).unwrap();
+        let failover = settle(&model(), &left, &config, solved, &running, &loaded, 100.0);
+        let on_b = vec![("b".to_string(), 0..2), ("c".to_string(), 2..4)];
+        assert_eq!(failover.assignment(), on_b, "{:?}", failover.explain());
     }
 
     /// An idle device keeps the units it would run if a running device
