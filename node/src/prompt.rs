@@ -119,6 +119,9 @@ pub struct Initiator {
     pub traffic: Arc<crate::traffic::Traffic>,
     /// Told about moves, for `llnode plan`'s history.
     pub planning: ActorRef<PlanningMsg>,
+    /// The execution actor's readiness for the plan it holds: a generation
+    /// asks it for a newer route only once this says one is loaded.
+    pub loaded: tokio::sync::watch::Receiver<Option<(u64, crate::protocol::Readiness)>>,
 }
 
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
@@ -140,7 +143,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
     let handle = tokio::runtime::Handle::current();
     let (me, client, execution, traffic) = (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
-    let planning = initiator.planning.clone();
+    let (planning, loaded) = (initiator.planning.clone(), initiator.loaded.clone());
     let (ended_tx, ended) = oneshot::channel();
     let result = tokio::task::spawn_blocking(move || {
         let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
@@ -159,6 +162,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
             me,
             client,
             execution,
+            loaded,
             traffic,
             planning,
             events: events.clone(),
@@ -371,6 +375,8 @@ struct MeshForward {
     me: PeerId,
     client: MeshClient,
     execution: ActorRef<ExecutionMsg>,
+    /// See [`Initiator::loaded`].
+    loaded: tokio::sync::watch::Receiver<Option<(u64, crate::protocol::Readiness)>>,
     traffic: Arc<crate::traffic::Traffic>,
     planning: ActorRef<PlanningMsg>,
     events: mpsc::UnboundedSender<PromptEvent>,
@@ -582,7 +588,12 @@ impl MeshForward {
     /// moves onto it by handing its caches over; if that fails, by replaying.
     /// Otherwise the old plan goes on serving.
     fn switch_if_ready(&mut self) -> Result<(), StepFail> {
-        if self.history.is_empty() {
+        // Asking the execution actor is a round trip of two thread wake-ups:
+        // only when this device has loaded a plan of a later epoch (a plan's
+        // first epoch is at most its epoch, so this misses none).
+        let after = self.route.epoch;
+        let newer_loaded = matches!(&*self.loaded.borrow(), Some((epoch, crate::protocol::Readiness::Ready)) if *epoch > after);
+        if self.history.is_empty() || !newer_loaded {
             return Ok(());
         }
         let (execution, after) = (self.execution.clone(), self.route.epoch);

@@ -110,7 +110,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         execution: execution.clone(),
         store: store.clone(),
         traffic: traffic.clone(),
-        readiness,
+        readiness: readiness.clone(),
     };
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     let balancing = match options.rebalance {
@@ -225,6 +225,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
             store: store.clone(),
             traffic: traffic.clone(),
             planning: planning.clone(),
+            loaded: readiness,
         }),
         throttle,
     };
