@@ -15,6 +15,9 @@
 //! otherwise, as its figures would mean nothing. Draws tokens/s over time to
 //! `$CARGO_TARGET_DIR/bench-balance.svg`. `LLNODE_BENCH_SIZE=tiny` and
 //! `LLNODE_BENCH_TOKENS=N` change the model and the answer's length.
+//! Whether the idle node keeps the throttled stage's units as spares (a move
+//! that loads nothing) depends on the plan; `LLNODE_BENCH_THROTTLE=unspared`
+//! starts meshes until it does not, so the move must load units.
 
 #[path = "../../tests/support.rs"]
 mod support;
@@ -49,6 +52,7 @@ struct Run {
 fn main() {
     let size = std::env::var("LLNODE_BENCH_SIZE").unwrap_or_else(|_| "bench".into());
     let tokens = std::env::var("LLNODE_BENCH_TOKENS").unwrap_or_else(|_| "480".into());
+    let unspared = std::env::var("LLNODE_BENCH_THROTTLE").is_ok_and(|v| v == "unspared");
     let root = tempfile::tempdir().unwrap();
     eprintln!("making the built-in `{size}` model…");
     ok(&["model", "synth", "--size", &size, "-o", s(&root.path().join("export"))]);
@@ -59,6 +63,8 @@ fn main() {
 
     let mut runs = Vec::new();
     let mut shares = Vec::new();
+    // Whether another device kept the throttled stage's units as spares, per run.
+    let mut spared_in = Vec::new();
     for (label, extra) in [("without balancing", &["--no-rebalance"][..]), ("with balancing", &[][..])] {
         eprintln!("{label}: starting the mesh…");
         // Both runs must slow the same share of the model for their rates to
@@ -67,8 +73,10 @@ fn main() {
         // Identical devices usually split the model evenly: the first run
         // waits for that plan, the second for the first run's.
         let first = shares.first().copied();
-        let (mut mesh, slowed, share) = mesh_throttling(&package, extra, label, |share| first.map_or(2 * share.0 == share.1, |first| first == share));
+        let (mut mesh, slowed, share, spared) =
+            mesh_throttling(&package, extra, label, |share, spared| first.map_or(2 * share.0 == share.1, |first| first == share) && !(unspared && spared));
         shares.push(share);
+        spared_in.push(format!("{label}: {}", if spared { "yes" } else { "no" }));
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
             ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "2"]);
         });
@@ -128,6 +136,7 @@ fn main() {
         "the two runs throttled different shares of the model (units, total), so their rates do not compare; run the bench again"
     );
     println!("the throttled node ran {} of {} units in both runs", shares[0].0, shares[0].1);
+    println!("another device kept them as spares (a move that loads nothing): {}", spared_in.join(", "));
     println!(
         "balancing gives {:.2}x the tokens/s over the rest of the answer, the pause included, and {:.2}x once moved (target >= 1.3x)",
         after[1] / after[0],
@@ -175,9 +184,10 @@ fn main() {
 }
 
 /// A ready mesh and its busiest stage besides the asking member, with the
-/// (units it runs, units in all) of the plan; meshes whose share is not
+/// (units it runs, units in all) of the plan; meshes whose share, and
+/// whether another device keeps that stage's units as spares, are not
 /// `wanted` are started again, up to [`MESH_TRIES`] in all.
-fn mesh_throttling(package: &Path, extra: &[&str], label: &str, wanted: impl Fn((u64, u64)) -> bool) -> (Mesh, usize, (u64, u64)) {
+fn mesh_throttling(package: &Path, extra: &[&str], label: &str, wanted: impl Fn((u64, u64), bool) -> bool) -> (Mesh, usize, (u64, u64), bool) {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -185,11 +195,24 @@ fn mesh_throttling(package: &Path, extra: &[&str], label: &str, wanted: impl Fn(
         let slowed = mesh.busiest_besides(ASKING);
         let view = mesh.view(ASKING);
         let share = (units_of(&view, &mesh.nodes[slowed].peer_id), mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum());
-        eprintln!("{label}: n{slowed} runs {} of {} units (mesh {attempt})", share.0, share.1);
-        if wanted(share) || attempt == MESH_TRIES {
-            return (mesh, slowed, share);
+        let spared = spared(&view, &mesh.nodes[slowed].peer_id);
+        let spares = if spared { "another device keeps them as spares" } else { "no other device keeps them" };
+        eprintln!("{label}: n{slowed} runs {} of {} units, {spares} (mesh {attempt})", share.0, share.1);
+        if wanted(share, spared) || attempt == MESH_TRIES {
+            return (mesh, slowed, share, spared);
         }
     }
+}
+
+/// Whether a device other than `peer` keeps every stage of `peer`'s as
+/// spares in the plan `view` shows: a move of them onto it loads nothing.
+fn spared(view: &serde_json::Value, peer: &str) -> bool {
+    let range = |v: &serde_json::Value| v["units"]["start"].as_u64().unwrap()..v["units"]["end"].as_u64().unwrap();
+    let spares = view["plan"]["spares"].as_array().cloned().unwrap_or_default();
+    view["plan"]["stages"].as_array().unwrap().iter().filter(|st| st["device"] == peer).all(|st| {
+        let units = range(st);
+        spares.iter().any(|sp| sp["device"] != peer && range(sp).start <= units.start && units.end <= range(sp).end)
+    })
 }
 
 /// Three nodes, any two of which hold the model, after a warm-up prompt
