@@ -596,7 +596,7 @@ impl MeshForward {
         if self.history.is_empty() || !newer_loaded {
             return Ok(());
         }
-        let (execution, after) = (self.execution.clone(), self.route.epoch);
+        let execution = self.execution.clone();
         let newer =
             self.handle.block_on(async move { call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS) });
         let Ok(Some(route)) = newer else { return Ok(()) };

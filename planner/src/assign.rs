@@ -116,6 +116,9 @@ pub fn settle(
     // While all of `running`'s devices are here, generations go on on it
     // during the loads; after a device left, nothing runs until they end.
     let live = running.iter().all(|(id, _)| index(id).is_some());
+    let busy: Vec<bool> = (0..instance.devices())
+        .map(|d| live && running.iter().any(|(id, _)| index(id) == Some(d)))
+        .collect();
     // Seconds until every device has loaded what it does not hold.
     let load_s = |stages: &Stages| -> f64 {
         (0..instance.devices())
@@ -136,8 +139,7 @@ pub fn settle(
                     .filter(|&u| !held(u))
                     .map(|u| model.units[u].weight_bytes)
                     .sum();
-                let busy = live && running.iter().any(|(id, _)| index(id) == Some(d));
-                profiles[d].load_s(bytes) * if busy { BUSY_LOAD_SLOWDOWN } else { 1.0 }
+                profiles[d].load_s(bytes) * if busy[d] { BUSY_LOAD_SLOWDOWN } else { 1.0 }
             })
             .fold(0.0, f64::max)
     };
