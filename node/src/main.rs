@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    alloc::init();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -67,7 +67,7 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
     // the biggest of the others.
     let n = model.units.len();
     let timed = if n >= 3 { n - 1 } else { n };
-    let timings = llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS, timed)?;
+    let timings = crate::alloc::loading(|| llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS, timed))?;
     let cost = CostProfile::of(&model);
     let flops: u64 = cost.units[..timed].iter().map(|u| u.flops_per_token).sum();
     let secs: f64 = timings.iter().map(|t| t.decode_s).sum::<f64>().max(1e-9);

@@ -24,7 +24,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let model = Model::open(&args.model).with_context(|| format!("cannot use model {}", args.model.display()))?;
     let segments = even_split(model.units.len(), args.segments);
     let load = Instant::now();
-    let mut pipeline = LocalPipeline::load_with(&model, &segments, &Bar::new())?;
+    let mut pipeline = crate::alloc::loading(|| LocalPipeline::load_with(&model, &segments, &Bar::new()))?;
     let load = load.elapsed();
     let mut out = std::io::stdout().lock();
     let generation = generate_text(&model, &mut pipeline, &args.generation, &args.prompt, &mut |text| {

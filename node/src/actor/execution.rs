@@ -1150,26 +1150,29 @@ fn hold_spares(args: &ExecutionArgs, ready: &Ready, model: &str, load: u64, myse
 /// optimise faster: the built-in bench model loads in 1.1 s as 14 runners
 /// against 2.5 s as one.
 fn load_ranges(dir: &std::path::Path, ranges: &[Range<usize>]) -> Result<HashMap<Range<usize>, Vec<Arc<SegmentRunner>>>, String> {
-    if ranges.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let model = llnode_models::package::load_units(dir, ranges).map_err(|e| e.to_string())?;
-    let loaded = ranges
-        .iter()
-        .map(|r| {
-            let units = r.clone().map(|u| {
-                let runner = SegmentRunner::load_range(&model, u..u + 1).map(Arc::new).map_err(|e| e.to_string());
-                // The unit's weights as read, before tract packed them, go back before the next unit's are read.
-                crate::alloc::hand_back();
-                runner
-            });
-            units.collect::<Result<Vec<_>, _>>().map(|runners| (r.clone(), runners))
-        })
-        .collect();
-    // The graphs and tract's unpacked copies are gone: their memory goes back now, not at the next allocation.
-    drop(model);
-    crate::alloc::hand_back();
-    loaded
+    // The weights get huge-page mappings of their own (src/alloc.rs).
+    crate::alloc::loading(|| {
+        if ranges.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let model = llnode_models::package::load_units(dir, ranges).map_err(|e| e.to_string())?;
+        let loaded = ranges
+            .iter()
+            .map(|r| {
+                let units = r.clone().map(|u| {
+                    let runner = SegmentRunner::load_range(&model, u..u + 1).map(Arc::new).map_err(|e| e.to_string());
+                    // The unit's weights as read, before tract packed them, go back before the next unit's are read.
+                    crate::alloc::hand_back();
+                    runner
+                });
+                units.collect::<Result<Vec<_>, _>>().map(|runners| (r.clone(), runners))
+            })
+            .collect();
+        // The graphs and tract's unpacked copies are gone: their memory goes back now, not at the next allocation.
+        drop(model);
+        crate::alloc::hand_back();
+        loaded
+    })
 }
 
 /// Gets the manifest and this device's unit files (fetching what is missing)
