@@ -15,8 +15,8 @@
 //!   blocks and the weights freed after packing sat on partly used 2 MiB
 //!   pages);
 //! - weights in their own mappings: 27–43 MiB;
-//! - and mimalloc's arena on small pages: 18–35 MiB;
-//! - and its purge delay cut to 100 ms: 17–28 MiB (the most on the node that
+//! - and mimalloc's arena on small pages: 17–35 MiB;
+//! - and its purge delay cut to 100 ms: 17–29 MiB (the most on the node that
 //!   asked the prompt: it also holds the tokenizer).
 //!
 //! musl (the phone build) keeps its own allocator, which already returns big
@@ -141,10 +141,8 @@ mod split {
             if start > raw {
                 libc::munmap(raw as *mut libc::c_void, start - raw);
             }
-            let end = raw + len + HUGE;
-            if end > start + len {
-                libc::munmap((start + len) as *mut libc::c_void, end - (start + len));
-            }
+            // The tail is never empty: `start` is less than a huge page past `raw`.
+            libc::munmap((start + len) as *mut libc::c_void, raw + HUGE - start);
             libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
             Some(start as *mut u8)
         }
@@ -160,6 +158,11 @@ mod split {
         layout.size() >= MAPPED_MIN && layout.align() <= PAGE && LOADING.try_with(Cell::get).unwrap_or(false)
     }
 
+    /// A mapping for `layout` if it wants one and the system gives one.
+    fn try_map(layout: &Layout) -> Option<*mut u8> {
+        wants_mapping(layout).then(|| map(layout.size())).flatten()
+    }
+
     pub struct Split;
 
     // SAFETY: every block comes from exactly one of mmap and mimalloc, and
@@ -168,24 +171,14 @@ mod split {
     // layout's size rounded to pages, as it was mapped).
     unsafe impl GlobalAlloc for Split {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            if wants_mapping(&layout)
-                && let Some(ptr) = map(layout.size())
-            {
-                return ptr;
-            }
             // SAFETY: the caller's contract, passed on.
-            unsafe { MiMalloc.alloc(layout) }
+            try_map(&layout).unwrap_or_else(|| unsafe { MiMalloc.alloc(layout) })
         }
 
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
             // A fresh anonymous mapping is zeroed.
-            if wants_mapping(&layout)
-                && let Some(ptr) = map(layout.size())
-            {
-                return ptr;
-            }
             // SAFETY: the caller's contract, passed on.
-            unsafe { MiMalloc.alloc_zeroed(layout) }
+            try_map(&layout).unwrap_or_else(|| unsafe { MiMalloc.alloc_zeroed(layout) })
         }
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
