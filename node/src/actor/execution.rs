@@ -4,7 +4,8 @@
 //! from members) and loads their runners; tensors that arrive meanwhile wait.
 //! It keeps one KV cache per session per segment, gathers each step's
 //! inputs (from the initiator and from earlier segments, as the transmission
-//! map says), runs the step on the blocking pool and sends each output
+//! map says), runs the step (on the blocking pool, or on its own thread for
+//! a decode step of its only session) and sends each output
 //! straight to the segments that read it and the logits to the initiator.
 //! Every tensor names the plan epoch it was routed by: one for a newer plan
 //! waits until that plan arrives, one for a replaced plan is refused. It
@@ -139,10 +140,7 @@ pub enum ExecutionMsg {
     Deliver(Delivery),
     /// `secs`: how long the step took, throttle included.
     StepDone {
-        session: u64,
-        segment: usize,
-        step: u64,
-        tokens: u32,
+        done: Step,
         secs: f64,
         state: ChainState,
         result: Result<Activations, RunError>,
@@ -335,6 +333,15 @@ struct Session {
     top_logits: u32,
 }
 
+/// Which step of which session a segment ran.
+#[derive(Clone, Copy)]
+pub struct Step {
+    session: u64,
+    segment: usize,
+    step: u64,
+    tokens: u32,
+}
+
 /// Caches handed over for a session that has not started here yet.
 struct Import {
     initiator: PeerId,
@@ -455,31 +462,8 @@ impl Actor for ExecutionActor {
                     state.fail(session, initiator, step, why);
                 }
             }
-            ExecutionMsg::StepDone { session, segment, step, tokens, secs, state: cache, result } => {
-                let Some(s) = state.sessions.get_mut(&session) else {
-                    return Ok(());
-                };
-                s.states.insert(segment, Some(cache));
-                s.next.insert(segment, step + 1);
-                let (initiator, epoch) = (s.initiator, s.epoch);
-                // The balancer compares the plan held with this device's profile: steps of a replaced plan do not count.
-                if tokens == 1
-                    && result.is_ok()
-                    && state.plans.is_current(epoch)
-                    && let Some(stage) = state.plans.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
-                {
-                    let queued = state.queued(segment);
-                    state.pace.record(segment, stage.units.clone(), secs, queued);
-                }
-                match result {
-                    Ok(outputs) => state.forward(session, initiator, segment, step, tokens, outputs, &myself),
-                    Err(e) => {
-                        tracing::error!(session, "segment {segment} failed at step {step}: {e}");
-                        state.fail(session, initiator, step, StepFail::Failed(format!("segment {segment} failed: {e}")));
-                    }
-                }
-                // The next step's inputs may already be here.
-                state.try_run(session, segment, step + 1, &myself);
+            ExecutionMsg::StepDone { done, secs, state: cache, result } => {
+                state.step_done(done, secs, cache, result, &myself);
             }
             ExecutionMsg::Route { after, reply } => match &mut state.plans.current {
                 Some(c) => match &c.no_plan {
@@ -890,15 +874,70 @@ impl ExecutionState {
             return;
         }
         let (tokens, acts) = sess.inbox.remove(&(s, step)).expect("ready");
+        let inline = tokens == 1 && self.alone();
+        let sess = self.sessions.get_mut(&session).expect("looked up above");
         let mut cache = sess.states.insert(s, None).flatten().unwrap_or_else(|| runner.new_state());
-        let (myself, throttle) = (myself.clone(), self.args.throttle.clone());
-        tokio::task::spawn_blocking(move || {
+        let done = Step { session, segment: s, step, tokens };
+        let throttle = self.args.throttle.clone();
+        let run = move |cache: &mut ChainState| {
             let started = std::time::Instant::now();
-            let result = runner.run(&mut cache, tokens as usize, &acts);
+            let result = runner.run(cache, tokens as usize, &acts);
             throttle.stretch(started.elapsed());
-            let secs = started.elapsed().as_secs_f64();
-            let _ = myself.cast(ExecutionMsg::StepDone { session, segment: s, step, tokens, secs, state: cache, result });
+            (started.elapsed().as_secs_f64(), result)
+        };
+        if inline {
+            // One session and nothing else running: its decode step runs on
+            // this thread. Handing it to the blocking pool and its outputs
+            // back would wake two threads, 150-200 µs of the token's time;
+            // the actor is held for the step, a few ms, with nothing to do.
+            let (secs, result) = tokio::task::block_in_place(|| run(&mut cache));
+            self.step_done(done, secs, cache, result, myself);
+            return;
+        }
+        let myself = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let (secs, result) = run(&mut cache);
+            let _ = myself.cast(ExecutionMsg::StepDone { done, secs, state: cache, result });
         });
+    }
+
+    /// Whether this device serves one session and runs no step, on a runtime
+    /// that can lend the actor's thread to a step ([`tokio::task::block_in_place`]).
+    fn alone(&self) -> bool {
+        let idle = |sess: &Session| sess.states.values().all(Option::is_some);
+        self.sessions.len() == 1
+            && self.sessions.values().all(idle)
+            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    }
+
+    /// A step of `segment` has run: its cache goes back, its outputs go on,
+    /// and the segment's next step runs if its inputs are in.
+    fn step_done(&mut self, done: Step, secs: f64, cache: ChainState, result: Result<Activations, RunError>, myself: &ActorRef<ExecutionMsg>) {
+        let Step { session, segment, step, tokens } = done;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.states.insert(segment, Some(cache));
+        s.next.insert(segment, step + 1);
+        let (initiator, epoch) = (s.initiator, s.epoch);
+        // The balancer compares the plan held with this device's profile: steps of a replaced plan do not count.
+        if tokens == 1
+            && result.is_ok()
+            && self.plans.is_current(epoch)
+            && let Some(stage) = self.plans.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
+        {
+            let queued = self.queued(segment);
+            self.pace.record(segment, stage.units.clone(), secs, queued);
+        }
+        match result {
+            Ok(outputs) => self.forward(session, initiator, segment, step, tokens, outputs, myself),
+            Err(e) => {
+                tracing::error!(session, "segment {segment} failed at step {step}: {e}");
+                self.fail(session, initiator, step, StepFail::Failed(format!("segment {segment} failed: {e}")));
+            }
+        }
+        // The next step's inputs may already be here.
+        self.try_run(session, segment, step + 1, myself);
     }
 
     /// Sends segment `s`'s outputs where the transmission map says.
