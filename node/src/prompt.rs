@@ -16,6 +16,7 @@
 //! pipelined through the stages without waiting for their logits; then it
 //! runs the interrupted step. The text is unchanged; the stream only pauses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,6 +123,32 @@ pub struct Initiator {
     /// The execution actor's readiness for the plan it holds: a generation
     /// asks it for a newer route only once this says one is loaded.
     pub loaded: tokio::sync::watch::Receiver<Option<(u64, crate::protocol::Readiness)>>,
+    pub tokenizers: Arc<Tokenizers>,
+}
+
+/// Tokenizers this node has parsed, by model id: parsing a `tokenizer.json`
+/// takes 30-40 ms (1 MB, the built-in model's), every prompt's wait before
+/// its first token. A model id names the package's content, so an entry
+/// never goes stale.
+#[derive(Default)]
+pub struct Tokenizers(std::sync::Mutex<HashMap<String, Arc<TextTokenizer>>>);
+
+impl Tokenizers {
+    /// Models whose tokenizers are kept; one more clears them.
+    const KEPT: usize = 2;
+
+    fn of(&self, id: &str, model: &llnode_models::model::Model) -> Result<Arc<TextTokenizer>, String> {
+        if let Some(tokenizer) = self.0.lock().expect("tokenizers lock").get(id) {
+            return Ok(tokenizer.clone());
+        }
+        let tokenizer = Arc::new(TextTokenizer::load(&model.dir, model.info.vocab_size).map_err(|e| e.to_string())?);
+        let mut kept = self.0.lock().expect("tokenizers lock");
+        if kept.len() >= Self::KEPT {
+            kept.clear();
+        }
+        kept.insert(id.to_string(), tokenizer.clone());
+        Ok(tokenizer)
+    }
 }
 
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
@@ -143,11 +170,11 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
     let handle = tokio::runtime::Handle::current();
     let (me, client, execution, traffic) = (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
-    let (planning, loaded) = (initiator.planning.clone(), initiator.loaded.clone());
+    let (planning, loaded, tokenizers) = (initiator.planning.clone(), initiator.loaded.clone(), initiator.tokenizers.clone());
     let (ended_tx, ended) = oneshot::channel();
     let result = tokio::task::spawn_blocking(move || {
         let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
-        let tokenizer = TextTokenizer::load(&model.dir, model.info.vocab_size).map_err(|e| e.to_string())?;
+        let tokenizer = tokenizers.of(&route.model, &model)?;
         let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }.map_err(|e| e.to_string())?;
         let options = GenerateOptions {
             max_tokens: request.max_tokens,
@@ -722,4 +749,31 @@ pub fn cli(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_tokenizer_is_parsed_once_and_a_third_model_starts_over() {
+        let root = tempfile::tempdir().unwrap();
+        let silent = llnode_models::progress::Silent;
+        let export = llnode_models::synth::write_export(&llnode_models::synth::SynthConfig::tiny(), &root.path().join("export"), &silent).unwrap();
+        let model = llnode_models::model::Model::from_export(&export).unwrap();
+        let kept = Tokenizers::default();
+        let first = kept.of("a", &model).unwrap();
+        assert!(Arc::ptr_eq(&first, &kept.of("a", &model).unwrap()));
+        assert_eq!(first.encode("hello").unwrap(), TextTokenizer::load(&model.dir, model.info.vocab_size).unwrap().encode("hello").unwrap());
+        let second = kept.of("b", &model).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(Arc::ptr_eq(&second, &kept.of("b", &model).unwrap()));
+        // A third model clears the two kept: "a" is parsed again.
+        kept.of("c", &model).unwrap();
+        assert!(!Arc::ptr_eq(&first, &kept.of("a", &model).unwrap()));
+
+        std::fs::remove_file(export.join("tokenizer.json")).unwrap();
+        let err = kept.of("d", &model).err().unwrap();
+        assert!(err.contains("tokenizer.json"), "{err}");
+    }
 }

@@ -226,6 +226,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
             traffic: traffic.clone(),
             planning: planning.clone(),
             loaded: readiness,
+            tokenizers: Default::default(),
         }),
         throttle,
     };
