@@ -118,6 +118,11 @@ impl Node {
         self.status_kib("VmHWM:") * 1024
     }
 
+    /// Starts the peak over from the resident memory now (Linux: 5 to `clear_refs`).
+    pub fn reset_peak_rss(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").expect("the peak resident memory can be reset");
+    }
+
     /// The process's resident memory now (VmRSS), in bytes.
     pub fn rss(&self) -> u64 {
         self.status_kib("VmRSS:") * 1024

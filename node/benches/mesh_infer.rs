@@ -5,7 +5,9 @@
 //! (each run paired with one on the one-node mesh just before);
 //! aggregate tokens/s of k prompts at once from k members vs one prompt;
 //! activation bytes sent per token on each link; peak RSS of each node
-//! against the weights it runs. `LLNODE_BENCH_SIZE=tiny` uses the small model.
+//! while it serves prompts, against the weights it runs (and its peak since
+//! it started, when it may have held an earlier plan's units, or loaded them).
+//! `LLNODE_BENCH_SIZE=tiny` uses the small model.
 
 #[path = "../../tests/support.rs"]
 mod support;
@@ -18,7 +20,7 @@ use support::{Mesh, llnode, ok, package_of, s, share_of};
 
 const TOKENS: &str = "48";
 const PROMPT: &str = "The mesh of phones answers";
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 
 #[derive(Clone, Copy)]
 struct Figures {
@@ -43,6 +45,7 @@ fn main() {
     // This machine's pace drifts by a third from one minute to the next, which
     // a ratio of medians taken minutes apart would carry.
     let one = Mesh::with_args(&package, 1, 1, &share_of(&package, 1.5), &["--no-rebalance"]);
+    warm(&one);
     let (alone, _) = runs(&one, None);
     row(1, &alone, (1.0, 1.0));
     for n in 2..=4 {
@@ -51,11 +54,23 @@ fn main() {
         // (`just bench-balance` does), which on 2 cores would move units away
         // from nodes slowed by sharing them.
         let mesh = Mesh::with_args(&package, n, n, &share_of(&package, share), &["--no-rebalance"]);
+        let started_peaks = warm(&mesh);
         let (figures, ratios) = runs(&mesh, Some(&one));
         row(n, &figures, ratios);
-        links(&mesh, &manifest);
         concurrent(&mesh, n, figures.decode_tok_s, cores);
+        links(&mesh, &manifest, &started_peaks);
     }
+}
+
+/// One prompt, which waits until every node has loaded its share of the
+/// plan; then each node's peak resident memory starts over. Returns the
+/// peaks until then: mesh start-up, when a node may have held units of a
+/// plan made before the last member joined, and loading.
+fn warm(mesh: &Mesh) -> Vec<u64> {
+    prompt_stats(mesh);
+    let peaks = mesh.nodes.iter().map(|node| node.peak_rss()).collect();
+    mesh.nodes.iter().for_each(|node| node.reset_peak_rss());
+    peaks
 }
 
 fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
@@ -96,13 +111,14 @@ fn prompt_stats(mesh: &Mesh) -> (f64, f64) {
 }
 
 /// Bytes each node sent each other node per generated token, and each node's
-/// peak RSS vs the weights it holds: its stages' and the spare units it loads
-/// ahead (target: 1.1× plus 64 MiB).
-fn links(mesh: &Mesh, manifest: &Value) {
+/// peak RSS while serving vs the weights it holds: its stages' and the spare
+/// units it loads ahead (target: 1.1× plus 64 MiB); and its peak before.
+fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) {
     let view = plan(&mesh.nodes[0].dir);
     let name = |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
-    // Prefill steps count as one token each here: RUNS prompts of TOKENS tokens.
-    let tokens = (RUNS * TOKENS.parse::<usize>().unwrap()) as f64;
+    // Prefill steps count as one token each here: the warm-up, RUNS prompts
+    // and one at once from each node, of TOKENS tokens each.
+    let tokens = ((1 + RUNS + mesh.nodes.len()) * TOKENS.parse::<usize>().unwrap()) as f64;
     let mut line = Vec::new();
     for (i, node) in mesh.nodes.iter().enumerate() {
         for (to, sent) in plan(&node.dir)["sent"].as_object().unwrap() {
@@ -129,9 +145,10 @@ fn links(mesh: &Mesh, manifest: &Value) {
         let target = ((weights + spares) as f64 * 1.1) as u64 + (64 << 20);
         let verdict = if peak <= target { "within" } else { "over" };
         rss.push(format!(
-            "n{i} {:.0} MiB peak RSS ({:.0} MiB now) / {:.0} MiB weights + {:.0} MiB spare ({verdict} {:.0} MiB)",
+            "n{i} {:.0} MiB peak RSS ({:.0} MiB now, {:.0} MiB at start-up) / {:.0} MiB weights + {:.0} MiB spare ({verdict} {:.0} MiB)",
             mib(peak),
             mib(node.rss()),
+            mib(started_peaks[i]),
             mib(weights),
             mib(spares),
             mib(target)
