@@ -291,8 +291,12 @@ impl Chain {
         Chain { parts }
     }
 
-    pub fn parts(&self) -> &[Arc<SegmentRunner>] {
-        &self.parts
+    /// The units the chain runs.
+    pub fn units(&self) -> Range<usize> {
+        match (self.parts.first(), self.parts.last()) {
+            (Some(first), Some(last)) => first.units.start..last.units.end,
+            _ => 0..0,
+        }
     }
 
     pub fn new_state(&self) -> ChainState {

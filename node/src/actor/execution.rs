@@ -881,7 +881,10 @@ impl ExecutionState {
         let throttle = self.args.throttle.clone();
         let run = move |cache: &mut ChainState| {
             let started = std::time::Instant::now();
-            let result = runner.run(cache, tokens as usize, &acts);
+            // A panic in tract fails the step, not the thread: on the
+            // actor's own thread it would stop the actor.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(cache, tokens as usize, &acts)))
+                .unwrap_or_else(|panic| Err(RunError::Run { units: runner.units(), reason: panic_message(&*panic) }));
             throttle.stretch(started.elapsed());
             (started.elapsed().as_secs_f64(), result)
         };
@@ -1126,6 +1129,12 @@ impl ExecutionState {
             let _ = reply.send(Err(why));
         }
     }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let said = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    format!("it panicked: {}", said.unwrap_or("no message"))
 }
 
 /// How to run units `range` with the runners `held`: each held runner that
