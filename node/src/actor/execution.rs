@@ -504,6 +504,9 @@ impl Actor for ExecutionActor {
                 state.imports.remove(&session);
                 state.waiting.retain(|(s, _), _| *s != session);
                 state.drop_previous_if_idle();
+                if state.sessions.is_empty() {
+                    crate::alloc::hand_back();
+                }
             }
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
