@@ -41,9 +41,9 @@ pub fn init() {
 
 /// Hands the memory freed so far back to the system now. mimalloc returns
 /// freed pages only when some thread next allocates, once its purge delay
-/// has passed: a node that has measured itself, loaded its units or dropped a
-/// plan's and then waits keeps them resident (measuring the bench model left
-/// 88 MiB of a 114 MiB node that way).
+/// has passed: a node that has measured itself, loaded its units, dropped a
+/// plan's or served its last session and then waits keeps them resident
+/// (measuring the bench model left 88 MiB of a 114 MiB node that way).
 #[allow(unsafe_code)]
 pub fn hand_back() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
