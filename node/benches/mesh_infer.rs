@@ -7,12 +7,14 @@
 //! activation bytes sent per token on each link; peak RSS of each node
 //! while it serves prompts, against the weights it runs (and its peak since
 //! it started, when it may have held an earlier plan's units, or loaded them).
+//! Draws the figures in `$CARGO_TARGET_DIR/bench-mesh-infer.svg`.
 //! `LLNODE_BENCH_SIZE=tiny` uses the small model.
 
 #[path = "../../tests/support.rs"]
 mod support;
 
-use std::path::Path;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::Value;
@@ -48,6 +50,7 @@ fn main() {
     warm(&one);
     let (alone, _) = runs(&one, None);
     row(1, &alone, (1.0, 1.0));
+    let mut plot = Plot::default();
     for n in 2..=4 {
         let share = 1.0 / n as f64 + 0.15;
         // The plan stays put: this measures the pipeline, not the balancer
@@ -57,9 +60,11 @@ fn main() {
         let started_peaks = warm(&mesh);
         let (figures, ratios) = runs(&mesh, Some(&one));
         row(n, &figures, ratios);
-        concurrent(&mesh, n, figures.decode_tok_s, cores);
-        links(&mesh, &manifest, &started_peaks);
+        plot.ratios.push((n, ratios));
+        plot.at_once.push((n, concurrent(&mesh, n, figures.decode_tok_s, cores)));
+        plot.memory.extend(links(&mesh, &manifest, &started_peaks));
     }
+    println!("plot: {}", plot.draw().display());
 }
 
 /// One prompt, which waits until every node has loaded its share of the
@@ -113,7 +118,8 @@ fn prompt_stats(mesh: &Mesh) -> (f64, f64) {
 /// Bytes each node sent each other node per generated token, and each node's
 /// peak RSS while serving vs the weights it holds: its stages' and the spare
 /// units it loads ahead (target: 1.1× plus 64 MiB); and its peak before.
-fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) {
+/// Returns each node's figures for the plot.
+fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) -> Vec<Memory> {
     let view = plan(&mesh.nodes[0].dir);
     let name = |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
     // Prefill steps count as one token each here: the warm-up, RUNS prompts
@@ -127,6 +133,7 @@ fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) {
     }
     println!("       activations: {}", line.join(", "));
     let mut rss = Vec::new();
+    let mut memory = Vec::new();
     // Units a node holds as `list` ("stages" or "spares") of the plan says.
     let units = |list: &str, id: &str| -> std::collections::BTreeSet<u64> {
         let ranges = view["plan"][list].as_array().unwrap().iter().filter(|st| st["device"] == id);
@@ -144,6 +151,7 @@ fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) {
         // The target: weights held (spares loaded ahead included) × 1.1 + 64 MiB.
         let target = ((weights + spares) as f64 * 1.1) as u64 + (64 << 20);
         let verdict = if peak <= target { "within" } else { "over" };
+        memory.push(Memory { node: format!("{}:n{i}", mesh.nodes.len()), weights: mib(weights + spares), peak: mib(peak), target: mib(target) });
         rss.push(format!(
             "n{i} {:.0} MiB peak RSS ({:.0} MiB now, {:.0} MiB at start-up) / {:.0} MiB weights + {:.0} MiB spare ({verdict} {:.0} MiB)",
             mib(peak),
@@ -155,10 +163,11 @@ fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) {
         ));
     }
     println!("       memory: {}", rss.join(", "));
+    memory
 }
 
-/// k prompts at once, one from each member, against one prompt alone.
-fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) {
+/// k prompts at once, one from each member, against one prompt alone: the speed-up.
+fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) -> f64 {
     let tokens: f64 = TOKENS.parse().unwrap();
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -169,6 +178,7 @@ fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) {
     let aggregate = k as f64 * tokens / started.elapsed().as_secs_f64();
     let note = if cores < k { format!(" (only {cores} cores for {k} nodes: the target needs {k})") } else { String::new() };
     println!("       {k} prompts at once: {aggregate:.1} tok/s in all, {:.2}x one prompt (target {:.1}x){note}", aggregate / alone, 0.8 * k as f64);
+    aggregate / alone
 }
 
 fn plan(dir: &Path) -> Value {
@@ -183,4 +193,102 @@ fn stat(stderr: &str, key: &str) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// One node's memory, in MiB: weights held (spares included), peak RSS while serving, target.
+struct Memory {
+    node: String,
+    weights: f64,
+    peak: f64,
+    target: f64,
+}
+
+/// The figures the plot shows.
+#[derive(Default)]
+struct Plot {
+    /// Per mesh size: first-token and decode ratios to one node.
+    ratios: Vec<(usize, (f64, f64))>,
+    /// Per mesh size k: aggregate tokens/s of k prompts at once over one prompt.
+    at_once: Vec<(usize, f64)>,
+    memory: Vec<Memory>,
+}
+
+/// A group of bars under one label, and a target mark across it.
+struct Group {
+    label: String,
+    bars: Vec<(f64, &'static str)>,
+    target: Option<f64>,
+}
+
+const BLUE: &str = "#4c78a8";
+const ORANGE: &str = "#f58518";
+const GREY: &str = "#bab0ac";
+const GREEN: &str = "#54a24b";
+const PANEL: (f64, f64) = (300.0, 220.0);
+
+impl Plot {
+    /// Three panels: ratios to one node, k prompts at once, peak RSS per node.
+    fn draw(&self) -> PathBuf {
+        let mut svg = String::new();
+        let (width, height) = (3.0 * (PANEL.0 + 70.0) + 20.0, PANEL.1 + 110.0);
+        let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#);
+        let ratios: Vec<Group> = self
+            .ratios
+            .iter()
+            .map(|(n, (first, decode))| Group { label: format!("{n} nodes"), bars: vec![(*first, BLUE), (*decode, ORANGE)], target: Some(0.95) })
+            .collect();
+        panel(&mut svg, 0, "Against one node (target 0.95x)", &[("first token", BLUE), ("decode", ORANGE)], &ratios, "x");
+        let at_once: Vec<Group> = self
+            .at_once
+            .iter()
+            .map(|(k, speedup)| Group { label: format!("k = {k}"), bars: vec![(*speedup, BLUE)], target: Some(0.8 * *k as f64) })
+            .collect();
+        panel(&mut svg, 1, "k prompts at once over one (target 0.8k)", &[("speed-up", BLUE)], &at_once, "x");
+        let memory: Vec<Group> = self
+            .memory
+            .iter()
+            .map(|m| Group { label: m.node.clone(), bars: vec![(m.weights, GREY), (m.peak, GREEN)], target: Some(m.target) })
+            .collect();
+        panel(&mut svg, 2, "Peak RSS serving (target 1.1 w + 64 MiB)", &[("weights", GREY), ("peak", GREEN)], &memory, " MiB");
+        svg.push_str("</svg>\n");
+        let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+        let path = dir.join("bench-mesh-infer.svg");
+        llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
+        path
+    }
+}
+
+/// Bar chart number `at` from the left: each group's bars side by side, its
+/// target a dashed line across them, the legend `series` under the title.
+fn panel(svg: &mut String, at: usize, title: &str, series: &[(&str, &str)], groups: &[Group], unit: &str) {
+    let (left, top, (width, height)) = (60.0 + at as f64 * (PANEL.0 + 70.0), 60.0, PANEL);
+    let values = groups.iter().flat_map(|g| g.bars.iter().map(|b| b.0).chain(g.target));
+    let max = values.fold(0.0f64, f64::max) * 1.1;
+    let y = |v: f64| top + height - v / max.max(1e-9) * height;
+    let _ = writeln!(svg, r#"<text x="{left}" y="20" font-size="13">{title}</text>"#);
+    for (k, (name, colour)) in series.iter().enumerate() {
+        let _ = writeln!(svg, r#"<text x="{}" y="40" fill="{colour}">{name}</text>"#, left + 90.0 * k as f64);
+    }
+    let _ = writeln!(svg, r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#000"/>"##, top + height);
+    let _ = writeln!(svg, r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##, left + width, b = top + height);
+    let decimals = if max < 10.0 { 2 } else { 0 };
+    for tick in 0..=4 {
+        let v = max / 1.1 * tick as f64 / 4.0;
+        let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">{v:.decimals$}{unit}</text>"#, left - 4.0, y(v) + 4.0);
+    }
+    let slot = width / groups.len().max(1) as f64;
+    for (g, group) in groups.iter().enumerate() {
+        let x0 = left + slot * g as f64 + slot * 0.15;
+        let bar = slot * 0.7 / group.bars.len() as f64;
+        for (b, (value, colour)) in group.bars.iter().enumerate() {
+            let x = x0 + bar * b as f64;
+            let _ = writeln!(svg, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#, y(*value), bar - 1.0, top + height - y(*value));
+        }
+        if let Some(target) = group.target {
+            let _ = writeln!(svg, r##"<line x1="{x0:.1}" x2="{:.1}" y1="{t:.1}" y2="{t:.1}" stroke="#e45756" stroke-width="2" stroke-dasharray="4 2"/>"##, x0 + slot * 0.7, t = y(target));
+        }
+        let (lx, ly) = (x0 + slot * 0.35, top + height + 14.0);
+        let rotate = if groups.len() > 4 { format!(r#" transform="rotate(-45 {lx:.1} {ly:.1})" text-anchor="end""#) } else { r#" text-anchor="middle""#.to_string() };
+        let _ = writeln!(svg, r#"<text x="{lx:.1}" y="{ly:.1}"{rotate}>{}</text>"#, group.label);
+    }
 }
