@@ -894,8 +894,10 @@ impl ExecutionState {
         if inline {
             // One session and nothing else running: its decode step runs on
             // this thread. Handing it to the blocking pool and its outputs
-            // back would wake two threads, 150-200 µs of the token's time;
-            // the actor is held for the step, a few ms, with nothing to do.
+            // back would wake two threads, 150-200 µs of the token's time on
+            // loopback. The actor is held for the step; with one session it
+            // has nothing else to do but acknowledge tensors and answer
+            // `llnode plan`, which wait until the step ends.
             let (secs, result) = tokio::task::block_in_place(|| run(&mut cache));
             self.step_done(done, secs, cache, result, myself);
             return;
