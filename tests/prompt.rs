@@ -8,7 +8,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{Mesh, llnode, ok, package_of, s, share_of};
+use support::{Mesh, Streaming, llnode, ok, package_of, s, share_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
 const SAMPLED: [&str; 11] = ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
@@ -74,6 +74,38 @@ fn built_in_model_answers_the_same_from_every_member() {
         let mesh = Mesh::start(&package, n, &share_of(&package, share));
         assert_eq!(mesh.prompt(n - 1, &GREEDY), reference, "{n} nodes");
     }
+}
+
+/// A device at its session limit (`--max-sessions`): a prompt that needs it
+/// is answered "busy, retry" at once, from any member, wherever the device
+/// is in the pipeline; the prompt it serves finishes, and a retry after that
+/// is answered.
+#[test]
+fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
+    let root = tempfile::tempdir().unwrap();
+    ok(&["model", "synth", "-o", s(&root.path().join("export"))]);
+    let package = package_of(&root.path().join("export"), &root.path().join("tiny"));
+    let reference = ok(&[&["run", "-m", s(&package)][..], &GREEDY[..]].concat());
+    let long = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
+    let long_reference = ok(&[&["run", "-m", s(&package)][..], &long[..]].concat());
+    // Every node keeps one session and runs 10x slowly, so a long answer
+    // keeps each device of its plan busy.
+    let limited = ["--max-sessions", "1", "--throttle", "10", "--no-rebalance"];
+    let mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &limited);
+
+    let mut serving = Streaming::start(&mesh.nodes[0].dir, &long);
+    serving.read_at_least(1);
+    for asker in 0..3 {
+        let started = std::time::Instant::now();
+        let refused = llnode(&[&["prompt", "--data-dir", s(&mesh.nodes[asker].dir)][..], &GREEDY[..]].concat());
+        let said = refused.stderr.trim();
+        assert!(!refused.ok && said.contains("busy") && said.contains("retry") && said.lines().count() == 1, "from n{asker}: {said}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "n{asker} waited {:?} for: {said}", started.elapsed());
+    }
+    let served = serving.finish();
+    assert!(served.ok, "{}", served.stderr);
+    assert_eq!(served.stdout, long_reference);
+    assert_eq!(mesh.prompt(2, &GREEDY), reference);
 }
 
 #[test]

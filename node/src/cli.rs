@@ -160,6 +160,10 @@ pub struct StartArgs {
     /// Never ask for a new plan because of measured speed (departures still re-plan).
     #[arg(long, env = "LLNODE_NO_REBALANCE")]
     pub no_rebalance: bool,
+    /// Sessions (generations) this device keeps KV caches for at once; a
+    /// member's next one is answered "busy, retry".
+    #[arg(long, env = "LLNODE_MAX_SESSIONS", default_value = "64", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_sessions: u16,
 }
 
 fn parse_threshold(text: &str) -> Result<f64, String> {
@@ -365,6 +369,7 @@ impl Command {
                     certificate_validity: args.certificate_validity,
                     throttle: args.throttle,
                     rebalance: (!args.no_rebalance).then_some(args.rebalance_threshold),
+                    max_sessions: args.max_sessions.into(),
                 };
                 crate::start::start(&args.dir.path()?, options)
             }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llnode_mesh::{MeshClient, PeerId};
+use llnode_mesh::{MeshClient, MeshError, PeerId};
 use llnode_models::generate::{GenerateOptions, generate};
 use llnode_models::pipeline::{Forward, step_inputs};
 use llnode_models::raw;
@@ -32,7 +32,7 @@ use ractor::{ActorRef, RpcReplyPort, call_t};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
+use crate::actor::execution::{BUSY, Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
 use crate::actor::planning::PlanningMsg;
 use crate::protocol::{CacheMove, NodeMessage};
 
@@ -158,7 +158,7 @@ pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::Un
         .slots
         .clone()
         .try_acquire_owned()
-        .map_err(|_| format!("busy: this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
+        .map_err(|_| format!("{BUSY} this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
     let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
     // With a plan held, this node has heard which models the members serve.
     let model = request.model.as_deref().map(|wanted| resolve_model(&initiator.store, wanted)).transpose()?;
@@ -544,11 +544,12 @@ impl MeshForward {
         }
         let sends = remote.into_iter().map(|(s, device, tensors)| async move {
             let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
-            // A device that cannot be reached or refuses is on its way out of the plan.
-            self.client
-                .send_tensors(device, tensors)
-                .await
-                .map_err(|e| StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")))?;
+            // A device that cannot be reached or refuses is on its way out of
+            // the plan, unless it is busy: then the generation ends, to be retried.
+            self.client.send_tensors(device, tensors).await.map_err(|e| match e {
+                MeshError::Refused(reason) if reason.starts_with(BUSY) => StepFail::Failed(reason),
+                e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
+            })?;
             sizes.into_iter().for_each(|bytes| self.traffic.record(&device, bytes));
             Ok(())
         });

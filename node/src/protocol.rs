@@ -26,6 +26,9 @@ pub enum NodeMessage {
     Replan { objective: Objective },
     /// The initiator is done with a session: free its KV caches.
     EndSession { session: u64 },
+    /// To a session's initiator: step `step` failed on the sender (`moved`:
+    /// because the plan changed, and the generation can go on on the next one).
+    StepFailed { session: u64, step: u64, reason: String, moved: bool },
     /// The packages the sender can serve files of (sent when trust becomes mutual).
     Have { models: Vec<String> },
     /// Asks for bytes `offset..offset+len` of a package file, answered with a

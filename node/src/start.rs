@@ -36,6 +36,8 @@ pub struct StartOptions {
     pub throttle: f64,
     /// Re-profile (and so re-plan) when the measured pace drifts by this ratio; `None`: never.
     pub rebalance: Option<f64>,
+    /// `--max-sessions`.
+    pub max_sessions: usize,
 }
 
 pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
@@ -99,6 +101,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         traffic: traffic.clone(),
         throttle: throttle.clone(),
         readiness: readiness_tx,
+        max_sessions: options.max_sessions,
     };
     let (execution, execution_handle) = Actor::spawn(None, ExecutionActor, execution_args).await?;
     let _ = tensors_to.set(execution.clone());

@@ -37,11 +37,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::actor::Waiter;
-use crate::protocol::{CacheMove, PlanDoc, Readiness};
+use crate::protocol::{CacheMove, NodeMessage, PlanDoc, Readiness};
 use crate::store::Store;
 
-/// Sessions whose KV caches one device keeps at once; tensors of new ones are refused beyond it.
-const MAX_SESSIONS: usize = 64;
 /// Tensors kept while this device's segments load; more are refused.
 const MAX_EARLY: usize = 1024;
 /// A device that could not get or load its units tries again this often (a source may appear).
@@ -52,10 +50,14 @@ const PREVIOUS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Names of handed-over KV caches on the wire start with this.
 const CACHE: &str = "cache:";
 
-/// Why a session is refused when this device holds [`MAX_SESSIONS`].
-fn busy_sessions() -> String {
-    format!("busy: this device holds {MAX_SESSIONS} sessions; retry in a moment")
+/// Why a session is refused when this device holds `max` (`--max-sessions`).
+fn busy_sessions(max: usize) -> String {
+    format!("{BUSY} this device holds {max} session(s) at once; retry in a moment")
 }
+
+/// How a refusal for want of room starts: the initiator ends the generation
+/// with it, rather than wait for a plan without the device.
+pub const BUSY: &str = "busy:";
 
 /// Whether units `inner` lie inside `outer`.
 fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
@@ -81,6 +83,12 @@ impl StepFail {
             StepFail::Moved(why) | StepFail::Failed(why) => why,
         }
     }
+
+    fn text(&self) -> &str {
+        match self {
+            StepFail::Moved(why) | StepFail::Failed(why) => why,
+        }
+    }
 }
 
 pub struct ExecutionActor;
@@ -96,6 +104,8 @@ pub struct ExecutionArgs {
     pub throttle: Arc<crate::pace::Throttle>,
     /// Where this device stands with the plan it holds, for the planning actor to tell members.
     pub readiness: tokio::sync::watch::Sender<Option<(u64, Readiness)>>,
+    /// Sessions whose KV caches this device keeps at once; tensors of new ones are refused beyond it.
+    pub max_sessions: usize,
 }
 
 /// Where an initiator sends a step's inputs.
@@ -159,6 +169,12 @@ pub enum ExecutionMsg {
     },
     EndSession {
         session: u64,
+    },
+    /// A device of the plan says step `step` of this initiator's session failed there.
+    StepFailed {
+        session: u64,
+        step: u64,
+        why: StepFail,
     },
     PeerGone(PeerId),
     /// The leader cannot plan (`reason`): initiators waiting for a new plan stop waiting.
@@ -426,9 +442,6 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Inbound { peer, id, tensor } => {
                 let ack = match delivery(peer, tensor) {
-                    Ok(d) if !state.sessions.contains_key(&d.session) && state.sessions.len() >= MAX_SESSIONS => {
-                        TensorAck::Refused { reason: busy_sessions() }
-                    }
                     Ok(d) if d.name == "logits" => {
                         state.logits(d);
                         TensorAck::Received
@@ -437,10 +450,21 @@ impl Actor for ExecutionActor {
                         Ok(()) => TensorAck::Received,
                         Err(reason) => TensorAck::Refused { reason },
                     },
-                    Ok(d) => match state.deliver(d, &myself) {
-                        Ok(()) => TensorAck::Received,
-                        Err(why) => TensorAck::Refused { reason: why.reason() },
-                    },
+                    Ok(d) => {
+                        let (session, initiator, step) = (d.session, d.initiator, d.step);
+                        match state.deliver(d, &myself) {
+                            Ok(()) => TensorAck::Received,
+                            Err(why) => {
+                                let ack = TensorAck::Refused { reason: why.text().to_string() };
+                                // The sender hears it in the acknowledgement; an
+                                // initiator that did not send the tensor hears it too.
+                                if initiator != peer {
+                                    state.fail(session, initiator, step, why);
+                                }
+                                ack
+                            }
+                        }
+                    }
                     Err(reason) => TensorAck::Refused { reason },
                 };
                 state.args.client.ack_tensor(id, ack);
@@ -499,6 +523,10 @@ impl Actor for ExecutionActor {
                     }
                 },
             },
+            ExecutionMsg::StepFailed { session, step, why } => {
+                let me = state.args.me;
+                state.fail(session, me, step, why);
+            }
             ExecutionMsg::EndSession { session } => {
                 state.sessions.remove(&session);
                 state.imports.remove(&session);
@@ -822,6 +850,9 @@ impl ExecutionState {
                 _ => None,
             })
             .collect();
+        if !self.sessions.contains_key(&d.session) && self.sessions.len() >= self.args.max_sessions {
+            return Err(StepFail::Failed(busy_sessions(self.args.max_sessions)));
+        }
         let value = raw::from_raw(&d.value).map_err(|e| StepFail::Failed(format!("bad tensor {}: {e}", d.name)))?;
         let session = self.sessions.entry(d.session).or_insert_with(|| Session {
             initiator: d.initiator,
@@ -1082,8 +1113,8 @@ impl ExecutionState {
 
     /// Keeps a handed-over cache until its session is sealed.
     fn import(&mut self, d: Delivery) -> Result<(), String> {
-        if !self.imports.contains_key(&d.session) && self.imports.len() >= MAX_SESSIONS {
-            return Err(busy_sessions());
+        if !self.imports.contains_key(&d.session) && self.imports.len() >= self.args.max_sessions {
+            return Err(busy_sessions(self.args.max_sessions));
         }
         let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new() });
         if import.initiator != d.initiator {
@@ -1102,8 +1133,8 @@ impl ExecutionState {
         if import.initiator != asker {
             return Err("this session belongs to another initiator".into());
         }
-        if !self.sessions.contains_key(&session) && self.sessions.len() >= MAX_SESSIONS {
-            return Err(busy_sessions());
+        if !self.sessions.contains_key(&session) && self.sessions.len() >= self.args.max_sessions {
+            return Err(busy_sessions(self.args.max_sessions));
         }
         let mut states = HashMap::new();
         for (&s, runner) in &ready.runners {
@@ -1127,10 +1158,19 @@ impl ExecutionState {
         let _ = reply.send(read_logits(d.value).map_err(StepFail::Failed));
     }
 
+    /// Step `step` of `session` failed here: its initiator hears why, here
+    /// or by a message (it would otherwise wait for logits that never come).
     fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
-        if initiator == self.args.me
-            && let Some((_, reply)) = self.waiting.remove(&(session, step))
-        {
+        if initiator != self.args.me {
+            let moved = matches!(why, StepFail::Moved(_));
+            let message = NodeMessage::StepFailed { session, step, reason: why.reason(), moved }.encode();
+            let client = self.args.client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = client.request(initiator, llnode_mesh::wire::ControlRequest::Node(message)).await {
+                    tracing::warn!(session, "cannot tell initiator {initiator} that step {step} failed: {e}");
+                }
+            });
+        } else if let Some((_, reply)) = self.waiting.remove(&(session, step)) {
             let _ = reply.send(Err(why));
         }
     }

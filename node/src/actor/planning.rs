@@ -711,6 +711,12 @@ impl PlanningState {
                 let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
                 Ok(())
             }
+            NodeMessage::StepFailed { session, step, reason, moved } => {
+                use crate::actor::execution::StepFail;
+                let why = if moved { StepFail::Moved(reason) } else { StepFail::Failed(reason) };
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed { session, step, why });
+                Ok(())
+            }
             NodeMessage::Have { models } => {
                 self.args.store.set_holder(peer, &models);
                 if self.args.model.is_none()
