@@ -170,8 +170,9 @@ pub enum ExecutionMsg {
     EndSession {
         session: u64,
     },
-    /// A device of the plan says step `step` of this initiator's session failed there.
+    /// Device `from` says step `step` of this initiator's session failed there.
     StepFailed {
+        from: PeerId,
         session: u64,
         step: u64,
         why: StepFail,
@@ -434,11 +435,7 @@ impl Actor for ExecutionActor {
                     myself.send_after(PREVIOUS_GRACE, move || ExecutionMsg::DropPrevious { first_epoch });
                 }
                 state.drop_previous_if_idle();
-                for d in early {
-                    if let Err(why) = state.deliver(d, &myself) {
-                        tracing::warn!("dropped an early tensor: {}", why.reason());
-                    }
-                }
+                state.redeliver(early, "came while this device loaded its units", &myself);
             }
             ExecutionMsg::Inbound { peer, id, tensor } => {
                 let ack = match delivery(peer, tensor) {
@@ -523,9 +520,13 @@ impl Actor for ExecutionActor {
                     }
                 },
             },
-            ExecutionMsg::StepFailed { session, step, why } => {
-                let me = state.args.me;
-                state.fail(session, me, step, why);
+            ExecutionMsg::StepFailed { from, session, step, why } => {
+                // Only a device of the plan the step runs on can fail it.
+                let plan = state.waiting.get(&(session, step)).and_then(|(epoch, _)| state.plans.of(*epoch));
+                if plan.is_some_and(|p| p.devices.contains(&from)) {
+                    let me = state.args.me;
+                    state.fail(session, me, step, why);
+                }
             }
             ExecutionMsg::EndSession { session } => {
                 state.sessions.remove(&session);
@@ -782,9 +783,18 @@ impl ExecutionState {
 
     /// Delivers the tensors that came ahead of the plan now held.
     fn deliver_ahead(&mut self, myself: &ActorRef<ExecutionMsg>) {
-        for d in std::mem::take(&mut self.ahead) {
+        let ahead = std::mem::take(&mut self.ahead);
+        self.redeliver(ahead, "came ahead of its plan", myself);
+    }
+
+    /// Delivers tensors that waited (they `came` …); the initiator of one
+    /// that cannot be delivered now hears why, as it would have at once.
+    fn redeliver(&mut self, held: Vec<Delivery>, came: &str, myself: &ActorRef<ExecutionMsg>) {
+        for d in held {
+            let (session, initiator, step) = (d.session, d.initiator, d.step);
             if let Err(why) = self.deliver(d, myself) {
-                tracing::debug!("dropped a tensor that came ahead of its plan: {}", why.reason());
+                tracing::info!(session, "a tensor that {came} cannot be delivered: {}", why.text());
+                self.fail(session, initiator, step, why);
             }
         }
     }

@@ -714,7 +714,7 @@ impl PlanningState {
             NodeMessage::StepFailed { session, step, reason, moved } => {
                 use crate::actor::execution::StepFail;
                 let why = if moved { StepFail::Moved(reason) } else { StepFail::Failed(reason) };
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed { session, step, why });
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed { from: peer, session, step, why });
                 Ok(())
             }
             NodeMessage::Have { models } => {
