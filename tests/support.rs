@@ -30,6 +30,16 @@ pub fn ok(args: &[&str]) -> String {
     out.stdout
 }
 
+/// Writes a benchmark's plot (`svg`, closed here) as `name` in the target
+/// directory (`$CARGO_TARGET_DIR`, or the workspace's `target/`); returns its path.
+pub fn write_plot(name: &str, mut svg: String) -> PathBuf {
+    svg.push_str("</svg>\n");
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    let path = dir.join(name);
+    llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
+    path
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }

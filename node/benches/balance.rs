@@ -331,9 +331,5 @@ fn draw(runs: &[Run]) -> PathBuf {
         let _ =
             writeln!(svg, r#"<text x="{}" y="{}" fill="{}">{}</text>"#, left + width + 10.0, top + 20.0 + 16.0 * k as f64, colours[k % 2], run.label);
     }
-    svg.push_str("</svg>\n");
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
-    let path = dir.join("bench-balance.svg");
-    llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
-    path
+    support::write_plot("bench-balance.svg", svg)
 }

@@ -250,11 +250,7 @@ impl Plot {
             .map(|m| Group { label: m.node.clone(), bars: vec![(m.weights, GREY), (m.peak, GREEN)], target: Some(m.target) })
             .collect();
         panel(&mut svg, 2, "Peak RSS serving (target 1.1 w + 64 MiB)", &[("weights", GREY), ("peak", GREEN)], &memory, " MiB");
-        svg.push_str("</svg>\n");
-        let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
-        let path = dir.join("bench-mesh-infer.svg");
-        llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
-        path
+        support::write_plot("bench-mesh-infer.svg", svg)
     }
 }
 
