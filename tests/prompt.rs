@@ -78,8 +78,9 @@ fn built_in_model_answers_the_same_from_every_member() {
 
 /// A device at its session limit (`--max-sessions`): a prompt that needs it
 /// is answered "busy, retry" at once, from any member, wherever the device
-/// is in the pipeline; the prompt it serves finishes, and a retry after that
-/// is answered.
+/// is in the pipeline; so is a prompt to a node that already runs as many
+/// as it may start (`--max-prompts`). The prompt served finishes, and a
+/// retry after that is answered.
 #[test]
 fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     let root = tempfile::tempdir().unwrap();
@@ -88,9 +89,9 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     let reference = ok(&[&["run", "-m", s(&package)][..], &GREEDY[..]].concat());
     let long = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
     let long_reference = ok(&[&["run", "-m", s(&package)][..], &long[..]].concat());
-    // Every node keeps one session and runs 10x slowly, so a long answer
-    // keeps each device of its plan busy.
-    let limited = ["--max-sessions", "1", "--throttle", "10", "--no-rebalance"];
+    // Every node keeps one session, starts one prompt at a time and runs 10x
+    // slowly, so a long answer keeps each device of its plan busy.
+    let limited = ["--max-sessions", "1", "--max-prompts", "1", "--throttle", "10", "--no-rebalance"];
     let mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &limited);
 
     let mut serving = Streaming::start(&mesh.nodes[0].dir, &long);
@@ -101,11 +102,15 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
         let said = refused.stderr.trim();
         assert!(!refused.ok && said.contains("busy") && said.contains("retry") && said.lines().count() == 1, "from n{asker}: {said}");
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "n{asker} waited {:?} for: {said}", started.elapsed());
+        // n0 runs the long answer: its own limit on prompts answers first.
+        let full = if asker == 0 { "this node already runs 1 prompt(s) at once" } else { "this device holds 1 session(s) at once" };
+        assert!(said.contains(full), "from n{asker}: {said}");
     }
     let served = serving.finish();
     assert!(served.ok, "{}", served.stderr);
     assert_eq!(served.stdout, long_reference);
     assert_eq!(mesh.prompt(2, &GREEDY), reference);
+    assert_eq!(mesh.prompt(0, &GREEDY), reference);
 }
 
 #[test]

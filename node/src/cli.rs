@@ -164,6 +164,10 @@ pub struct StartArgs {
     /// member's next one is answered "busy, retry".
     #[arg(long, env = "LLNODE_MAX_SESSIONS", default_value = "64", value_parser = clap::value_parser!(u16).range(1..))]
     pub max_sessions: u16,
+    /// Prompts this node runs at once as their initiator (`llnode prompt`
+    /// asked here); the next one is answered "busy, retry".
+    #[arg(long, env = "LLNODE_MAX_PROMPTS", default_value = "4", value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_prompts: u16,
 }
 
 fn parse_threshold(text: &str) -> Result<f64, String> {
@@ -370,6 +374,7 @@ impl Command {
                     throttle: args.throttle,
                     rebalance: (!args.no_rebalance).then_some(args.rebalance_threshold),
                     max_sessions: args.max_sessions.into(),
+                    max_prompts: args.max_prompts.into(),
                 };
                 crate::start::start(&args.dir.path()?, options)
             }

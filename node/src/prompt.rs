@@ -106,13 +106,11 @@ pub enum PromptEvent {
     },
 }
 
-/// Prompts this node runs at once as initiator; more are told to retry.
-pub const MAX_PROMPTS: usize = 4;
-
 pub struct Initiator {
     pub me: PeerId,
-    /// One permit per prompt in flight ([`MAX_PROMPTS`]).
+    /// One permit per prompt in flight, `max_prompts` of them (`llnode start --max-prompts`).
     pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+    pub max_prompts: usize,
     pub client: MeshClient,
     pub execution: ActorRef<ExecutionMsg>,
     /// Where the tokenizer and configs come from (fetched when this node lacks them).
@@ -154,11 +152,9 @@ impl Tokenizers {
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
 pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::UnboundedSender<PromptEvent>) -> Result<(), String> {
     request.sampling.validate()?;
-    let _slot = initiator
-        .slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| format!("{BUSY} this node already runs {MAX_PROMPTS} prompts; retry in a moment or ask another member"))?;
+    let _slot = initiator.slots.clone().try_acquire_owned().map_err(|_| {
+        format!("{BUSY} this node already runs {} prompt(s) at once; retry in a moment or ask another member", initiator.max_prompts)
+    })?;
     let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
     // With a plan held, this node has heard which models the members serve.
     let model = request.model.as_deref().map(|wanted| resolve_model(&initiator.store, wanted)).transpose()?;

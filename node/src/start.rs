@@ -38,6 +38,8 @@ pub struct StartOptions {
     pub rebalance: Option<f64>,
     /// `--max-sessions`.
     pub max_sessions: usize,
+    /// `--max-prompts`.
+    pub max_prompts: usize,
 }
 
 pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
@@ -222,7 +224,8 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         planning: planning.clone(),
         initiator: std::sync::Arc::new(crate::prompt::Initiator {
             me: key.peer_id(),
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(crate::prompt::MAX_PROMPTS)),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(options.max_prompts)),
+            max_prompts: options.max_prompts,
             client: client.clone(),
             execution: execution.clone(),
             store: store.clone(),
