@@ -78,9 +78,10 @@ fn built_in_model_answers_the_same_from_every_member() {
 
 /// A device at its session limit (`--max-sessions`): a prompt that needs it
 /// is answered "busy, retry" at once, from any member, wherever the device
-/// is in the pipeline; so is a prompt to a node that already runs as many
-/// as it may start (`--max-prompts`). The prompt served finishes, and a
-/// retry after that is answered.
+/// is in the pipeline: also when the tensor it refuses came from another
+/// stage, not from the prompt's initiator. So is a prompt to a node that
+/// already runs as many as it may start (`--max-prompts`). The prompt served
+/// finishes, and a retry after that is answered.
 #[test]
 fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     let root = tempfile::tempdir().unwrap();
@@ -89,28 +90,51 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     let reference = ok(&[&["run", "-m", s(&package)][..], &GREEDY[..]].concat());
     let long = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
     let long_reference = ok(&[&["run", "-m", s(&package)][..], &long[..]].concat());
-    // Every node keeps one session, starts one prompt at a time and runs 10x
-    // slowly, so a long answer keeps each device of its plan busy.
-    let limited = ["--max-sessions", "1", "--max-prompts", "1", "--throttle", "10", "--no-rebalance"];
-    let mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &limited);
+    // Every node starts one prompt at a time and runs 10x slowly, so a long
+    // answer keeps each device of its plan busy. n0 and n1 keep one session, n2 two.
+    let memory = share_of(&package, 0.55);
+    let node = |sessions: &str| {
+        let args = ["--memory", &memory, "--model", s(&package), "--max-sessions", sessions, "--max-prompts", "1", "--throttle", "10", "--no-rebalance"];
+        args.map(String::from).to_vec()
+    };
+    let mesh = Mesh::with_node_args(vec![node("1"), node("1"), node("2")]);
 
-    let mut serving = Streaming::start(&mesh.nodes[0].dir, &long);
+    // A private prompt from n2 makes the plan start and end on n2, with the
+    // middle on n0 or n1 or both (as `built_in_model_answers_the_same_from_every_member` checks).
+    assert_eq!(mesh.prompt(2, &[&["--private"][..], &GREEDY[..]].concat()), reference);
+    let view = mesh.view(2);
+    let stages = view["plan"]["stages"].as_array().unwrap();
+    let device = |peer: &serde_json::Value| mesh.nodes.iter().position(|n| *peer == n.peer_id.as_str()).unwrap();
+    assert!(device(&stages[0]["device"]) == 2 && device(&stages[stages.len() - 1]["device"]) == 2, "{view:#}");
+    // The long answer comes from the device after n2, which then holds its
+    // one session; n2 has room for another.
+    let (first, other) = match device(&stages[1]["device"]) {
+        0 => (0, 1),
+        1 => (1, 0),
+        n => panic!("n{n} runs the middle of a private plan: {view:#}"),
+    };
+    let mut serving = Streaming::start(&mesh.nodes[first].dir, &long);
     serving.read_at_least(1);
-    for asker in 0..3 {
+    for (asker, full) in [
+        // Its own limit on prompts answers first.
+        (first, "this node already runs 1 prompt(s) at once"),
+        // n2 takes the step and sends on; `first` refuses it and tells the asker.
+        (other, "this device holds 1 session(s) at once"),
+        // n2 runs the first stage itself and hears the refusal in the acknowledgement.
+        (2, "this device holds 1 session(s) at once"),
+    ] {
         let started = std::time::Instant::now();
         let refused = llnode(&[&["prompt", "--data-dir", s(&mesh.nodes[asker].dir)][..], &GREEDY[..]].concat());
         let said = refused.stderr.trim();
-        assert!(!refused.ok && said.contains("busy") && said.contains("retry") && said.lines().count() == 1, "from n{asker}: {said}");
+        assert!(!refused.ok && said.contains(full) && said.contains("retry") && said.lines().count() == 1, "from n{asker}: {said}");
+        // Not the 120 s a step waits for logits.
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "n{asker} waited {:?} for: {said}", started.elapsed());
-        // n0 runs the long answer: its own limit on prompts answers first.
-        let full = if asker == 0 { "this node already runs 1 prompt(s) at once" } else { "this device holds 1 session(s) at once" };
-        assert!(said.contains(full), "from n{asker}: {said}");
     }
     let served = serving.finish();
     assert!(served.ok, "{}", served.stderr);
     assert_eq!(served.stdout, long_reference);
-    assert_eq!(mesh.prompt(2, &GREEDY), reference);
-    assert_eq!(mesh.prompt(0, &GREEDY), reference);
+    assert_eq!(mesh.prompt(other, &GREEDY), reference);
+    assert_eq!(mesh.prompt(first, &GREEDY), reference);
 }
 
 #[test]

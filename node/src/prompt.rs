@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llnode_mesh::{MeshClient, MeshError, PeerId};
+use llnode_mesh::{MeshClient, PeerId};
 use llnode_models::generate::{GenerateOptions, generate};
 use llnode_models::pipeline::{Forward, step_inputs};
 use llnode_models::raw;
@@ -540,12 +540,7 @@ impl MeshForward {
         }
         let sends = remote.into_iter().map(|(s, device, tensors)| async move {
             let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
-            // A device that cannot be reached or refuses is on its way out of
-            // the plan, unless it is busy: then the generation ends, to be retried.
-            self.client.send_tensors(device, tensors).await.map_err(|e| match e {
-                MeshError::Refused(reason) if reason.starts_with(BUSY) => StepFail::Failed(reason),
-                e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
-            })?;
+            self.client.send_tensors(device, tensors).await.map_err(|e| StepFail::not_taken(s, e))?;
             sizes.into_iter().for_each(|bytes| self.traffic.record(&device, bytes));
             Ok(())
         });

@@ -78,6 +78,16 @@ pub enum StepFail {
 }
 
 impl StepFail {
+    /// A step's tensors for segment `s` did not reach its device: one that
+    /// cannot be reached or refuses is on its way out of the plan, unless it
+    /// is busy; then the generation ends, to be retried.
+    pub fn not_taken(s: usize, e: llnode_mesh::MeshError) -> StepFail {
+        match e {
+            llnode_mesh::MeshError::Refused(reason) if reason.starts_with(BUSY) => StepFail::Failed(reason),
+            e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
+        }
+    }
+
     pub fn reason(self) -> String {
         match self {
             StepFail::Moved(why) | StepFail::Failed(why) => why,
@@ -1000,17 +1010,18 @@ impl ExecutionState {
         let (transfers, devices): (Vec<_>, _) = (ready.map.outputs_of(s).cloned().collect(), current.devices.clone());
         let me = self.args.me;
         let mut local = Vec::new();
-        // Each device's tensors of the step go together, in one write.
-        let mut remote: HashMap<PeerId, Vec<WireTensor>> = HashMap::new();
+        // Each device's tensors of the step go together, in one write; named
+        // by the first segment they feed.
+        let mut remote: HashMap<PeerId, (usize, Vec<WireTensor>)> = HashMap::new();
         for t in &transfers {
             let Some(value) = outputs.get(&t.tensor) else {
                 continue;
             };
             let converted = match t.to {
-                Endpoint::Initiator => last_logits(value).map(|logits| (initiator, logits_tensor(&logits, top_logits))),
-                Endpoint::Segment(d) => raw::to_raw(value).map(|raw| (devices[d], raw)).map_err(|e| RunError::Remote(e.to_string())),
+                Endpoint::Initiator => last_logits(value).map(|logits| (initiator, s, logits_tensor(&logits, top_logits))),
+                Endpoint::Segment(d) => raw::to_raw(value).map(|raw| (devices[d], d, raw)).map_err(|e| RunError::Remote(e.to_string())),
             };
-            let (to, raw) = match converted {
+            let (to, feeds, raw) = match converted {
                 Ok(sent) => sent,
                 Err(e) => {
                     self.fail(session, initiator, step, StepFail::Failed(e.to_string()));
@@ -1021,16 +1032,25 @@ impl ExecutionState {
             if to == me {
                 local.push(d);
             } else {
-                remote.entry(to).or_default().push(wire_tensor(d));
+                remote.entry(to).or_insert_with(|| (feeds, Vec::new())).1.push(wire_tensor(d));
             }
         }
-        for (to, tensors) in remote {
+        for (to, (first, tensors)) in remote {
             let (client, traffic) = (self.args.client.clone(), self.args.traffic.clone());
+            // A device that refuses tells the initiator when the tensors did
+            // not come from it; when they did, the initiator is this device.
+            let initiator_here = (initiator == me).then(|| myself.clone());
             tokio::spawn(async move {
                 let sizes: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
                 match client.send_tensors(to, tensors).await {
                     Ok(()) => sizes.into_iter().for_each(|bytes| traffic.record(&to, bytes)),
-                    Err(e) => tracing::warn!(session, "cannot send a step's tensors to {to}: {e}"),
+                    Err(e) => {
+                        tracing::warn!(session, "cannot send a step's tensors to {to}: {e}");
+                        if let Some(myself) = initiator_here {
+                            let why = StepFail::not_taken(first, e);
+                            let _ = myself.cast(ExecutionMsg::StepFailed { from: to, session, step, why });
+                        }
+                    }
                 }
             });
         }
