@@ -11,16 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Mesh, Node, Streaming, admit, llnode, ok, package_of, s, share_of};
+use support::{Mesh, Node, Streaming, admit, alone, llnode, ok, s, share_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "16", "--ignore-eos", "The mesh of phones"];
 
 fn built_in(root: &Path) -> (PathBuf, String, Value) {
-    ok(&["model", "synth", "-o", s(&root.join("export"))]);
-    let package = package_of(&root.join("export"), &root.join("tiny"));
-    let mut run = vec!["run", "-m", s(&package)];
-    run.extend_from_slice(&GREEDY);
-    let reference = ok(&run);
+    let package = support::built_in(root);
+    let reference = alone(&package, &GREEDY);
     let manifest = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
     (package, reference, manifest)
 }

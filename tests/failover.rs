@@ -6,20 +6,15 @@
 #[path = "support.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{Mesh, Streaming, llnode, ok, package_of, s, share_of, units_of};
+use support::{Mesh, Streaming, alone, built_in, llnode, ok, s, share_of, units_of};
 
 const PROMPT: &str = "The mesh of phones";
 
-fn tiny(root: &Path) -> PathBuf {
-    ok(&["model", "synth", "-o", s(&root.join("export"))]);
-    package_of(&root.join("export"), &root.join("tiny"))
-}
-
 fn reference(package: &Path, tokens: &str) -> String {
-    ok(&["run", "-m", s(package), "--max-tokens", tokens, "--ignore-eos", PROMPT])
+    alone(package, &["--max-tokens", tokens, "--ignore-eos", PROMPT])
 }
 
 /// 20 trials on one 3-node mesh where any two devices can hold the model:
@@ -34,7 +29,7 @@ fn reference(package: &Path, tokens: &str) -> String {
 #[test]
 fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
     let root = tempfile::tempdir().unwrap();
-    let package = tiny(root.path());
+    let package = built_in(root.path());
     let tokens = "200";
     let reference = reference(&package, tokens);
     let mut mesh = Mesh::with_args(&package, 3, 2, &share_of(&package, 0.55), &["--no-rebalance"]);
@@ -77,7 +72,7 @@ fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
 #[test]
 fn a_frozen_stage_is_dropped_and_the_answer_is_unchanged() {
     let root = tempfile::tempdir().unwrap();
-    let package = tiny(root.path());
+    let package = built_in(root.path());
     let tokens = "200";
     let reference = reference(&package, tokens);
     // The balancer is off, so that the frozen stage is one the generation runs on.
@@ -104,7 +99,7 @@ fn a_frozen_stage_is_dropped_and_the_answer_is_unchanged() {
 #[test]
 fn a_mesh_too_small_without_the_lost_device_says_so() {
     let root = tempfile::tempdir().unwrap();
-    let package = tiny(root.path());
+    let package = built_in(root.path());
     // Each device holds 45%: all three are needed.
     let mut mesh = Mesh::start(&package, 3, &share_of(&package, 0.45));
     let mut prompt = Streaming::start(&mesh.nodes[0].dir, &["--max-tokens", "400", "--ignore-eos", PROMPT]);
@@ -128,7 +123,7 @@ fn a_mesh_too_small_without_the_lost_device_says_so() {
 #[test]
 fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     let root = tempfile::tempdir().unwrap();
-    let package = tiny(root.path());
+    let package = built_in(root.path());
     let tokens = "480";
     let reference = reference(&package, tokens);
     let mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &["--objective", "throughput"]);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Streaming, ok, package_of, s, share_of, units_of};
+use support::{Streaming, alone, built_in, ok, s, share_of, units_of};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llnode");
 
@@ -167,10 +167,9 @@ fn nodes_on_one_network_find_each_other_with_mdns() {
 fn a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer() {
     let Some(lan) = Lan::new(3, 'p', "a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer") else { return };
     let root = tempfile::tempdir().unwrap();
-    ok(&["model", "synth", "-o", s(&root.path().join("export"))]);
-    let package = package_of(&root.path().join("export"), &root.path().join("tiny"));
+    let package = built_in(root.path());
     let prompt = "The mesh of phones";
-    let reference = ok(&["run", "-m", s(&package), "--max-tokens", "200", "--ignore-eos", prompt]);
+    let reference = alone(&package, &["--max-tokens", "200", "--ignore-eos", prompt]);
     let (dirs, ids) = provision(root.path(), 3);
     // Any two hold the model; n0 and n1 have it. Each dials the ones started
     // before it, again whenever the link drops. The balancer is off, so that

@@ -1,30 +1,27 @@
 //! `llnode prompt` across meshes of real processes: the text equals what
 //! `llnode run` prints in one process, greedy and sampled, from any member,
 //! for the built-in model and the GPT-2, Llama, Qwen2 and BLOOM test exports,
-//! and with several prompts at once.
+//! and with several prompts at once; a full device or node answers "busy",
+//! and an asker that goes away leaves no caches behind.
 
 #[path = "support.rs"]
 mod support;
 
 use std::path::Path;
 
-use support::{Mesh, Streaming, llnode, ok, package_of, s, share_of};
+use support::{Mesh, Streaming, alone, built_in, llnode, ok, package_of, s, share_of, units_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
+/// An answer long enough to keep a throttled mesh busy while others ask.
+const LONG: [&str; 4] = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
 const SAMPLED: [&str; 11] = ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
 
 #[test]
 fn built_in_model_answers_the_same_from_every_member() {
     let root = tempfile::tempdir().unwrap();
-    ok(&["model", "synth", "-o", s(&root.path().join("export"))]);
-    let package = package_of(&root.path().join("export"), &root.path().join("tiny"));
-    let mut run = vec!["run", "-m", s(&package)];
-    run.extend_from_slice(&GREEDY);
-    let reference = ok(&run);
-    let mut sampled_run = vec!["run", "-m", s(&package)];
-    sampled_run.extend_from_slice(&SAMPLED);
-    sampled_run.push("The mesh of phones");
-    let sampled_reference = ok(&sampled_run);
+    let package = built_in(root.path());
+    let reference = alone(&package, &GREEDY);
+    let sampled_reference = alone(&package, &[&SAMPLED[..], &["The mesh of phones"]].concat());
     assert_ne!(reference, sampled_reference);
 
     let mesh = Mesh::start(&package, 3, &share_of(&package, 0.55));
@@ -37,7 +34,7 @@ fn built_in_model_answers_the_same_from_every_member() {
     // Greedy and top-k runs get only the highest logits back; a repetition
     // penalty needs every one of them.
     let penalised = [&["--repetition-penalty", "1.3"][..], &GREEDY[..]].concat();
-    let penalised_reference = ok(&[&["run", "-m", s(&package)][..], &penalised[..]].concat());
+    let penalised_reference = alone(&package, &penalised);
     assert_ne!(penalised_reference, reference);
     assert_eq!(mesh.prompt(1, &penalised), penalised_reference);
 
@@ -85,11 +82,9 @@ fn built_in_model_answers_the_same_from_every_member() {
 #[test]
 fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     let root = tempfile::tempdir().unwrap();
-    ok(&["model", "synth", "-o", s(&root.path().join("export"))]);
-    let package = package_of(&root.path().join("export"), &root.path().join("tiny"));
-    let reference = ok(&[&["run", "-m", s(&package)][..], &GREEDY[..]].concat());
-    let long = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
-    let long_reference = ok(&[&["run", "-m", s(&package)][..], &long[..]].concat());
+    let package = built_in(root.path());
+    let reference = alone(&package, &GREEDY);
+    let long_reference = alone(&package, &LONG);
     // Every node starts one prompt at a time and runs 10x slowly, so a long
     // answer keeps each device of its plan busy. n0 and n1 keep one session, n2 two.
     let memory = share_of(&package, 0.55);
@@ -113,7 +108,7 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
         1 => (1, 0),
         n => panic!("n{n} runs the middle of a private plan: {view:#}"),
     };
-    let mut serving = Streaming::start(&mesh.nodes[first].dir, &long);
+    let mut serving = Streaming::start(&mesh.nodes[first].dir, &LONG);
     serving.read_at_least(1);
     for (asker, full) in [
         // Its own limit on prompts answers first.
@@ -137,15 +132,61 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     assert_eq!(mesh.prompt(first, &GREEDY), reference);
 }
 
+/// An asker that goes away mid-answer frees its sessions' caches on every
+/// device: when `llnode prompt` is stopped, its node stops generating; when
+/// the asking node itself dies, the devices drop its sessions. Each device
+/// keeps one session, so another member's prompt is answered only once they are freed.
+#[test]
+fn an_asker_that_goes_away_frees_its_sessions() {
+    let root = tempfile::tempdir().unwrap();
+    let package = built_in(root.path());
+    let reference = alone(&package, &GREEDY);
+    // n0-n2 run the model and keep one session each; n3 has memory for no
+    // unit: it only asks, so the plan outlives it.
+    let memory = share_of(&package, 0.55);
+    let device = ["--memory", &memory, "--model", s(&package), "--max-sessions", "1", "--throttle", "10", "--no-rebalance"].map(String::from);
+    let asker = ["--memory", "1000", "--no-rebalance"].map(String::from).to_vec();
+    let mut mesh = Mesh::with_node_args(vec![device.to_vec(), device.to_vec(), device.to_vec(), asker]);
+    assert_eq!(units_of(&mesh.view(0), &mesh.nodes[3].peer_id), 0);
+    let answered_from_n0 = |mesh: &Mesh| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = llnode(&[&["prompt", "--data-dir", s(&mesh.nodes[0].dir)][..], &GREEDY[..]].concat());
+            if out.ok {
+                assert_eq!(out.stdout, reference);
+                return;
+            }
+            // Busy while the sessions are held; the plan may also be moving after n3 left.
+            assert!(std::time::Instant::now() < deadline, "{}", out.stderr);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+
+    // `llnode prompt` stopped after its first words.
+    let mut serving = Streaming::start(&mesh.nodes[3].dir, &LONG);
+    serving.read_at_least(1);
+    serving.kill();
+    answered_from_n0(&mesh);
+    let log = mesh.nodes[3].log();
+    let stopped = log.lines().find(|l| l.contains("the asker went away after")).unwrap_or_else(|| panic!("n3 went on: {log}"));
+    let steps: usize = stopped.split("after ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(steps < 300, "{stopped}");
+
+    // The asking node killed.
+    let mut serving = Streaming::start(&mesh.nodes[3].dir, &LONG);
+    serving.read_at_least(1);
+    mesh.nodes[3].kill();
+    assert!(!serving.finish().ok);
+    answered_from_n0(&mesh);
+}
+
 #[test]
 fn test_exports_answer_the_same_across_the_mesh() {
     let exports = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/testdata/exports");
     let root = tempfile::tempdir().unwrap();
     for family in ["gpt2", "llama", "qwen2", "bloom"] {
         let package = package_of(&exports.join(family), &root.path().join(family));
-        let mut run = vec!["run", "-m", s(&package)];
-        run.extend_from_slice(&GREEDY);
-        let reference = ok(&run);
+        let reference = alone(&package, &GREEDY);
         // Only the first node has the package: the others fetch their units.
         let mesh = Mesh::with_sources(&package, 3, 1, &share_of(&package, 0.55));
         assert_eq!(mesh.prompt(1, &GREEDY), reference, "{family}");
@@ -177,7 +218,7 @@ fn a_prompt_for_another_model_moves_the_mesh_to_it() {
         package_of(&dir(name), &dir(&format!("{name}-package")))
     };
     let (first, second) = (package("0", "first"), package("1", "second"));
-    let answer = |p: &Path| ok(&[&["run", "-m", s(p)][..], &GREEDY[..]].concat());
+    let answer = |p: &Path| alone(p, &GREEDY);
     let (first_text, second_text) = (answer(&first), answer(&second));
     assert_ne!(first_text, second_text);
     let id = |p: &Path| ok(&["model", "verify", s(p)]).split_whitespace().last().unwrap().to_string();

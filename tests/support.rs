@@ -312,6 +312,18 @@ impl Mesh {
     }
 }
 
+/// The built-in model, made and imported under `root`: its package.
+pub fn built_in(root: &Path) -> PathBuf {
+    ok(&["model", "synth", "-o", s(&root.join("export"))]);
+    package_of(&root.join("export"), &root.join("tiny"))
+}
+
+/// What `llnode run` prints for `args` with `package` in one process: the
+/// reference a mesh's answer must equal.
+pub fn alone(package: &Path, args: &[&str]) -> String {
+    ok(&[&["run", "-m", s(package)][..], args].concat())
+}
+
 pub fn package_of(export: &Path, out: &Path) -> PathBuf {
     ok(&["import", s(export), "-o", s(out)]);
     out.to_path_buf()
@@ -400,6 +412,12 @@ impl Streaming {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Kills the `llnode prompt` process, as a Ctrl-C would end it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the prompt to end.

@@ -425,6 +425,12 @@ struct MeshForward {
 
 impl Forward for MeshForward {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
+        // The asker's connection closed (`llnode prompt` stopped, Ctrl-C):
+        // no step more, and the sessions' caches are freed everywhere.
+        if self.events.is_closed() {
+            tracing::info!(session = self.session, "the asker went away after {} step(s): the generation stops", self.history.len());
+            return Err(RunError::Remote("the asker went away".into()));
+        }
         // Why and since when this step has been interrupted, once it has.
         let mut moved: Option<(String, std::time::Instant)> = match self.switch_if_ready() {
             Ok(()) => None,

@@ -155,6 +155,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                 match event {
                     MeshEvent::Member { peer } => {
                         let _ = planning.cast(PlanningMsg::MemberUp(peer));
+                        let _ = execution.cast(ExecutionMsg::MemberUp(peer));
                     }
                     MeshEvent::Control { peer, id, request: ControlRequest::Node(bytes) } => match NodeMessage::decode(&bytes) {
                         Ok(NodeMessage::Fetch { model, file, offset, len }) => {

@@ -188,6 +188,8 @@ pub enum ExecutionMsg {
         why: StepFail,
     },
     PeerGone(PeerId),
+    /// A peer is a member (again): sessions it starts are served.
+    MemberUp(PeerId),
     /// The leader cannot plan (`reason`): initiators waiting for a new plan stop waiting.
     NoPlan(String),
     /// This device's measured pace since the last call, when there are enough steps.
@@ -390,6 +392,11 @@ pub struct ExecutionState {
     ahead: Vec<Delivery>,
     /// Decode-step timings for the balancer.
     pace: crate::pace::PaceWindow,
+    /// Peers that left and have not come back. A session of theirs is not
+    /// opened: a step still between two stages when its initiator left would
+    /// otherwise open one after its sessions were dropped, and keep its
+    /// caches for good.
+    left: std::collections::HashSet<PeerId>,
 }
 
 impl Actor for ExecutionActor {
@@ -407,6 +414,7 @@ impl Actor for ExecutionActor {
             loads: 0,
             ahead: Vec::new(),
             pace: Default::default(),
+            left: Default::default(),
         })
     }
 
@@ -549,6 +557,7 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
+                state.left.insert(peer);
                 state.sessions.retain(|_, s| s.initiator != peer);
                 state.imports.retain(|_, i| i.initiator != peer);
                 // Steps waiting here for logits cannot finish without a stage's device,
@@ -565,6 +574,9 @@ impl Actor for ExecutionActor {
                     state.drop_previous(&format!("device {peer} left the mesh"));
                 }
                 state.drop_previous_if_idle();
+            }
+            ExecutionMsg::MemberUp(peer) => {
+                state.left.remove(&peer);
             }
             ExecutionMsg::NewerRoute { after, reply } => {
                 let newer = state.plans.current.as_ref().filter(|c| c.first_epoch > after && c.gone.is_empty());
@@ -870,8 +882,13 @@ impl ExecutionState {
                 _ => None,
             })
             .collect();
-        if !self.sessions.contains_key(&d.session) && self.sessions.len() >= self.args.max_sessions {
-            return Err(StepFail::Failed(busy_sessions(self.args.max_sessions)));
+        if !self.sessions.contains_key(&d.session) {
+            if self.left.contains(&d.initiator) {
+                return Err(StepFail::Failed(format!("the initiator of this session, {}, left the mesh", d.initiator)));
+            }
+            if self.sessions.len() >= self.args.max_sessions {
+                return Err(StepFail::Failed(busy_sessions(self.args.max_sessions)));
+            }
         }
         let value = raw::from_raw(&d.value).map_err(|e| StepFail::Failed(format!("bad tensor {}: {e}", d.name)))?;
         let session = self.sessions.entry(d.session).or_insert_with(|| Session {
@@ -1143,6 +1160,9 @@ impl ExecutionState {
 
     /// Keeps a handed-over cache until its session is sealed.
     fn import(&mut self, d: Delivery) -> Result<(), String> {
+        if self.left.contains(&d.initiator) {
+            return Err(format!("the initiator of this session, {}, left the mesh", d.initiator));
+        }
         if !self.imports.contains_key(&d.session) && self.imports.len() >= self.args.max_sessions {
             return Err(busy_sessions(self.args.max_sessions));
         }
