@@ -2,11 +2,12 @@
 //! the held plan. When a plan arrives it gets the package's manifest and this
 //! device's unit files from the model store (which fetches what is missing
 //! from members) and loads their runners; tensors that arrive meanwhile wait.
-//! It keeps one KV cache per session per segment, gathers each step's
-//! inputs (from the initiator and from earlier segments, as the transmission
-//! map says), runs the step (on the blocking pool, or on its own thread for
-//! a decode step of its only session) and sends each output
-//! straight to the segments that read it and the logits to the initiator.
+//! It keeps one KV cache per session per segment (until the initiator ends
+//! the session or leaves the mesh, or nothing has come for it in 10 min),
+//! gathers each step's inputs (from the initiator and from earlier segments,
+//! as the transmission map says), runs the step (on the blocking pool, or on
+//! its own thread for a decode step of its only session) and sends each
+//! output straight to the segments that read it and the logits to the initiator.
 //! Every tensor names the plan epoch it was routed by: one for a newer plan
 //! waits until that plan arrives, one for a replaced plan is refused. It
 //! times its decode steps for the balancer ([`crate::pace`]).
@@ -47,6 +48,12 @@ const RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 /// How long a replaced plan keeps serving once the new one is loaded here;
 /// sessions still on it after that replay on the new plan.
 const PREVIOUS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+/// A session nothing has come for in this long is dropped: its initiator
+/// gave up on it long ago (a step waits 120 s for its logits, a move 300 s
+/// for a plan), and the end it sent was lost.
+const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often idle sessions are looked for.
+const SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// Names of handed-over KV caches on the wire start with this.
 const CACHE: &str = "cache:";
 
@@ -188,6 +195,8 @@ pub enum ExecutionMsg {
         why: StepFail,
     },
     PeerGone(PeerId),
+    /// Time to drop idle sessions ([`SESSION_IDLE`]).
+    Sweep,
     /// A peer is a member (again): sessions it starts are served.
     MemberUp(PeerId),
     /// The leader cannot plan (`reason`): initiators waiting for a new plan stop waiting.
@@ -360,6 +369,8 @@ struct Session {
     inbox: HashMap<(usize, u64), (u32, Activations)>,
     /// How many logits the initiator reads, as its tensors say.
     top_logits: u32,
+    /// When a tensor of it last came.
+    heard: std::time::Instant,
 }
 
 /// Which step of which session a segment ran.
@@ -376,6 +387,8 @@ struct Import {
     initiator: PeerId,
     /// By cache name: the tokens it holds, and the tensor.
     caches: HashMap<String, (u32, RawTensor)>,
+    /// When a cache of it last came.
+    heard: std::time::Instant,
 }
 
 pub struct ExecutionState {
@@ -404,7 +417,8 @@ impl Actor for ExecutionActor {
     type State = ExecutionState;
     type Arguments = ExecutionArgs;
 
-    async fn pre_start(&self, _: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
+        myself.send_interval(SWEEP, || ExecutionMsg::Sweep);
         Ok(ExecutionState {
             args,
             plans: Plans::default(),
@@ -574,6 +588,16 @@ impl Actor for ExecutionActor {
                     state.drop_previous(&format!("device {peer} left the mesh"));
                 }
                 state.drop_previous_if_idle();
+            }
+            ExecutionMsg::Sweep => {
+                let dropped = sweep(&mut state.sessions, &mut state.imports, std::time::Instant::now());
+                if dropped > 0 {
+                    tracing::info!("dropped {dropped} session(s) nothing came for in {} s", SESSION_IDLE.as_secs());
+                    state.drop_previous_if_idle();
+                    if state.sessions.is_empty() {
+                        crate::alloc::hand_back();
+                    }
+                }
             }
             ExecutionMsg::MemberUp(peer) => {
                 state.left.remove(&peer);
@@ -898,8 +922,10 @@ impl ExecutionState {
             next: HashMap::new(),
             inbox: HashMap::new(),
             top_logits: d.top_logits,
+            heard: std::time::Instant::now(),
         });
         session.top_logits = d.top_logits;
+        session.heard = std::time::Instant::now();
         for s in &readers {
             let entry = session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, Activations::new()));
             entry.1.insert(d.name.clone(), value.clone());
@@ -1166,7 +1192,9 @@ impl ExecutionState {
         if !self.imports.contains_key(&d.session) && self.imports.len() >= self.args.max_sessions {
             return Err(busy_sessions(self.args.max_sessions));
         }
-        let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new() });
+        let heard = std::time::Instant::now();
+        let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new(), heard });
+        import.heard = heard;
         if import.initiator != d.initiator {
             return Err("this session belongs to another initiator".into());
         }
@@ -1179,7 +1207,8 @@ impl ExecutionState {
     /// the caches handed over: every segment of it here must have all of its own.
     fn seal(&mut self, asker: PeerId, session: u64, epoch: u64, past: usize) -> Result<(), String> {
         let ready = self.plans.of(epoch).and_then(Current::ready).ok_or_else(|| format!("this device does not run plan epoch {epoch} (any more)"))?;
-        let mut import = self.imports.remove(&session).unwrap_or(Import { initiator: asker, caches: HashMap::new() });
+        let mut import =
+            self.imports.remove(&session).unwrap_or(Import { initiator: asker, caches: HashMap::new(), heard: std::time::Instant::now() });
         if import.initiator != asker {
             return Err("this session belongs to another initiator".into());
         }
@@ -1197,7 +1226,8 @@ impl ExecutionState {
         }
         // The session's next tensors say how many logits its initiator reads.
         let top_logits = 0;
-        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new(), top_logits });
+        let heard = std::time::Instant::now();
+        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new(), top_logits, heard });
         Ok(())
     }
 
@@ -1224,6 +1254,16 @@ impl ExecutionState {
             let _ = reply.send(Err(why));
         }
     }
+}
+
+/// Drops the sessions and handed-over caches nothing has come for in
+/// [`SESSION_IDLE`] by `now`, but not a session whose step is running; how many.
+fn sweep(sessions: &mut HashMap<u64, Session>, imports: &mut HashMap<u64, Import>, now: std::time::Instant) -> usize {
+    let before = sessions.len() + imports.len();
+    let quiet = |heard: std::time::Instant| now.saturating_duration_since(heard) >= SESSION_IDLE;
+    sessions.retain(|_, s| !quiet(s.heard) || s.states.values().any(Option::is_none));
+    imports.retain(|_, i| !quiet(i.heard));
+    before - sessions.len() - imports.len()
 }
 
 /// What a caught panic said.
@@ -1364,4 +1404,35 @@ async fn prepare(
         }
     }
     Ok(Ready { map, runners, held, spares, fresh, files, spare_files, cache_units })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_nothing_came_for_are_swept_unless_a_step_runs() {
+        let start = std::time::Instant::now();
+        let session = |heard, running: bool| Session {
+            initiator: PeerId::random(),
+            epoch: 1,
+            // A running step has taken its segment's cache.
+            states: if running { HashMap::from([(0, None)]) } else { HashMap::new() },
+            next: HashMap::new(),
+            inbox: HashMap::new(),
+            top_logits: 0,
+            heard,
+        };
+        let later = start + std::time::Duration::from_secs(60);
+        let mut sessions = HashMap::from([(1, session(start, false)), (2, session(later, false)), (3, session(start, true))]);
+        let mut imports = HashMap::from([
+            (4, Import { initiator: PeerId::random(), caches: HashMap::new(), heard: start }),
+            (5, Import { initiator: PeerId::random(), caches: HashMap::new(), heard: later }),
+        ]);
+        assert_eq!(sweep(&mut sessions, &mut imports, start + SESSION_IDLE - std::time::Duration::from_secs(1)), 0);
+        assert_eq!(sweep(&mut sessions, &mut imports, start + SESSION_IDLE), 2);
+        let mut left: Vec<u64> = sessions.keys().chain(imports.keys()).copied().collect();
+        left.sort();
+        assert_eq!(left, [2, 3, 5]);
+    }
 }
