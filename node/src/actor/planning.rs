@@ -10,14 +10,16 @@
 //! profile, planning re-profiles it and sends the new profile; the leader
 //! re-plans, and publishes a new assignment only when it beats the held one,
 //! costed on the same new profiles, by [`MIN_GAIN`]. Generations under way
-//! move to the new plan by replaying their tokens ([`crate::prompt`]).
+//! move to the new plan at a token boundary ([`crate::prompt`]).
+//!
+//! Its parts: `inbound` (what members say), `publish` (the leader's solve and publication).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use llnode_mesh::wire::{ControlRequest, ControlResponse};
 use llnode_mesh::{DeviceKey, MeshClient, PeerId};
-use llnode_planner::config::{Config, Objective};
+use llnode_planner::config::Objective;
 use llnode_planner::cost::ModelCost;
 use llnode_planner::election::{Election, Leadership};
 use llnode_planner::plan::{Plan, PlanError};
@@ -27,6 +29,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::actor::Waiter;
 use crate::protocol::{NodeMessage, PlanDoc, Readiness, SignedPlan};
+
+mod inbound;
+mod publish;
+
+use publish::for_model;
+pub use publish::same_assignment;
 
 /// Changes arriving within this time are planned for together.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -674,287 +682,6 @@ impl PlanningState {
         }
     }
 
-    /// A message from `peer`, which the mesh's gate has already found trusted.
-    fn inbound(&mut self, peer: PeerId, message: NodeMessage, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
-        match message {
-            NodeMessage::Leader(leadership) => {
-                let was_leader = self.election.is_leader();
-                if self.election.announced(leadership.clone()) {
-                    self.note(format!("term {}: {} leads", leadership.term, self.name_of(&leadership.leader)));
-                    if self.election.is_leader() != was_leader {
-                        self.changed(myself);
-                    }
-                }
-                Ok(())
-            }
-            NodeMessage::Profile(profile) => {
-                if profile.id != peer.to_base58() {
-                    return Err("a profile must be the sender's own".into());
-                }
-                let known = self.profiles.get(&profile.id).map(|old| old.flops_per_s / profile.flops_per_s);
-                if let Some(ratio) = known
-                    && (ratio - 1.0).abs() > 0.01
-                {
-                    self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
-                }
-                self.profiles.insert(profile.id.clone(), profile);
-                // A member's first profile comes with others' as devices meet: those are planned together.
-                if known.is_some() {
-                    self.reprofiled(myself);
-                } else {
-                    self.changed(myself);
-                }
-                Ok(())
-            }
-            NodeMessage::Plan(signed) => self.receive_plan(&peer, signed, myself),
-            NodeMessage::EndSession { session } => {
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
-                Ok(())
-            }
-            NodeMessage::StepFailed { session, step, reason, moved } => {
-                use crate::actor::execution::StepFail;
-                let why = if moved { StepFail::Moved(reason) } else { StepFail::Failed(reason) };
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed { from: peer, session, step, why });
-                Ok(())
-            }
-            NodeMessage::Have { models } => {
-                self.args.store.set_holder(peer, &models);
-                if self.args.model.is_none()
-                    && !self.learning
-                    && let Some(model) = models.first().cloned()
-                {
-                    self.learn(model, myself);
-                }
-                Ok(())
-            }
-            NodeMessage::Fetch { .. } => Err("fetches go to the model store".into()),
-            NodeMessage::Move(_) => Err("caches go to the execution actor".into()),
-            NodeMessage::Pace(pace) => {
-                self.paces.insert(peer.to_base58(), pace);
-                Ok(())
-            }
-            NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
-            NodeMessage::Readiness { epoch, state } => {
-                let id = peer.to_base58();
-                // Messages travel on streams of their own and may overtake each other: a
-                // device ready for an epoch stays so, whatever "loading" line comes after.
-                let stale = |(held, said): &(u64, Readiness)| *held > epoch || (*held == epoch && *said == Readiness::Ready);
-                if !self.readiness.get(&id).is_some_and(stale) {
-                    self.readiness.insert(id, (epoch, state));
-                }
-                Ok(())
-            }
-            NodeMessage::NoPlan { reason } => {
-                if self.election.current().is_none_or(|l| l.leader != peer.to_base58()) {
-                    return Err("only the leader says there is no plan".into());
-                }
-                self.note(format!("the leader cannot plan: {reason}"));
-                self.problem = Some(reason.clone());
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::NoPlan(reason));
-                Ok(())
-            }
-            NodeMessage::Replan { objective } => {
-                if !self.election.is_leader() {
-                    return Err("this node does not lead; ask the leader".into());
-                }
-                self.args.objective = objective;
-                self.changed(myself);
-                Ok(())
-            }
-        }
-    }
-
-    /// Fetches a model's manifest so this node can plan for it when it leads.
-    fn learn(&mut self, model: String, myself: &ActorRef<PlanningMsg>) {
-        self.learning = true;
-        let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
-        tokio::spawn(async move {
-            let result = store.ensure_manifest(&client, &model).await.map(|m| (model, crate::profile::model_cost(&m.cost)));
-            let _ = myself.cast(PlanningMsg::ModelLearnt(result));
-        });
-    }
-
-    fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
-        let doc = signed.open()?;
-        let signer_live = doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
-        if !signer_live {
-            return Err("the plan is signed by a device that is not a live member".into());
-        }
-        if let Some((_, held)) = &self.held
-            && doc.epoch <= held.epoch
-        {
-            return Err(format!("plan epoch {} is not newer than the held epoch {}", doc.epoch, held.epoch));
-        }
-        self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
-        // Should this node lead later, it plans the model the mesh runs.
-        if self.args.model.as_ref().is_some_and(|(id, _)| *id != doc.model) && self.wanted_model.as_ref() != Some(&doc.model) {
-            self.wanted_model = Some(doc.model.clone());
-            self.learn(doc.model.clone(), myself);
-        }
-        let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
-        self.held = Some((signed, doc));
-        self.problem = None;
-        Ok(())
-    }
-
-    fn replan(&mut self, myself: &ActorRef<PlanningMsg>) {
-        if !self.election.is_leader() || self.solving {
-            return;
-        }
-        let Some((model_id, cost)) = self.args.model.clone() else {
-            self.problem = Some("the leader has no model to plan for; start it with --model <package>".into());
-            return;
-        };
-        let live: Vec<String> = std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect();
-        let missing: Vec<String> = live.iter().filter(|id| !self.profiles.contains_key(*id)).cloned().collect();
-        if !missing.is_empty() {
-            let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() < PROFILE_WAIT {
-                self.problem =
-                    Some(format!("waiting for the profiles of {}", missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")));
-                self.replan_queued = true;
-                myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
-                return;
-            }
-        }
-        self.waiting_since = None;
-        let devices: Vec<DeviceProfile> = live.iter().filter_map(|id| self.profiles.get(id)).map(|p| for_model(p, &model_id)).collect();
-        let config = Config {
-            objective: self.args.objective,
-            context_tokens: 1024,
-            // Pairs that have not measured each other: a Wi-Fi-like link.
-            assumed_link: Some(Link { bandwidth_bytes_per_s: 20e6, rtt_s: 0.005 }),
-            time_limit: Duration::from_secs(5),
-            privacy: self.private.clone().filter(|id| live.contains(id)),
-            ..Config::default()
-        };
-        self.solving = true;
-        let generation = self.generation;
-        let myself = myself.clone();
-        let held_plan = self.held.as_ref().filter(|(_, d)| d.model == model_id).map(|(_, d)| &d.plan);
-        let held = held_plan.map(Plan::assignment);
-        // What each device has loaded: its stages and its spares.
-        let loaded: Vec<(String, std::ops::Range<usize>)> = held_plan
-            .map(|plan| {
-                let spares = plan.spares.iter().map(|s| (s.device.clone(), s.units.clone()));
-                held.iter().flatten().cloned().chain(spares).collect()
-            })
-            .unwrap_or_default();
-        self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
-        tokio::task::spawn_blocking(move || {
-            // The solver's plan, or one that loads less where that is worth more;
-            // idle devices keep spares of what a failover would give them.
-            let running = held.as_deref().unwrap_or_default();
-            let result = llnode_planner::assign::plan(&cost, &devices, &config)
-                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON))
-                .map(|plan| llnode_planner::assign::failover_spares(&cost, &devices, &config, plan, SETTLE_HORIZON));
-            let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
-            let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
-        });
-    }
-
-    fn publish(&mut self, result: Result<Plan, PlanError>, held_now: Option<f64>, myself: &ActorRef<PlanningMsg>) {
-        if !self.election.is_leader() {
-            return;
-        }
-        // Why this plan was made: said with it if it moves units, forgotten if not.
-        let reasons = std::mem::take(&mut self.reasons);
-        let plan = match result {
-            Ok(plan) => plan,
-            // Privacy mode cannot be had: say so to whoever asked, and plan as before.
-            Err(e) if self.private.is_some() => {
-                let name = self.private.take().map(|id| self.name_of(&id)).unwrap_or_default();
-                self.note(format!("no plan keeps the first and last units on {name}: {e}"));
-                self.answer_private(Err(format!("no plan keeps the first and last units on {name}: {e}")));
-                self.reasons = reasons;
-                self.changed(myself);
-                return;
-            }
-            // Neither can the model a member asked for: back to the one before.
-            Err(e) if self.previous_model.is_some() => {
-                let wanted = self.args.model.take().map(|(id, _)| id).unwrap_or_default();
-                self.args.model = self.previous_model.take();
-                self.note(format!("cannot plan model {}: {e}; planning the model before it again", short(&wanted)));
-                self.answer_model(&wanted, Err(format!("the mesh cannot run model {}: {e}", short(&wanted))));
-                self.reasons = reasons;
-                self.changed(myself);
-                return;
-            }
-            Err(e) => {
-                self.note(format!("no plan: {e}"));
-                let reason = e.to_string();
-                self.problem = Some(reason.clone());
-                // Generations waiting to move to a new plan must not wait for one that cannot come.
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::NoPlan(reason.clone()));
-                self.broadcast(NodeMessage::NoPlan { reason });
-                return;
-            }
-        };
-        let Some((model, _)) = self.args.model.clone() else {
-            return;
-        };
-        let term = self.election.current().map_or(0, |l| l.term);
-        if let Some((_, held)) = &self.held {
-            // The same assignment under the same leadership is not worth a new epoch:
-            // sessions running on it would have to start over.
-            // A plan for another model or another private device is news, whatever its assignment.
-            let same_asks = held.private == self.private && held.model == model;
-            // New spares (a device back, with room for some) are news too.
-            if held.leader == self.me
-                && held.term == term
-                && same_assignment(&held.plan, &plan)
-                && held.plan.spares == plan.spares
-                && held.plan.objective == plan.objective
-                && same_asks
-            {
-                self.answer_published(&model);
-                return;
-            }
-            // With the same devices live and the same objective, move work only for a
-            // clear gain over the held assignment costed on today's profiles:
-            // generations under way must replay their tokens to switch.
-            let held_devices: BTreeSet<&str> = held.plan.stages.iter().map(|s| s.device.as_str()).collect();
-            let all_live = held_devices.iter().all(|d| *d == self.me || self.members.iter().any(|m| m.to_base58() == *d));
-            if held.leader == self.me
-                && held.term == term
-                && held.plan.objective == plan.objective
-                && same_asks
-                && all_live
-                && self.members.len() + 1 == self.planned_for
-                && held_now.is_some_and(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
-            {
-                self.answer_published(&model);
-                return;
-            }
-        }
-        let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
-        if let Some((_, held)) = &self.held {
-            let moved = moves(&held.plan, &plan);
-            if !moved.is_empty() {
-                let why = if reasons.is_empty() { String::new() } else { format!(" because {}", reasons.join(", ")) };
-                let gain = held_now.map_or(String::new(), |now| format!(" ({:.2} → {:.2} ms/token)", now * 1e3, plan.objective_s * 1e3));
-                self.note(format!("epoch {epoch}: moving units{why}: {}{gain}", moved.join("; ")));
-            }
-        }
-        self.planned_for = self.members.len() + 1;
-        let private = self.private.clone();
-        let held_model = model.clone();
-        let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now(), private };
-        let signed = SignedPlan::sign(&doc, &self.args.key);
-        let privacy =
-            doc.private.as_ref().map_or(String::new(), |id| format!(", keeping the first and last units on {} (privacy mode)", self.name_of(id)));
-        self.note(format!(
-            "epoch {epoch}: published a plan with {} stages, {:.2} ms/token{privacy}",
-            doc.plan.stages.len(),
-            doc.plan.latency_s * 1e3
-        ));
-        let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::Plan(doc.clone()));
-        self.held = Some((signed.clone(), doc));
-        self.problem = None;
-        self.broadcast(NodeMessage::Plan(signed));
-        self.answer_published(&held_model);
-    }
-
     fn view(&self) -> PlanView {
         let leadership = self.election.current().cloned();
         PlanView {
@@ -1004,42 +731,6 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
 
 /// The name of bandwidth probes, which every node acknowledges and drops.
 pub const PROBE: &str = "llnode.probe";
-
-/// What changed between two plans, per device ("b: 0..4 → 0..2").
-fn moves(old: &Plan, new: &Plan) -> Vec<String> {
-    let units = |plan: &Plan, device: &str| -> String {
-        let held: Vec<String> = plan.stages.iter().filter(|s| s.device == device).map(|s| format!("{:?}", s.units)).collect();
-        if held.is_empty() { "nothing".into() } else { held.join("+") }
-    };
-    let mut devices: Vec<(&str, &str)> = Vec::new();
-    for s in old.stages.iter().chain(&new.stages) {
-        if !devices.iter().any(|(d, _)| *d == s.device) {
-            devices.push((&s.device, &s.device_name));
-        }
-    }
-    devices
-        .into_iter()
-        .filter_map(|(d, name)| {
-            let (before, after) = (units(old, d), units(new, d));
-            (before != after).then(|| format!("{name}: {before} → {after}"))
-        })
-        .collect()
-}
-
-/// `profile` for planning `model`: unit times measured on another model are
-/// left out (its speed estimate stays).
-fn for_model(profile: &DeviceProfile, model: &str) -> DeviceProfile {
-    let mut profile = profile.clone();
-    if profile.measured_on.as_deref() != Some(model) {
-        profile.unit_time_s = None;
-    }
-    profile
-}
-
-/// Same devices running the same units, in the same order.
-pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
-    a.stages.len() == b.stages.len() && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
-}
 
 fn describe(p: &DeviceProfile) -> String {
     let power = power_text(p.battery, p.thermal);
