@@ -106,12 +106,6 @@ impl StepFail {
         }
     }
 
-    pub fn reason(self) -> String {
-        match self {
-            StepFail::Moved(why) | StepFail::Failed(why) => why,
-        }
-    }
-
     fn text(&self) -> &str {
         match self {
             StepFail::Moved(why) | StepFail::Failed(why) => why,
@@ -550,10 +544,7 @@ impl Actor for ExecutionActor {
                 state.sessions.remove(&session);
                 state.imports.remove(&session);
                 state.waiting.retain(|(s, _), _| *s != session);
-                state.drop_previous_if_idle();
-                if state.sessions.is_empty() {
-                    crate::alloc::hand_back();
-                }
+                state.sessions_ended();
             }
             ExecutionMsg::PeerGone(peer) => {
                 // Sessions started by a device that left end with it.
@@ -573,16 +564,13 @@ impl Actor for ExecutionActor {
                 if state.plans.previous.as_ref().is_some_and(|p| p.devices.contains(&peer)) {
                     state.drop_previous(&format!("device {peer} left the mesh"));
                 }
-                state.drop_previous_if_idle();
+                state.sessions_ended();
             }
             ExecutionMsg::Sweep => {
                 let dropped = sweep(&mut state.sessions, &mut state.imports, std::time::Instant::now());
                 if dropped > 0 {
                     tracing::info!("dropped {dropped} session(s) nothing came for in {} s", SESSION_IDLE.as_secs());
-                    state.drop_previous_if_idle();
-                    if state.sessions.is_empty() {
-                        crate::alloc::hand_back();
-                    }
+                    state.sessions_ended();
                 }
             }
             ExecutionMsg::MemberUp(peer) => {
@@ -704,6 +692,16 @@ impl ExecutionState {
     /// Whether a session, or a step waiting for its logits, runs on `plan`.
     fn serves(&self, plan: &Current) -> bool {
         self.sessions.values().any(|s| plan.covers(s.epoch)) || self.waiting.values().any(|(epoch, _)| plan.covers(*epoch))
+    }
+
+    /// Sessions ended here (their initiator ended them or left, or they
+    /// idled): a replaced plan left without any goes, and with none left at
+    /// all the allocator hands freed memory back.
+    fn sessions_ended(&mut self) {
+        self.drop_previous_if_idle();
+        if self.sessions.is_empty() {
+            crate::alloc::hand_back();
+        }
     }
 
     /// Drops the replaced plan once the one held is loaded and no session is left on it.

@@ -276,7 +276,7 @@ impl ExecutionState {
     pub(super) fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
         if initiator != self.args.me {
             let moved = matches!(why, StepFail::Moved(_));
-            let message = NodeMessage::StepFailed { session, step, reason: why.reason(), moved }.encode();
+            let message = NodeMessage::StepFailed { session, step, reason: why.text().to_string(), moved }.encode();
             let client = self.args.client.clone();
             tokio::spawn(async move {
                 if let Err(e) = client.request(initiator, llnode_mesh::wire::ControlRequest::Node(message)).await {
