@@ -42,7 +42,8 @@ fn segments_and_packages_give_the_same_text() {
     let one = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "The mesh"]);
     assert!(one.ok, "{}", one.stderr);
     assert!(one.stdout.trim_end().chars().count() >= 10, "a continuation: {:?}", one.stdout);
-    let three = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "--segments", "3", "The mesh"]);
+    let three =
+        llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "--segments", "3", "The mesh"]);
     assert_eq!(three.stdout, one.stdout);
 
     let pkg = root.path().join("pkg");
@@ -56,8 +57,23 @@ fn segments_and_packages_give_the_same_text() {
 
     let sampled = |segments: &str| {
         let out = llnode(&[
-            "run", "-m", path(&pkg), "--max-tokens", "20", "--ignore-eos", "--temperature", "0.9",
-            "--top-k", "40", "--top-p", "0.95", "--seed", "7", "--segments", segments, "The mesh",
+            "run",
+            "-m",
+            path(&pkg),
+            "--max-tokens",
+            "20",
+            "--ignore-eos",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "7",
+            "--segments",
+            segments,
+            "The mesh",
         ]);
         assert!(out.ok, "{}", out.stderr);
         out.stdout
@@ -65,7 +81,17 @@ fn segments_and_packages_give_the_same_text() {
     assert_eq!(sampled("1"), sampled("2"));
     assert_ne!(sampled("1"), one.stdout, "sampling differs from greedy");
 
-    let stopped = llnode(&["run", "-m", path(&export), "--max-tokens", "20", "--ignore-eos", "--stop", &one.stdout[4..7], "The mesh"]);
+    let stopped = llnode(&[
+        "run",
+        "-m",
+        path(&export),
+        "--max-tokens",
+        "20",
+        "--ignore-eos",
+        "--stop",
+        &one.stdout[4..7],
+        "The mesh",
+    ]);
     assert!(stopped.ok);
     assert_eq!(stopped.stdout.trim_end_matches('\n'), &one.stdout[..4]);
 }
@@ -81,7 +107,10 @@ fn bad_input_gets_one_clear_error_line() {
     assert_one_error(&llnode(&["run", "-m", path(&export), "--top-p", "0", "hi"]), "top-p");
     let long = "word ".repeat(600);
     assert_one_error(&llnode(&["run", "-m", path(&export), &long]), "context");
-    assert_one_error(&llnode(&["model", "synth", "--size", "huge", "-o", path(&root.path().join("x"))]), "unknown size");
+    assert_one_error(
+        &llnode(&["model", "synth", "--size", "huge", "-o", path(&root.path().join("x"))]),
+        "unknown size",
+    );
     assert_one_error(&llnode(&["import", path(&export), "-o", path(&export)]), "already exists");
     assert_one_error(&llnode(&["run", "-m", path(&export), "--chat", "--segments", "0", "hi"]), "--segments");
     let not_onnx = root.path().join("bad");

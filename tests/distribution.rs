@@ -118,7 +118,11 @@ fn a_node_without_the_model_fetches_only_its_own_units() {
 
     // Asking for a model the mesh does not run: one line saying so.
     let wrong = llnode(&["prompt", "--data-dir", s(&mesh.nodes[1].dir), "--model", "ffff", "hi"]);
-    assert!(!wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"), "{}", wrong.stderr);
+    assert!(
+        !wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"),
+        "{}",
+        wrong.stderr
+    );
     let prefix = &id.trim()[..8];
     let mut right = vec!["prompt", "--data-dir", s(&mesh.nodes[1].dir), "--model", prefix];
     right.extend_from_slice(&GREEDY);
@@ -169,7 +173,11 @@ fn a_damaged_copy_is_caught_and_the_bytes_come_from_another_member() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let failed = llnode(&["prompt", "--data-dir", s(&c.dir), "hi"]);
-    assert!(!failed.ok && failed.stderr.lines().count() == 1 && failed.stderr.contains("verification"), "{}", failed.stderr);
+    assert!(
+        !failed.ok && failed.stderr.lines().count() == 1 && failed.stderr.contains("verification"),
+        "{}",
+        failed.stderr
+    );
     // Asked on a, which runs nothing, the prompt waits for c and says why.
     let waiting = Streaming::start(&a.dir, &GREEDY);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -42,7 +42,8 @@ fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
         prompt.read_at_least(moment);
         // A stage of the plan the generation runs on now (a late link measurement may have moved it).
         let view = mesh.view(asking);
-        let others: Vec<usize> = (0..3).filter(|&i| i != asking && units_of(&view, &mesh.nodes[i].peer_id) > 0).collect();
+        let others: Vec<usize> =
+            (0..3).filter(|&i| i != asking && units_of(&view, &mesh.nodes[i].peer_id) > 0).collect();
         assert!(!others.is_empty(), "trial {trial}: no stage on another device: {}", view["plan"]["stages"]);
         let victim = others[trial % others.len()];
         let killed_at = prompt.out.len();
@@ -52,7 +53,11 @@ fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
         assert!(out.ok, "{context}: {}\n{}", out.stderr, mesh.nodes[asking].log());
         assert_eq!(out.stdout, reference, "{context}: {}", out.stderr);
         if killed_at < reference.len() {
-            assert!(out.stderr.contains("resumed on plan epoch"), "{context}: the generation never moved: {}", out.stderr);
+            assert!(
+                out.stderr.contains("resumed on plan epoch"),
+                "{context}: the generation never moved: {}",
+                out.stderr
+            );
         }
         let live: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
         mesh.wait_for_plan_among(&live);
@@ -143,7 +148,10 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     assert!(has < had, "n{slowed} was throttled but still runs {has} of its {had} units: {:#}", after["history"]);
     // The leader says what moved and why.
     let history: String = (0..3).map(|i| mesh.view(i)["history"].to_string()).collect();
-    assert!(history.contains("moving units because") && history.contains(&format!("n{slowed} measured itself")), "{history}");
+    assert!(
+        history.contains("moving units because") && history.contains(&format!("n{slowed} measured itself")),
+        "{history}"
+    );
     // The generation moved at a token boundary, the caches handed over, nothing replayed.
     assert!(out.stderr.contains("token(s) (the caches of"), "the generation never moved live: {}", out.stderr);
     assert!(!out.stderr.contains("replayed"), "{}", out.stderr);
@@ -151,9 +159,15 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     // generation: its steps wait for each other's tokens), and `llnode plan` shows its last pace.
     let slowed_view = mesh.view(slowed);
     assert!(slowed_view["history"].to_string().contains("queue depth"), "{}", slowed_view["history"]);
-    assert!(slowed_view["pace"].as_str().is_some_and(|p| p.contains("ms/token") && p.contains("queue depth")), "{slowed_view:#}");
+    assert!(
+        slowed_view["pace"].as_str().is_some_and(|p| p.contains("ms/token") && p.contains("queue depth")),
+        "{slowed_view:#}"
+    );
     // Every member sends its pace: the asking one sees the other stages' too, slowest first.
     let paces = after["paces"].as_array().cloned().unwrap_or_default();
     let asking_name = format!("n{asking}");
-    assert!(paces.iter().any(|p| p[0] != asking_name.as_str() && p[1].as_str().is_some_and(|p| p.contains("ms/token"))), "{after:#}");
+    assert!(
+        paces.iter().any(|p| p[0] != asking_name.as_str() && p[1].as_str().is_some_and(|p| p.contains("ms/token"))),
+        "{after:#}"
+    );
 }

@@ -16,7 +16,12 @@ use support::{Streaming, alone, built_in, ok, s, share_of, units_of};
 const BIN: &str = env!("CARGO_BIN_EXE_llnode");
 
 fn sh(args: &[&str]) -> bool {
-    Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn run(args: &[&str]) {
@@ -72,7 +77,17 @@ impl Lan {
     /// Takes node `i`'s link down (`false`) or up again: a network cut that
     /// leaves its process running and its sockets open.
     fn link(&self, i: usize, up: bool) {
-        run(&["ip", "netns", "exec", &format!("{}br", self.tag), "ip", "link", "set", &self.outer(i), if up { "up" } else { "down" }]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &format!("{}br", self.tag),
+            "ip",
+            "link",
+            "set",
+            &self.outer(i),
+            if up { "up" } else { "down" },
+        ]);
     }
 
     /// Starts `llnode start` for node `i` in its namespace.
@@ -140,7 +155,8 @@ fn nodes_on_one_network_find_each_other_with_mdns() {
     let Some(lan) = Lan::new(3, 'm', "nodes_on_one_network_find_each_other_with_mdns") else { return };
     let root = tempfile::tempdir().unwrap();
     let (dirs, ids) = provision(root.path(), 3);
-    let nodes: Vec<Node> = dirs.iter().enumerate().map(|(i, dir)| lan.start(i, dir, &["--listen", "/ip4/0.0.0.0/tcp/0"])).collect();
+    let nodes: Vec<Node> =
+        dirs.iter().enumerate().map(|(i, dir)| lan.start(i, dir, &["--listen", "/ip4/0.0.0.0/tcp/0"])).collect();
 
     // Nobody was given an address: each must find and trust the other two.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -148,11 +164,17 @@ fn nodes_on_one_network_find_each_other_with_mdns() {
         loop {
             let peers = Command::new(BIN).args(["peers", "--json", "--data-dir", s(dir)]).output().unwrap();
             let rows: Vec<serde_json::Value> = serde_json::from_slice(&peers.stdout).unwrap_or_default();
-            let trusted = |id: &String| rows.iter().any(|r| r["peer_id"] == id.as_str() && r["state"] == "trusted" && r["connected"] == true);
+            let trusted = |id: &String| {
+                rows.iter().any(|r| r["peer_id"] == id.as_str() && r["state"] == "trusted" && r["connected"] == true)
+            };
             if ids.iter().enumerate().filter(|(j, _)| *j != i).all(|(_, id)| trusted(id)) {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {i} did not find the others by mDNS: {rows:?}\n{}", nodes[i].log());
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not find the others by mDNS: {rows:?}\n{}",
+                nodes[i].log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -165,7 +187,9 @@ fn nodes_on_one_network_find_each_other_with_mdns() {
 /// admitted again and is back in the plan.
 #[test]
 fn a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer() {
-    let Some(lan) = Lan::new(3, 'p', "a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer") else { return };
+    let Some(lan) = Lan::new(3, 'p', "a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer") else {
+        return;
+    };
     let root = tempfile::tempdir().unwrap();
     let package = built_in(root.path());
     let prompt = "The mesh of phones";
@@ -195,7 +219,9 @@ fn a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer() {
         loop {
             let views: Vec<serde_json::Value> = live.iter().map(|&i| view(&dirs[i])).collect();
             if views.windows(2).all(|w| w[0]["epoch"] == w[1]["epoch"])
-                && views.iter().all(|v| !v["plan"].is_null() && v["members"].as_array().map_or(0, Vec::len) == live.len() - 1)
+                && views
+                    .iter()
+                    .all(|v| !v["plan"].is_null() && v["members"].as_array().map_or(0, Vec::len) == live.len() - 1)
             {
                 return views[0].clone();
             }
@@ -227,7 +253,9 @@ fn a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer() {
     lan.link(victim, true);
     // Back: a member again, and in the next plan the leader makes (a stage or spare units).
     let planned = |v: &serde_json::Value| {
-        let named = |list: &serde_json::Value| list.as_array().is_some_and(|l| l.iter().any(|x| x["device"] == ids[victim].as_str()));
+        let named = |list: &serde_json::Value| {
+            list.as_array().is_some_and(|l| l.iter().any(|x| x["device"] == ids[victim].as_str()))
+        };
         named(&v["plan"]["stages"]) || named(&v["plan"]["spares"])
     };
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -240,5 +268,8 @@ fn a_stage_cut_off_the_network_mid_generation_changes_nothing_in_the_answer() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // And the mesh answers as before.
-    assert_eq!(ok(&["prompt", "--data-dir", s(&dirs[asking]), "--max-tokens", "200", "--ignore-eos", prompt]), reference);
+    assert_eq!(
+        ok(&["prompt", "--data-dir", s(&dirs[asking]), "--max-tokens", "200", "--ignore-eos", prompt]),
+        reference
+    );
 }

@@ -26,7 +26,10 @@ fn members_trust_each_other_and_outsiders_are_turned_away() {
     }
     let table = ok(&["peers", "--data-dir", s(&dir("b"))]);
     assert!(table.contains("alpha") && table.contains("charlie") && table.contains("trusted"), "{table}");
-    assert!(a.row(&b).unwrap()["rtt_ms"].as_f64().is_some() || b.wait_for(&a, "with a round trip", |r| r["rtt_ms"].is_number())["rtt_ms"].is_number());
+    assert!(
+        a.row(&b).unwrap()["rtt_ms"].as_f64().is_some()
+            || b.wait_for(&a, "with a round trip", |r| r["rtt_ms"].is_number())["rtt_ms"].is_number()
+    );
 
     // Garbage on the node's port: the connection fails, the node keeps serving.
     {

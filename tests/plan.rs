@@ -53,7 +53,8 @@ fn members_agree_on_a_leader_and_a_plan_and_replace_a_dead_leader() {
     let package = dir("tiny");
     ok(&["model", "synth", "-o", s(&dir("export"))]);
     ok(&["import", s(&dir("export")), "-o", s(&package)]);
-    let units = std::fs::read_to_string(package.join("manifest.json")).unwrap().matches("\"file\": \"units/").count() as u64;
+    let units =
+        std::fs::read_to_string(package.join("manifest.json")).unwrap().matches("\"file\": \"units/").count() as u64;
     ok(&["mesh", "init", "--data-dir", s(&dir("a")), "--name", "alpha"]);
     admit(&dir("a"), &dir("b"), "bravo", "1d");
     admit(&dir("a"), &dir("c"), "charlie", "1d");

@@ -14,7 +14,8 @@ use support::{Mesh, Streaming, alone, built_in, llnode, ok, package_of, s, share
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
 /// An answer long enough to keep a throttled mesh busy while others ask.
 const LONG: [&str; 4] = ["--max-tokens", "300", "--ignore-eos", "The mesh of phones"];
-const SAMPLED: [&str; 11] = ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
+const SAMPLED: [&str; 11] =
+    ["--max-tokens", "24", "--ignore-eos", "--temperature", "0.9", "--top-k", "40", "--seed", "7", "--top-p", "0.95"];
 
 #[test]
 fn built_in_model_answers_the_same_from_every_member() {
@@ -55,7 +56,10 @@ fn built_in_model_answers_the_same_from_every_member() {
     let view = mesh.view(2);
     let stages = view["plan"]["stages"].as_array().unwrap();
     let asker = mesh.nodes[2].peer_id.as_str();
-    assert!(stages.len() >= 3 && stages[0]["device"] == asker && stages[stages.len() - 1]["device"] == asker, "{view:#}");
+    assert!(
+        stages.len() >= 3 && stages[0]["device"] == asker && stages[stages.len() - 1]["device"] == asker,
+        "{view:#}"
+    );
     assert!(stages[1..stages.len() - 1].iter().all(|st| st["device"] != asker), "{view:#}");
     assert_eq!(mesh.prompt(0, &GREEDY), reference);
     assert_eq!(mesh.prompt(2, &private), reference);
@@ -89,7 +93,19 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
     // answer keeps each device of its plan busy. n0 and n1 keep one session, n2 two.
     let memory = share_of(&package, 0.55);
     let node = |sessions: &str| {
-        let args = ["--memory", &memory, "--model", s(&package), "--max-sessions", sessions, "--max-prompts", "1", "--throttle", "10", "--no-rebalance"];
+        let args = [
+            "--memory",
+            &memory,
+            "--model",
+            s(&package),
+            "--max-sessions",
+            sessions,
+            "--max-prompts",
+            "1",
+            "--throttle",
+            "10",
+            "--no-rebalance",
+        ];
         args.map(String::from).to_vec()
     };
     let mesh = Mesh::with_node_args(vec![node("1"), node("1"), node("2")]);
@@ -121,9 +137,16 @@ fn a_device_at_its_session_limit_answers_busy_and_serves_on() {
         let started = std::time::Instant::now();
         let refused = llnode(&[&["prompt", "--data-dir", s(&mesh.nodes[asker].dir)][..], &GREEDY[..]].concat());
         let said = refused.stderr.trim();
-        assert!(!refused.ok && said.contains(full) && said.contains("retry") && said.lines().count() == 1, "from n{asker}: {said}");
+        assert!(
+            !refused.ok && said.contains(full) && said.contains("retry") && said.lines().count() == 1,
+            "from n{asker}: {said}"
+        );
         // Not the 120 s a step waits for logits.
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "n{asker} waited {:?} for: {said}", started.elapsed());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "n{asker} waited {:?} for: {said}",
+            started.elapsed()
+        );
     }
     let served = serving.finish();
     assert!(served.ok, "{}", served.stderr);
@@ -144,7 +167,9 @@ fn an_asker_that_goes_away_frees_its_sessions() {
     // n0-n2 run the model and keep one session each; n3 has memory for no
     // unit: it only asks, so the plan outlives it.
     let memory = share_of(&package, 0.55);
-    let device = ["--memory", &memory, "--model", s(&package), "--max-sessions", "1", "--throttle", "10", "--no-rebalance"].map(String::from);
+    let device =
+        ["--memory", &memory, "--model", s(&package), "--max-sessions", "1", "--throttle", "10", "--no-rebalance"]
+            .map(String::from);
     let asker = ["--memory", "1000", "--no-rebalance"].map(String::from).to_vec();
     let mut mesh = Mesh::with_node_args(vec![device.to_vec(), device.to_vec(), device.to_vec(), asker]);
     assert_eq!(units_of(&mesh.view(0), &mesh.nodes[3].peer_id), 0);
@@ -168,8 +193,10 @@ fn an_asker_that_goes_away_frees_its_sessions() {
     serving.kill();
     answered_from_n0(&mesh);
     let log = mesh.nodes[3].log();
-    let stopped = log.lines().find(|l| l.contains("the asker went away after")).unwrap_or_else(|| panic!("n3 went on: {log}"));
-    let steps: usize = stopped.split("after ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    let stopped =
+        log.lines().find(|l| l.contains("the asker went away after")).unwrap_or_else(|| panic!("n3 went on: {log}"));
+    let steps: usize =
+        stopped.split("after ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
     assert!(steps < 300, "{stopped}");
 
     // The asking node killed.
@@ -245,6 +272,10 @@ fn a_prompt_for_another_model_moves_the_mesh_to_it() {
 
     // A model nobody has: one line naming what the mesh has.
     let wrong = llnode(&["prompt", "--data-dir", s(&mesh.nodes[2].dir), "--model", "ffff", "hi"]);
-    assert!(!wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"), "{}", wrong.stderr);
+    assert!(
+        !wrong.ok && wrong.stderr.lines().count() == 1 && wrong.stderr.contains("no member has model ffff"),
+        "{}",
+        wrong.stderr
+    );
     assert!(wrong.stderr.contains(&first_id[..12]) && wrong.stderr.contains(&second_id[..12]), "{}", wrong.stderr);
 }

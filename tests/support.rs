@@ -34,7 +34,8 @@ pub fn ok(args: &[&str]) -> String {
 /// directory (`$CARGO_TARGET_DIR`, or the workspace's `target/`); returns its path.
 pub fn write_plot(name: &str, mut svg: String) -> PathBuf {
     svg.push_str("</svg>\n");
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
     let path = dir.join(name);
     llnode_mesh::file::write_atomic(&path, svg.as_bytes(), false).unwrap();
     path
@@ -67,7 +68,8 @@ impl Node {
             cmd.args(["--peer", &p.addr]);
         }
         cmd.args(extra);
-        let mut child = cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(log).spawn().expect("llnode start runs");
+        let mut child =
+            cmd.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(log).spawn().expect("llnode start runs");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -76,7 +78,11 @@ impl Node {
             }
         });
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            panic!("no ready line from {}: {}", dir.display(), std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default())
+            panic!(
+                "no ready line from {}: {}",
+                dir.display(),
+                std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+            )
         });
         let mut words = line.split_whitespace();
         assert_eq!(words.next(), Some("ready"), "{line}");
@@ -119,7 +125,9 @@ impl Node {
 
     pub fn wait_refused(&self, peer: &Node, reason: &str) {
         self.wait_for(peer, &format!("refused ({reason}) and disconnected"), |r| {
-            r["state"] == "refused" && r["reason"].as_str().is_some_and(|why| why.contains(reason)) && r["connected"] == false
+            r["state"] == "refused"
+                && r["reason"].as_str().is_some_and(|why| why.contains(reason))
+                && r["connected"] == false
         });
     }
 
@@ -130,7 +138,8 @@ impl Node {
 
     /// Starts the peak over from the resident memory now (Linux: 5 to `clear_refs`).
     pub fn reset_peak_rss(&self) {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").expect("the peak resident memory can be reset");
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5")
+            .expect("the peak resident memory can be reset");
     }
 
     /// The process's resident memory now (VmRSS), in bytes.
@@ -190,7 +199,19 @@ impl Drop for Node {
 pub fn admit(owner: &Path, device: &Path, name: &str, valid_for: &str) {
     let id = ok(&["id", "--data-dir", s(device)]);
     let cert = device.with_extension("cert");
-    ok(&["mesh", "certify", "--data-dir", s(owner), id.trim(), "--name", name, "--valid-for", valid_for, "-o", s(&cert)]);
+    ok(&[
+        "mesh",
+        "certify",
+        "--data-dir",
+        s(owner),
+        id.trim(),
+        "--name",
+        name,
+        "--valid-for",
+        valid_for,
+        "-o",
+        s(&cert),
+    ]);
     ok(&["mesh", "install", "--data-dir", s(device), s(&cert)]);
 }
 
@@ -331,7 +352,8 @@ pub fn package_of(export: &Path, out: &Path) -> PathBuf {
 
 /// Memory that holds about `share` of the model (weights and a 1024-token KV cache).
 pub fn share_of(package: &Path, share: f64) -> String {
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
     let need: u64 = manifest["cost"]["units"]
         .as_array()
         .unwrap()

@@ -17,17 +17,33 @@ fn member(owner: &OwnerKey, key: &DeviceKey) -> Trust {
 }
 
 /// Starts a node that acknowledges every tensor; returns its client and a trusted-peer receiver.
-fn node(key: &DeviceKey, trust: Trust, shutdown: &CancellationToken) -> (MeshClient, tokio::sync::mpsc::UnboundedReceiver<PeerId>) {
+fn node(
+    key: &DeviceKey,
+    trust: Trust,
+    shutdown: &CancellationToken,
+) -> (MeshClient, tokio::sync::mpsc::UnboundedReceiver<PeerId>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let config = MeshConfig { listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], mdns: false, ..MeshConfig::default() };
-    let (client, _task) = llnode_mesh::spawn(key, config, trust, Box::new(move |e| { let _ = tx.send(e); }), shutdown.clone()).unwrap();
+    let config =
+        MeshConfig { listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], mdns: false, ..MeshConfig::default() };
+    let (client, _task) = llnode_mesh::spawn(
+        key,
+        config,
+        trust,
+        Box::new(move |e| {
+            let _ = tx.send(e);
+        }),
+        shutdown.clone(),
+    )
+    .unwrap();
     let (trusted_tx, trusted_rx) = tokio::sync::mpsc::unbounded_channel();
     let acker = client.clone();
     tokio::spawn(async move {
         while let Some(event) = rx.recv().await {
             match event {
                 MeshEvent::Tensor { id, .. } => acker.ack_tensor(id, TensorAck::Received),
-                MeshEvent::Member { peer } => { let _ = trusted_tx.send(peer); }
+                MeshEvent::Member { peer } => {
+                    let _ = trusted_tx.send(peer);
+                }
                 _ => {}
             }
         }
@@ -68,26 +84,63 @@ async fn main() {
     assert_eq!(peer, kb.peer_id());
 
     // Control round trips: a small request and its echo.
-    let times = round_trips(|| async { a.request(peer, ControlRequest::Echo(vec![0; 64])).await.unwrap(); }).await;
+    let times = round_trips(|| async {
+        a.request(peer, ControlRequest::Echo(vec![0; 64])).await.unwrap();
+    })
+    .await;
     let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
-    println!("control round trip (64 B, {} requests): p50 {:.3} ms, p99 {:.3} ms (target p50 < 1 ms: {:.1}x under)",
-        times.len(), p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3, 1e-3 / p50.as_secs_f64());
+    println!(
+        "control round trip (64 B, {} requests): p50 {:.3} ms, p99 {:.3} ms (target p50 < 1 ms: {:.1}x under)",
+        times.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        1e-3 / p50.as_secs_f64()
+    );
     // A decode step's hops: a residual-stream-sized tensor, and a last
     // position's logits (32000 floats), each sent and acknowledged.
     for (label, elements) in [("4 KiB", 1024), ("125 KiB", 32000)] {
         let tensor = || Tensor {
-            header: TensorHeader { session: 1, step: 2, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![1, 1, elements], top_logits: 0 },
+            header: TensorHeader {
+                session: 1,
+                step: 2,
+                tokens: 1,
+                epoch: 1,
+                name: "hidden".into(),
+                dtype: DType::F32,
+                shape: vec![1, 1, elements],
+                top_logits: 0,
+            },
             data: vec![7u8; elements as usize * 4],
         };
-        let times = round_trips(|| async { a.send_tensor(peer, tensor()).await.unwrap(); }).await;
-        println!("tensor round trip ({label} and its acknowledgement, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
-            times.len(), percentile(&times, 0.5).as_secs_f64() * 1e3, percentile(&times, 0.99).as_secs_f64() * 1e3);
+        let times = round_trips(|| async {
+            a.send_tensor(peer, tensor()).await.unwrap();
+        })
+        .await;
+        println!(
+            "tensor round trip ({label} and its acknowledgement, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
+            times.len(),
+            percentile(&times, 0.5).as_secs_f64() * 1e3,
+            percentile(&times, 0.99).as_secs_f64() * 1e3
+        );
     }
 
     // Tensor throughput, one at a time and four in flight.
-    for (label, size, count, in_flight) in [("1 MiB, sequential", 1 << 20, 200, 1), ("16 MiB, sequential", 16 << 20, 32, 1), ("16 MiB, 4 in flight", 16 << 20, 64, 4)] {
+    for (label, size, count, in_flight) in [
+        ("1 MiB, sequential", 1 << 20, 200, 1),
+        ("16 MiB, sequential", 16 << 20, 32, 1),
+        ("16 MiB, 4 in flight", 16 << 20, 64, 4),
+    ] {
         let make = || Tensor {
-            header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![(size / 4) as u64], top_logits: 0 },
+            header: TensorHeader {
+                session: 1,
+                step: 1,
+                tokens: 1,
+                epoch: 1,
+                name: "hidden".into(),
+                dtype: DType::F32,
+                shape: vec![(size / 4) as u64],
+                top_logits: 0,
+            },
             data: vec![7u8; size],
         };
         a.send_tensor(peer, make()).await.unwrap();
@@ -105,7 +158,10 @@ async fn main() {
         }
         let secs = t.elapsed().as_secs_f64();
         let mb_s = (size * count) as f64 / secs / 1e6;
-        println!("tensor stream ({label}): {mb_s:.0} MB/s over {count} tensors ({:.2}x the 200 MB/s target)", mb_s / 200.0);
+        println!(
+            "tensor stream ({label}): {mb_s:.0} MB/s over {count} tensors ({:.2}x the 200 MB/s target)",
+            mb_s / 200.0
+        );
     }
     shutdown.cancel();
 }

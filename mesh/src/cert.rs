@@ -92,7 +92,11 @@ impl Signed {
         Signed { body, signature }
     }
 
-    fn open<T: for<'de> Deserialize<'de>>(&self, domain: &[u8], mesh_of: impl Fn(&T) -> MeshId) -> Result<T, SignatureError> {
+    fn open<T: for<'de> Deserialize<'de>>(
+        &self,
+        domain: &[u8],
+        mesh_of: impl Fn(&T) -> MeshId,
+    ) -> Result<T, SignatureError> {
         let value: T = serde_cbor::from_slice(&self.body).map_err(|_| SignatureError::Malformed)?;
         let key = mesh_of(&value).key().ok_or(SignatureError::BadMeshKey)?;
         let signature = Signature::from_slice(&self.signature).map_err(|_| SignatureError::BadSignature)?;
@@ -158,7 +162,14 @@ impl OwnerKey {
         self.certify_at(now(), device, name, not_before, not_after)
     }
 
-    pub(crate) fn certify_at(&self, issued_at: u64, device: &VerifyingKey, name: &str, not_before: u64, not_after: u64) -> SignedCertificate {
+    pub(crate) fn certify_at(
+        &self,
+        issued_at: u64,
+        device: &VerifyingKey,
+        name: &str,
+        not_before: u64,
+        not_after: u64,
+    ) -> SignedCertificate {
         let cert = Certificate {
             mesh: self.mesh(),
             device: device.to_bytes(),

@@ -28,30 +28,77 @@ impl InboundId {
 
 #[derive(Debug)]
 pub enum MeshEvent {
-    Listening { addr: Multiaddr },
+    Listening {
+        addr: Multiaddr,
+    },
     /// `dialed`: we opened it, so `addr` is one the peer listens on.
-    Connected { peer: PeerId, addr: Multiaddr, dialed: bool },
-    Disconnected { peer: PeerId },
+    Connected {
+        peer: PeerId,
+        addr: Multiaddr,
+        dialed: bool,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
     /// The peer proved membership; `name` is from its certificate.
-    Trusted { peer: PeerId, name: String },
+    Trusted {
+        peer: PeerId,
+        name: String,
+    },
     /// The peer trusts us too: control requests and tensors can flow both ways.
-    Member { peer: PeerId },
+    Member {
+        peer: PeerId,
+    },
     /// We refused the peer; it is disconnected and blocked for a while.
-    Refused { peer: PeerId, reason: Refusal },
+    Refused {
+        peer: PeerId,
+        reason: Refusal,
+    },
     /// The peer refused us.
-    RefusedBy { peer: PeerId, reason: String },
-    Rtt { peer: PeerId, rtt: Duration },
+    RefusedBy {
+        peer: PeerId,
+        reason: String,
+    },
+    Rtt {
+        peer: PeerId,
+        rtt: Duration,
+    },
     /// A trusted peer's listen addresses (from identify).
-    Identified { peer: PeerId, addrs: Vec<Multiaddr> },
+    Identified {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
     /// mDNS saw a peer on the local network, or a trusted member introduced one.
-    Discovered { peer: PeerId, addrs: Vec<Multiaddr> },
-    DialFailed { peer: Option<PeerId>, error: String },
+    Discovered {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    DialFailed {
+        peer: Option<PeerId>,
+        error: String,
+    },
     /// A device asks to join with a token's secret; answer with `answer_join`.
-    JoinRequest { peer: PeerId, id: InboundId, secret: [u8; 16], name: String },
+    JoinRequest {
+        peer: PeerId,
+        id: InboundId,
+        secret: [u8; 16],
+        name: String,
+    },
     /// A revocation new to this device (already applied by the gate; persist it).
-    Revocation { revoked: PeerId, revocation: SignedRevocation },
+    Revocation {
+        revoked: PeerId,
+        revocation: SignedRevocation,
+    },
     /// A trusted peer's control request; answer with `respond`.
-    Control { peer: PeerId, id: InboundId, request: ControlRequest },
+    Control {
+        peer: PeerId,
+        id: InboundId,
+        request: ControlRequest,
+    },
     /// A trusted peer sent a tensor; acknowledge with `ack_tensor`.
-    Tensor { peer: PeerId, id: InboundId, tensor: Tensor },
+    Tensor {
+        peer: PeerId,
+        id: InboundId,
+        tensor: Tensor,
+    },
 }

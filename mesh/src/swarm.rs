@@ -36,8 +36,8 @@ use crate::event::{InboundId, MeshEvent};
 use crate::identity::DeviceKey;
 use crate::trust::Trust;
 use crate::wire::{
-    self, CONTROL_PROTOCOL, ControlRequest, ControlResponse, CborCodec, Frame, GATE_PROTOCOL, GateRequest, GateResponse,
-    TENSOR_PROTOCOL, TENSOR_STREAM_PROTOCOL, TensorAck, TensorCodec,
+    self, CONTROL_PROTOCOL, CborCodec, ControlRequest, ControlResponse, Frame, GATE_PROTOCOL, GateRequest,
+    GateResponse, TENSOR_PROTOCOL, TENSOR_STREAM_PROTOCOL, TensorAck, TensorCodec,
 };
 
 /// Where mesh events go: the node routes them to its actors. Shared: the
@@ -138,8 +138,13 @@ fn build_swarm(key: &DeviceKey, config: &MeshConfig) -> Result<Swarm<Behaviour>,
                     rr_config.clone().with_max_concurrent_streams(256),
                 ),
                 streams: libp2p_stream::Behaviour::new(),
-                identify: identify::Behaviour::new(identify::Config::new("/llnode/1".into(), keypair.public()).with_agent_version(config.agent.clone())),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_timeout)),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/llnode/1".into(), keypair.public())
+                        .with_agent_version(config.agent.clone()),
+                ),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_timeout),
+                ),
                 mdns: mdns.into(),
             })
         })
@@ -291,10 +296,16 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     self.connected(peer_id);
                 }
-                self.emit(MeshEvent::Connected { peer: peer_id, addr: endpoint.get_remote_address().clone(), dialed: endpoint.is_dialer() });
+                self.emit(MeshEvent::Connected {
+                    peer: peer_id,
+                    addr: endpoint.get_remote_address().clone(),
+                    dialed: endpoint.is_dialer(),
+                });
             }
             // Its tensor streams may have been on this connection, and would never hear.
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } if num_established > 0 => self.links.disconnected(peer_id),
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } if num_established > 0 => {
+                self.links.disconnected(peer_id)
+            }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.peers.remove(&peer_id);
                 self.listen_addrs.remove(&peer_id);
@@ -357,7 +368,10 @@ impl EventLoop {
     fn command(&mut self, command: Command) {
         match command {
             Command::Dial { addr, reply } => {
-                let result = self.swarm.dial(addr.clone()).map_err(|e| MeshError::Dial { addr: addr.to_string(), why: one_line(&e) });
+                let result = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| MeshError::Dial { addr: addr.to_string(), why: one_line(&e) });
                 let _ = reply.send(result);
             }
             Command::DialPeer { peer, addrs } => {
@@ -380,7 +394,9 @@ impl EventLoop {
             Command::AnswerJoin { id, result } => {
                 if let Some((wire_id, channel)) = self.in_join.remove(&id) {
                     let body = match result {
-                        Ok(certificate) => GateResponse::Joined { certificate, revocations: self.trust.revocations().to_vec() },
+                        Ok(certificate) => {
+                            GateResponse::Joined { certificate, revocations: self.trust.revocations().to_vec() }
+                        }
                         Err(reason) => GateResponse::Refused { reason },
                     };
                     let _ = self.swarm.behaviour_mut().gate.send_response(channel, Frame::new(wire_id, body));

@@ -23,7 +23,9 @@ pub struct JoinToken {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
-    #[error("this is not a join token (it should start with {PREFIX}); copy the whole line `llnode mesh invite` printed")]
+    #[error(
+        "this is not a join token (it should start with {PREFIX}); copy the whole line `llnode mesh invite` printed"
+    )]
     NotAToken,
     #[error("the join token is damaged; copy the whole line `llnode mesh invite` printed")]
     Damaged,

@@ -49,7 +49,9 @@ pub enum TrustError {
     Damaged { path: String, why: String },
     #[error("the certificate is for another device (this one is {ours})")]
     NotOurs { ours: PeerId },
-    #[error("the certificate is from mesh {theirs}, but this device is in mesh {ours}; use a fresh data directory to join another mesh")]
+    #[error(
+        "the certificate is from mesh {theirs}, but this device is in mesh {ours}; use a fresh data directory to join another mesh"
+    )]
     OtherMesh { ours: MeshId, theirs: MeshId },
     #[error("{0}")]
     Invalid(Refusal),

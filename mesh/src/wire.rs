@@ -102,7 +102,9 @@ pub enum ControlResponse {
     Ack,
     /// The node's answer to a [`ControlRequest::Node`].
     Node(#[serde(with = "serde_bytes")] Vec<u8>),
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +172,9 @@ pub enum TensorAck {
 pub enum WireError {
     #[error("frame of {len} bytes is over the {limit}-byte limit")]
     TooLong { len: u64, limit: u64 },
-    #[error("peer speaks wire version {0}, this node speaks {WIRE_VERSION}; run the same llnode version on every device")]
+    #[error(
+        "peer speaks wire version {0}, this node speaks {WIRE_VERSION}; run the same llnode version on every device"
+    )]
     Version(u16),
     #[error("malformed frame: {0}")]
     Malformed(String),
@@ -207,7 +211,10 @@ pub fn encode<T: Serialize>(frame: &Frame<T>) -> Vec<u8> {
     serde_cbor::to_vec(frame).expect("wire types encode")
 }
 
-pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(io: &mut R, limit: usize) -> Result<Frame<T>, WireError> {
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    io: &mut R,
+    limit: usize,
+) -> Result<Frame<T>, WireError> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as u64;
@@ -219,7 +226,11 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(io: &mut R, l
     decode(&buf)
 }
 
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(io: &mut W, frame: &Frame<T>, limit: usize) -> Result<(), WireError> {
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    io: &mut W,
+    frame: &Frame<T>,
+    limit: usize,
+) -> Result<(), WireError> {
     let bytes = encode(frame);
     if bytes.len() > limit {
         return Err(WireError::TooLong { len: bytes.len() as u64, limit: limit as u64 });
@@ -293,20 +304,38 @@ where
     type Request = Frame<Req>;
     type Response = Frame<Resp>;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame<Req>> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Frame<Req>> {
         Ok(read_frame(io, self.limit).await?)
     }
 
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame<Resp>> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Frame<Resp>> {
         Ok(read_frame(io, self.limit).await?)
     }
 
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Frame<Req>) -> io::Result<()> {
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Frame<Req>,
+    ) -> io::Result<()> {
         write_frame(io, &req, self.limit).await?;
         io.close().await
     }
 
-    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, resp: Frame<Resp>) -> io::Result<()> {
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: Frame<Resp>,
+    ) -> io::Result<()> {
         write_frame(io, &resp, self.limit).await?;
         io.close().await
     }
@@ -322,20 +351,38 @@ impl libp2p::request_response::Codec for TensorCodec {
     type Request = Frame<Tensor>;
     type Response = Frame<TensorAck>;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame<Tensor>> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Frame<Tensor>> {
         Ok(read_tensor(io).await?)
     }
 
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame<TensorAck>> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Frame<TensorAck>> {
         Ok(read_frame(io, GATE_LIMIT).await?)
     }
 
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Frame<Tensor>) -> io::Result<()> {
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Frame<Tensor>,
+    ) -> io::Result<()> {
         write_tensor(io, req.id, &req.body).await?;
         io.close().await
     }
 
-    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, resp: Frame<TensorAck>) -> io::Result<()> {
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: Frame<TensorAck>,
+    ) -> io::Result<()> {
         write_frame(io, &resp, GATE_LIMIT).await?;
         io.close().await
     }

@@ -99,8 +99,19 @@ async fn members_exchange_messages_and_tensors_intact() {
     let burst: Vec<_> = (0..4u64)
         .map(|i| {
             let sender = a.client.clone();
-            let header = TensorHeader { session: 8, step: i + 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![elements], top_logits: 0 };
-            tokio::spawn(async move { sender.send_tensor(b_id, Tensor { header, data: vec![0; elements as usize * 4] }).await })
+            let header = TensorHeader {
+                session: 8,
+                step: i + 1,
+                tokens: 1,
+                epoch: 1,
+                name: "hidden".into(),
+                dtype: DType::F32,
+                shape: vec![elements],
+                top_logits: 0,
+            };
+            tokio::spawn(async move {
+                sender.send_tensor(b_id, Tensor { header, data: vec![0; elements as usize * 4] }).await
+            })
         })
         .collect();
     for _ in 0..4 {
@@ -120,7 +131,16 @@ async fn members_exchange_messages_and_tensors_intact() {
     // substream of its own), then a small one again on the same stream.
     let tensor_of = |elements: usize| {
         let data: Vec<u8> = (0..elements * 4).map(|i| (i % 251) as u8).collect();
-        let header = TensorHeader { session: 9, step: 1, tokens: 3, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![3, elements as u64 / 3], top_logits: 0 };
+        let header = TensorHeader {
+            session: 9,
+            step: 1,
+            tokens: 3,
+            epoch: 1,
+            name: "hidden".into(),
+            dtype: DType::F32,
+            shape: vec![3, elements as u64 / 3],
+            top_logits: 0,
+        };
         Tensor { header, data }
     };
     let large = 3 * (llnode_mesh::wire::STREAM_TENSOR_MAX / 4);
@@ -189,7 +209,10 @@ async fn outsiders_get_nothing_and_are_dropped() {
     next(&mut nobody, |e| matches!(e, MeshEvent::Disconnected { .. }).then_some(())).await;
     // Blocked for a while: dialling again does not get a connection.
     connect(&nobody, &a).await;
-    assert!(!within_a_second(&mut nobody, |e| matches!(e, MeshEvent::Trusted { .. })).await, "a blocked peer was trusted");
+    assert!(
+        !within_a_second(&mut nobody, |e| matches!(e, MeshEvent::Trusted { .. })).await,
+        "a blocked peer was trusted"
+    );
     shutdown.cancel();
 }
 
@@ -224,9 +247,21 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
             outsider.select_next_some().await;
         }
     });
-    let mut stream = control.open_stream(a.key.peer_id(), llnode_mesh::wire::TENSOR_STREAM_PROTOCOL).await.expect("a speaks the protocol");
+    let mut stream = control
+        .open_stream(a.key.peer_id(), llnode_mesh::wire::TENSOR_STREAM_PROTOCOL)
+        .await
+        .expect("a speaks the protocol");
     let tensor = Tensor {
-        header: TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "hidden".into(), dtype: DType::F32, shape: vec![4], top_logits: 0 },
+        header: TensorHeader {
+            session: 1,
+            step: 1,
+            tokens: 1,
+            epoch: 1,
+            name: "hidden".into(),
+            dtype: DType::F32,
+            shape: vec![4],
+            top_logits: 0,
+        },
         data: vec![0; 16],
     };
     // The write may or may not get through before the stream is reset; no answer ever comes.
@@ -236,6 +271,9 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the stream stayed open");
     assert!(answer.is_empty(), "an outsider got {} bytes back", answer.len());
-    assert!(!within_a_second(&mut a, |e| matches!(e, MeshEvent::Tensor { .. })).await, "a handed an outsider's tensor to the node");
+    assert!(
+        !within_a_second(&mut a, |e| matches!(e, MeshEvent::Tensor { .. })).await,
+        "a handed an outsider's tensor to the node"
+    );
     shutdown.cancel();
 }

@@ -5,8 +5,8 @@ use futures::executor::block_on;
 use llnode_mesh::cert::{OwnerKey, SignedCertificate, SignedRevocation};
 use llnode_mesh::identity::DeviceKey;
 use llnode_mesh::wire::{
-    self, ControlRequest, ControlResponse, DType, Frame, GateRequest, GateResponse, Member, Tensor, TensorAck, TensorHeader,
-    WireError,
+    self, ControlRequest, ControlResponse, DType, Frame, GateRequest, GateResponse, Member, Tensor, TensorAck,
+    TensorHeader, WireError,
 };
 use proptest::prelude::*;
 use serde::Serialize;
@@ -63,12 +63,21 @@ fn control_response() -> impl Strategy<Value = ControlResponse> {
 }
 
 fn tensor() -> impl Strategy<Value = Tensor> {
-    let dtype = prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::I64), Just(DType::I32), Just(DType::U8), Just(DType::Bool)];
-    (any::<u64>(), any::<String>(), dtype, prop::collection::vec(0u64..6, 0..4)).prop_flat_map(|(session, name, dtype, shape)| {
-        let header = TensorHeader { session, step: 2, tokens: 1, epoch: 1, name, dtype, shape, top_logits: 0 };
-        let len = header.byte_len().unwrap() as usize;
-        prop::collection::vec(any::<u8>(), len).prop_map(move |data| Tensor { header: header.clone(), data })
-    })
+    let dtype = prop_oneof![
+        Just(DType::F32),
+        Just(DType::F16),
+        Just(DType::I64),
+        Just(DType::I32),
+        Just(DType::U8),
+        Just(DType::Bool)
+    ];
+    (any::<u64>(), any::<String>(), dtype, prop::collection::vec(0u64..6, 0..4)).prop_flat_map(
+        |(session, name, dtype, shape)| {
+            let header = TensorHeader { session, step: 2, tokens: 1, epoch: 1, name, dtype, shape, top_logits: 0 };
+            let len = header.byte_len().unwrap() as usize;
+            prop::collection::vec(any::<u8>(), len).prop_map(move |data| Tensor { header: header.clone(), data })
+        },
+    )
 }
 
 fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(id: u64, body: T) {
@@ -122,14 +131,32 @@ fn oversized_frames_are_refused_before_allocating() {
     assert!(matches!(err, WireError::TooLong { .. }), "{err}");
 
     // A tensor header announcing more payload than the limit.
-    let header = TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "x".into(), dtype: DType::F32, shape: vec![1 << 20, 1 << 20], top_logits: 0 };
+    let header = TensorHeader {
+        session: 1,
+        step: 1,
+        tokens: 1,
+        epoch: 1,
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![1 << 20, 1 << 20],
+        top_logits: 0,
+    };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();
     let err = block_on(wire::read_tensor(&mut bytes.as_slice())).unwrap_err();
     assert!(matches!(err, WireError::TooLong { .. }), "{err}");
 
     // A shape whose size overflows u64.
-    let header = TensorHeader { session: 1, step: 1, tokens: 1, epoch: 1, name: "x".into(), dtype: DType::I64, shape: vec![u64::MAX, 3], top_logits: 0 };
+    let header = TensorHeader {
+        session: 1,
+        step: 1,
+        tokens: 1,
+        epoch: 1,
+        name: "x".into(),
+        dtype: DType::I64,
+        shape: vec![u64::MAX, 3],
+        top_logits: 0,
+    };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();
     assert!(matches!(block_on(wire::read_tensor(&mut bytes.as_slice())), Err(WireError::Tensor(_))));

@@ -79,7 +79,13 @@ impl CostProfile {
                 weight_bytes: unit.graph.initializer.iter().map(onnx::tensor_bytes).sum(),
                 flops_per_token: matmul_flops(&unit.graph, &weights),
                 out_bytes_per_token: out_bytes,
-                kv_bytes_per_token: unit.spec.inputs.iter().filter(|n| is_past(n)).map(|n| per_token_bytes(declared.get(n.as_str()).copied())).sum(),
+                kv_bytes_per_token: unit
+                    .spec
+                    .inputs
+                    .iter()
+                    .filter(|n| is_past(n))
+                    .map(|n| per_token_bytes(declared.get(n.as_str()).copied()))
+                    .sum(),
             });
         }
         let shared_weight_bytes = seen.values().filter(|(n, _)| *n > 1).map(|(_, b)| b).sum();
@@ -107,7 +113,9 @@ fn matmul_flops(graph: &tract_onnx::pb::GraphProto, weights: &HashMap<&str, &tra
         .iter()
         .filter(|n| matches!(n.op_type.as_str(), "MatMul" | "Gemm"))
         .filter_map(|n| {
-            n.input.iter().find_map(|i| weights.get(i.as_str()).or_else(|| through.get(i.as_str()).and_then(|w| weights.get(w))))
+            n.input
+                .iter()
+                .find_map(|i| weights.get(i.as_str()).or_else(|| through.get(i.as_str()).and_then(|w| weights.get(w))))
         })
         .map(|w| 2 * w.dims.iter().product::<i64>().max(0) as u64)
         .sum()

@@ -104,7 +104,8 @@ pub fn generate(
         if stream.push(tokenizer, token)? {
             let text = stream.text();
             let from = stream.released().saturating_sub(hold_back);
-            if let Some(at) = options.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
+            if let Some(at) = options.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min()
+            {
                 on_text(&stream.release(at));
                 break Finish::Stop;
             }

@@ -6,18 +6,18 @@
 
 pub mod atomic;
 pub mod cost;
-pub mod onnx;
-pub mod progress;
-pub mod raw;
-pub mod synth;
 pub mod generate;
 pub mod model;
+pub mod onnx;
 pub mod package;
 pub mod pipeline;
+pub mod progress;
+pub mod raw;
 pub mod runner;
 pub mod sampling;
 pub mod segment;
 pub mod shape;
+pub mod synth;
 pub mod tokenizer;
 pub mod transmission;
 pub mod weight;

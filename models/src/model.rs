@@ -66,7 +66,8 @@ pub enum ImportError {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, ImportError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ImportError::Unreadable { path: path.into(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ImportError::Unreadable { path: path.into(), reason: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| ImportError::Unreadable { path: path.into(), reason: e.to_string() })
 }
 
@@ -97,24 +98,29 @@ pub struct Model {
 impl Model {
     /// Opens an export directory or a package, whichever `dir` holds.
     pub fn open(dir: &Path) -> Result<Model, ImportError> {
-        if dir.join(crate::package::MANIFEST).is_file() {
-            crate::package::load(dir)
-        } else {
-            Model::from_export(dir)
-        }
+        if dir.join(crate::package::MANIFEST).is_file() { crate::package::load(dir) } else { Model::from_export(dir) }
     }
 
     /// Reads an Optimum "decoder with past" export and cuts it into units.
     pub fn from_export(dir: &Path) -> Result<Model, ImportError> {
         if !dir.is_dir() {
-            return Err(ImportError::MissingFile { path: dir.into(), hint: "give the directory an Optimum export or `llnode import` wrote" });
+            return Err(ImportError::MissingFile {
+                path: dir.into(),
+                hint: "give the directory an Optimum export or `llnode import` wrote",
+            });
         }
-        let model_path = require(dir.join("model.onnx"), "export the model with `optimum-cli export onnx --task text-generation-with-past`")?;
+        let model_path = require(
+            dir.join("model.onnx"),
+            "export the model with `optimum-cli export onnx --task text-generation-with-past`",
+        )?;
         require(dir.join("tokenizer.json"), "copy the model's tokenizer.json next to model.onnx")?;
         let info = ModelInfo::read(dir)?;
         let mut proto = onnx::read_model(&model_path)
             .map_err(|e| ImportError::Unreadable { path: model_path.clone(), reason: e.to_string() })?;
-        let graph = proto.graph.as_mut().ok_or_else(|| ImportError::Unreadable { path: model_path.clone(), reason: "no graph".into() })?;
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| ImportError::Unreadable { path: model_path.clone(), reason: "no graph".into() })?;
         shape::normalize(graph);
         let unsupported = |e: anyhow::Error| ImportError::Unsupported { reason: format!("{e:#}") };
         let mut infos = shape::infer(&proto, dir).map_err(unsupported)?;
@@ -127,7 +133,9 @@ impl Model {
         for unit in &segmentation.units {
             for name in unit.inputs.iter().chain(unit.outputs.iter().map(|o| &o.name)) {
                 if !infos.contains_key(name) {
-                    return Err(ImportError::Unsupported { reason: format!("tract cannot tell the shape of {name}, which crosses units") });
+                    return Err(ImportError::Unsupported {
+                        reason: format!("tract cannot tell the shape of {name}, which crosses units"),
+                    });
                 }
             }
         }

@@ -8,8 +8,8 @@ use prost::Message;
 pub use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
 /// Opset the built-in generator writes and segmentation keeps.
@@ -19,9 +19,8 @@ pub const OPSET: i64 = 17;
 /// initializers keep their `location`/`offset`/`length` references.
 pub fn read_model(path: &Path) -> std::io::Result<ModelProto> {
     let bytes = std::fs::read(path)?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an ONNX model: {e}"))
-    })
+    ModelProto::decode(bytes.as_slice())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an ONNX model: {e}")))
 }
 
 /// A model wrapping `graph` with our opset and producer.
@@ -163,17 +162,17 @@ pub fn attr_int(name: &str, i: i64) -> AttributeProto {
 
 pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     use pb::attribute_proto::AttributeType;
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: ints.to_vec(),
-        ..Default::default()
-    }
+    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: ints.to_vec(), ..Default::default() }
 }
 
 pub fn attr_string(name: &str, s: &str) -> AttributeProto {
     use pb::attribute_proto::AttributeType;
-    AttributeProto { name: name.into(), r#type: AttributeType::String as i32, s: s.as_bytes().to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: s.as_bytes().to_vec(),
+        ..Default::default()
+    }
 }
 
 pub fn attr_float(name: &str, f: f32) -> AttributeProto {
@@ -183,12 +182,7 @@ pub fn attr_float(name: &str, f: f32) -> AttributeProto {
 
 pub fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
     use pb::attribute_proto::AttributeType;
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Tensor as i32,
-        t: Some(t),
-        ..Default::default()
-    }
+    AttributeProto { name: name.into(), r#type: AttributeType::Tensor as i32, t: Some(t), ..Default::default() }
 }
 
 pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {

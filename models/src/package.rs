@@ -64,11 +64,17 @@ pub struct Manifest {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<(Manifest, String), ImportError> {
         let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| ImportError::Unreadable { path: path.clone(), reason: format!("not an llnode manifest: {e}") })?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| ImportError::Unreadable {
+            path: path.clone(),
+            reason: format!("not an llnode manifest: {e}"),
+        })?;
         if manifest.format != FORMAT {
-            return Err(ImportError::Unreadable { path, reason: format!("package format {} is not {FORMAT}; re-import the model", manifest.format) });
+            return Err(ImportError::Unreadable {
+                path,
+                reason: format!("package format {} is not {FORMAT}; re-import the model", manifest.format),
+            });
         }
         Ok((manifest, blake3::hash(&bytes).to_hex().to_string()))
     }
@@ -181,7 +187,10 @@ pub fn write(model: &Model, out: &Path, progress: &dyn Progress) -> Result<Strin
 impl Manifest {
     /// The files a device running units `units` reads: their graphs and weights.
     pub fn unit_files(&self, units: std::ops::Range<usize>) -> BTreeSet<String> {
-        self.units[units].iter().flat_map(|u| std::iter::once(u.file.clone()).chain(u.weights.iter().cloned())).collect()
+        self.units[units]
+            .iter()
+            .flat_map(|u| std::iter::once(u.file.clone()).chain(u.weights.iter().cloned()))
+            .collect()
     }
 
     /// The files an initiator reads: tokenizer and configs.
@@ -196,10 +205,16 @@ pub fn verify(dir: &Path) -> Result<String, ImportError> {
     for (name, entry) in &manifest.files {
         let path = dir.join(name);
         let mut hasher = blake3::Hasher::new();
-        let file = std::fs::File::open(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
-        hasher.update_reader(file).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+        let file = std::fs::File::open(&path)
+            .map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+        hasher
+            .update_reader(file)
+            .map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
         if hasher.finalize().to_hex().as_str() != entry.blake3 {
-            return Err(ImportError::Unreadable { path, reason: "contents do not match the manifest's hash; re-import or fetch the package again".into() });
+            return Err(ImportError::Unreadable {
+                path,
+                reason: "contents do not match the manifest's hash; re-import or fetch the package again".into(),
+            });
         }
     }
     Ok(id)
@@ -226,7 +241,8 @@ fn open(dir: &Path, manifest: Manifest, held: &[std::ops::Range<usize>]) -> Resu
     for (u, mu) in manifest.units.iter().enumerate() {
         let graph: GraphProto = if held.iter().any(|r| r.contains(&u)) {
             let path = dir.join(&mu.file);
-            let proto = onnx::read_model(&path).map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
+            let proto = onnx::read_model(&path)
+                .map_err(|e| ImportError::Unreadable { path: path.clone(), reason: e.to_string() })?;
             proto.graph.unwrap_or_default()
         } else {
             GraphProto::default()
@@ -237,7 +253,8 @@ fn open(dir: &Path, manifest: Manifest, held: &[std::ops::Range<usize>]) -> Resu
         .inputs
         .iter()
         .map(|d| {
-            let dims: Vec<Dim> = d.dims.iter().map(|s| s.parse().map(Dim::Fixed).unwrap_or_else(|_| Dim::Param(s.clone()))).collect();
+            let dims: Vec<Dim> =
+                d.dims.iter().map(|s| s.parse().map(Dim::Fixed).unwrap_or_else(|_| Dim::Param(s.clone()))).collect();
             let elem = pb::tensor_proto::DataType::try_from(d.elem_type).unwrap_or(pb::tensor_proto::DataType::Float);
             onnx::value_info(&d.name, elem, &dims)
         })
@@ -260,15 +277,20 @@ fn find_tensor<'a>(model: &'a Model, name: &str) -> Option<&'a TensorProto> {
 fn copy_tensor_data(t: &TensorProto, dir: &Path, out: &mut impl Write) -> Result<u64, ImportError> {
     let fail = |path: PathBuf, reason: String| ImportError::Unreadable { path, reason };
     if onnx::is_external(t) {
-        let location = onnx::external_entry(t, "location").ok_or_else(|| fail(dir.into(), format!("{} has no location", t.name)))?;
+        let location = onnx::external_entry(t, "location")
+            .ok_or_else(|| fail(dir.into(), format!("{} has no location", t.name)))?;
         let offset: u64 = onnx::external_entry(t, "offset").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let length = onnx::external_entry(t, "length").and_then(|v| v.parse().ok()).unwrap_or_else(|| onnx::tensor_bytes(t));
+        let length =
+            onnx::external_entry(t, "length").and_then(|v| v.parse().ok()).unwrap_or_else(|| onnx::tensor_bytes(t));
         let path = dir.join(location);
         let mut file = std::fs::File::open(&path).map_err(|e| fail(path.clone(), e.to_string()))?;
         file.seek(SeekFrom::Start(offset)).map_err(|e| fail(path.clone(), e.to_string()))?;
         let copied = std::io::copy(&mut file.take(length), out).map_err(|e| fail(path.clone(), e.to_string()))?;
         if copied != length {
-            return Err(fail(path, format!("{} needs {length} bytes at offset {offset}; the file is truncated", t.name)));
+            return Err(fail(
+                path,
+                format!("{} needs {length} bytes at offset {offset}; the file is truncated", t.name),
+            ));
         }
         return Ok(copied);
     }

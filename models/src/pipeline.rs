@@ -71,7 +71,11 @@ impl LocalPipeline {
     }
 
     /// [`LocalPipeline::load`], counting the weight bytes of each segment as it is ready.
-    pub fn load_with(model: &Model, segments: &[Range<usize>], progress: &dyn Progress) -> Result<LocalPipeline, PipelineError> {
+    pub fn load_with(
+        model: &Model,
+        segments: &[Range<usize>],
+        progress: &dyn Progress,
+    ) -> Result<LocalPipeline, PipelineError> {
         let specs: Vec<_> = model.units.iter().map(|u| u.spec.clone()).collect();
         let map = TransmissionMap::new(&specs, segments)?;
         let bytes = |range: &Range<usize>| -> u64 {
@@ -224,7 +228,9 @@ fn with_short_tables(model: &Model, unit: usize, rows: i64) -> Option<Model> {
         .filter(|n| n.attribute.iter().find(|a| a.name == "axis").is_none_or(|a| a.i == 0))
         .map(|n| n.input[0].clone())
         .collect();
-    let cut = |t: &tract_onnx::pb::TensorProto| tables.contains(&t.name) && crate::onnx::is_external(t) && t.dims.first().is_some_and(|&d| d > rows);
+    let cut = |t: &tract_onnx::pb::TensorProto| {
+        tables.contains(&t.name) && crate::onnx::is_external(t) && t.dims.first().is_some_and(|&d| d > rows)
+    };
     if !graph.initializer.iter().any(cut) {
         return None;
     }

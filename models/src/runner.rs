@@ -70,7 +70,11 @@ fn unshare_big_consts(model: &mut TypedModel) -> TractResult<()> {
         }
         let (name, konst) = (node.name.clone(), konst.clone());
         for (ix, inlet) in readers.into_iter().enumerate().skip(1) {
-            let copy = model.add_node(format!("{name}.reader{ix}"), konst.clone(), tvec!(model.nodes[id].outputs[0].fact.clone()))?;
+            let copy = model.add_node(
+                format!("{name}.reader{ix}"),
+                konst.clone(),
+                tvec!(model.nodes[id].outputs[0].fact.clone()),
+            )?;
             model.add_edge(copy.into(), inlet)?;
         }
     }
@@ -124,7 +128,9 @@ impl SegmentRunner {
             .filter(|n| !specs().any(|s| s.inputs.contains(n)))
             .cloned()
             .collect();
-        SegmentRunner::from_proto(proto, &model.dir, units.clone(), &shape_only, true, |name| model.empty_cache_shape(name))
+        SegmentRunner::from_proto(proto, &model.dir, units.clone(), &shape_only, true, |name| {
+            model.empty_cache_shape(name)
+        })
     }
 
     /// Units `units` of `model`, returning every tensor they make that a
@@ -173,10 +179,7 @@ impl SegmentRunner {
         let deferred = weight::prepare(&mut proto, dir).map_err(fail)?;
         let mut parsed = shape::frontend().parse(&proto, dir.to_str()).map_err(fail)?;
         if !parsed.unresolved_inputs.is_empty() {
-            return Err(RunError::Load {
-                units,
-                reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs),
-            });
+            return Err(RunError::Load { units, reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs) });
         }
         deferred.fill(&mut parsed.model, dir).map_err(fail)?;
         let plan = parsed
@@ -201,7 +204,11 @@ impl SegmentRunner {
                 units: units.clone(),
                 reason: format!("cache input {name} has no declared shape"),
             })?;
-            let dt = if elem == onnx::pb::tensor_proto::DataType::Float16 as i32 { f16::datum_type() } else { f32::datum_type() };
+            let dt = if elem == onnx::pb::tensor_proto::DataType::Float16 as i32 {
+                f16::datum_type()
+            } else {
+                f32::datum_type()
+            };
             let empty = Tensor::zero_dt(dt, &shape).map_err(fail)?.into_tvalue();
             caches.push(CacheSlot { past: name.clone(), empty });
         }
@@ -225,7 +232,8 @@ impl SegmentRunner {
     pub fn resume(&self, past: usize, mut take: impl FnMut(&str) -> Option<TValue>) -> Result<SegmentState, RunError> {
         let mut cache = HashMap::new();
         for name in self.cache_names() {
-            let value = take(name).ok_or_else(|| RunError::MissingInput { units: self.units.clone(), name: name.to_string() })?;
+            let value = take(name)
+                .ok_or_else(|| RunError::MissingInput { units: self.units.clone(), name: name.to_string() })?;
             cache.insert(name.to_string(), value);
         }
         Ok(SegmentState { cache, past })
@@ -241,17 +249,16 @@ impl SegmentRunner {
             let value = if is_past(name) {
                 state.cache.get(name).cloned()
             } else if let Some(info) = self.shape_inputs.iter().find(|i| &i.name == name) {
-                let (_, shape) = shape::concrete(info, state.past as i64, tokens as i64).ok_or_else(|| missing(name))?;
+                let (_, shape) =
+                    shape::concrete(info, state.past as i64, tokens as i64).ok_or_else(|| missing(name))?;
                 Some(Tensor::zero::<i64>(&shape).map_err(|_| missing(name))?.into_tvalue())
             } else {
                 acts.get(name).cloned()
             };
             inputs.push(value.ok_or_else(|| missing(name))?);
         }
-        let outputs = self
-            .plan
-            .run(inputs)
-            .map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?;
+        let outputs =
+            self.plan.run(inputs).map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?;
         let mut result = Activations::new();
         for (name, mut value) in self.outputs.iter().zip(outputs) {
             if value.datum_type() == TDim::datum_type() {

@@ -182,7 +182,8 @@ impl TopLogits {
         if usize::try_from(n) != Ok(rows.len()) || vocab > MAX_VOCAB {
             return Err(bad());
         }
-        let entries: Vec<(u32, f32)> = rows.iter().map(|&[id, bits]| (id as u32, f32::from_bits(bits as u32))).collect();
+        let entries: Vec<(u32, f32)> =
+            rows.iter().map(|&[id, bits]| (id as u32, f32::from_bits(bits as u32))).collect();
         if entries.iter().any(|&(id, _)| id as usize >= vocab) {
             return Err(format!("top logits: a token id is not below the vocabulary size {vocab}"));
         }

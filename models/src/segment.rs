@@ -113,7 +113,8 @@ pub fn segment(graph: &GraphProto) -> Result<Segmentation, SegmentError> {
     if !output_names.contains("logits") {
         return Err(missing("`logits` output"));
     }
-    let past_layers: BTreeSet<usize> = input_names.iter().filter(|n| is_past(n)).filter_map(|n| cache_layer(n)).collect();
+    let past_layers: BTreeSet<usize> =
+        input_names.iter().filter(|n| is_past(n)).filter_map(|n| cache_layer(n)).collect();
     let present_layers: BTreeSet<usize> =
         output_names.iter().filter(|n| is_present(n)).filter_map(|n| cache_layer(n)).collect();
     if past_layers.is_empty() {
@@ -160,7 +161,9 @@ pub fn segment(graph: &GraphProto) -> Result<Segmentation, SegmentError> {
         } else {
             node.input.iter().any(|t| producer.get(t.as_str()).is_some_and(|&p| copied[p] && !constant[p]))
                 && node.input.iter().all(|t| {
-                    t.is_empty() || initializers.contains(t.as_str()) || producer.get(t.as_str()).is_some_and(|&p| copied[p])
+                    t.is_empty()
+                        || initializers.contains(t.as_str())
+                        || producer.get(t.as_str()).is_some_and(|&p| copied[p])
                 })
         };
     }
@@ -237,9 +240,9 @@ pub fn segment(graph: &GraphProto) -> Result<Segmentation, SegmentError> {
     } else {
         in_last.iter().rev().copied().find(|&d| nodes[d].op_type == "Add")
     };
-    let epilogue_start = epilogue_start
-        .filter(|&d| d != logits_node)
-        .ok_or_else(|| SegmentError::NoBoundary("cannot tell where the last layer ends and the LM head begins".into()))?;
+    let epilogue_start = epilogue_start.filter(|&d| d != logits_node).ok_or_else(|| {
+        SegmentError::NoBoundary("cannot tell where the last layer ends and the LM head begins".into())
+    })?;
     boundary_nodes.push(epilogue_start);
 
     let mut boundary: HashMap<&str, usize> = HashMap::new();
@@ -347,8 +350,7 @@ fn build_unit(
         }
     }
     let node_list: Vec<usize> = order.iter().copied().filter(|i| members.contains(i)).collect();
-    let produced: HashSet<&str> =
-        node_list.iter().flat_map(|&i| nodes[i].output.iter().map(String::as_str)).collect();
+    let produced: HashSet<&str> = node_list.iter().flat_map(|&i| nodes[i].output.iter().map(String::as_str)).collect();
     let mut inputs = Vec::new();
     let mut inits = Vec::new();
     for &i in &node_list {
@@ -427,7 +429,11 @@ mod tests {
             let dims = [Dim::Fixed(1), Dim::Fixed(1), Dim::param("past"), Dim::Fixed(2)];
             g.graph.input.push(value_info("past_key_values.0.key", DataType::Float, &dims));
         }
-        g.graph.output.push(value_info("logits", DataType::Float, &[Dim::Fixed(1), Dim::param("sequence_length"), Dim::Fixed(4)]));
+        g.graph.output.push(value_info(
+            "logits",
+            DataType::Float,
+            &[Dim::Fixed(1), Dim::param("sequence_length"), Dim::Fixed(4)],
+        ));
         g.initializer(tensor_f32("embed", &[4, 4], &[0.0; 16]));
         let h = g.op("Gather", &["embed", "input_ids"], vec![]);
         g.op_to("Relu", &[&h], vec![], Some("logits"));

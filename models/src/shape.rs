@@ -6,9 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use anyhow::{Context, bail};
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{GraphProto, ModelProto, ValueInfoProto};
-use anyhow::{Context, bail};
 use tract_onnx::prelude::*;
 
 use crate::onnx::{Dim, GraphBuilder, attr_int, tensor_type, value_info};
@@ -64,7 +64,13 @@ fn cumsum_in_int32(graph: &mut GraphProto) {
         .iter()
         .filter(|n| n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && a.i == DataType::Int64 as i64))
         .flat_map(|n| n.output.clone())
-        .chain(graph.input.iter().filter(|i| tensor_type(i).is_some_and(|t| t.0 == DataType::Int64 as i32)).map(|i| i.name.clone()))
+        .chain(
+            graph
+                .input
+                .iter()
+                .filter(|i| tensor_type(i).is_some_and(|t| t.0 == DataType::Int64 as i32))
+                .map(|i| i.name.clone()),
+        )
         .collect();
     let mut g = GraphBuilder::default();
     g.scope("/llnode/cumsum");
@@ -118,8 +124,7 @@ pub fn rewrite_shapes(graph: &mut GraphProto, facts: &HashMap<String, ValueInfoP
     if !graph.input.iter().any(|i| i.name == "attention_mask") {
         return;
     }
-    let inputs: HashSet<String> =
-        graph.input.iter().filter(|i| !is_past(&i.name)).map(|i| i.name.clone()).collect();
+    let inputs: HashSet<String> = graph.input.iter().filter(|i| !is_past(&i.name)).map(|i| i.name.clone()).collect();
     let mut g = GraphBuilder::default();
     g.scope("/llnode/shape");
     let (one, two) = (g.ints(&[1]), g.ints(&[2]));
@@ -186,7 +191,13 @@ pub fn eval_dim(d: &Dim, past: i64, seq: i64) -> Option<i64> {
             let mut values = SymbolValues::default();
             for sym in tdim.symbols() {
                 let name = format!("{sym}");
-                let v = if name.contains("batch") { 1 } else if name.contains("past") { past } else { seq };
+                let v = if name.contains("batch") {
+                    1
+                } else if name.contains("past") {
+                    past
+                } else {
+                    seq
+                };
                 values = values.with(&sym, v);
             }
             tdim.eval(&values).to_i64().ok()

@@ -116,7 +116,11 @@ pub enum SynthError {
 /// Writes the export described by `config` into `dir`, all or nothing.
 pub fn write_export(config: &SynthConfig, dir: &Path, progress: &dyn Progress) -> Result<PathBuf, SynthError> {
     let c = config;
-    if !c.hidden.is_multiple_of(c.heads) || !c.heads.is_multiple_of(c.kv_heads) || !c.head_dim().is_multiple_of(2) || c.vocab <= 257 {
+    if !c.hidden.is_multiple_of(c.heads)
+        || !c.heads.is_multiple_of(c.kv_heads)
+        || !c.head_dim().is_multiple_of(2)
+        || c.vocab <= 257
+    {
         return Err(SynthError::BadShape { what: format!("{c:?}") });
     }
     let io = |source| SynthError::Io { path: dir.to_path_buf(), source };

@@ -10,7 +10,9 @@ use serde_json::Value;
 pub enum TokenizerError {
     #[error("cannot load {path}: {reason}")]
     Load { path: String, reason: String },
-    #[error("tokenizer.json has {tokenizer} tokens but the model's vocabulary has {model}; use the tokenizer exported with this model")]
+    #[error(
+        "tokenizer.json has {tokenizer} tokens but the model's vocabulary has {model}; use the tokenizer exported with this model"
+    )]
     VocabularyMismatch { tokenizer: usize, model: usize },
     #[error("the prompt is empty; give some text to continue")]
     EmptyPrompt,

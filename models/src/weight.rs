@@ -61,9 +61,13 @@ pub fn prepare(proto: &mut ModelProto, dir: &Path) -> TractResult<Deferred> {
         let mut parsed = crate::shape::frontend().parse(&weightless, dir.to_str())?.model;
         parsed.analyse(false)?;
         // Graph inputs are nodes of their name; other tensors, outlet labels.
-        let outlet = |name: &str| parsed.find_outlet_label(name).or_else(|| parsed.node_by_name(name).ok().map(|n| OutletId::new(n.id, 0)));
+        let outlet = |name: &str| {
+            parsed.find_outlet_label(name).or_else(|| parsed.node_by_name(name).ok().map(|n| OutletId::new(n.id, 0)))
+        };
         let rank = |name: &str| outlet(name).and_then(|o| parsed.outlet_fact(o).ok()?.shape.rank().concretize());
-        split_transposed(proto.graph.as_mut().expect("checked above"), BLOCK_BYTES, BLOCK_ROWS, |x| rank(x).and_then(|r| usize::try_from(r).ok()));
+        split_transposed(proto.graph.as_mut().expect("checked above"), BLOCK_BYTES, BLOCK_ROWS, |x| {
+            rank(x).and_then(|r| usize::try_from(r).ok())
+        });
     }
     Ok(defer(proto.graph.as_mut().expect("checked above")))
 }
@@ -77,18 +81,29 @@ struct Transposed {
 }
 
 fn transposed(graph: &GraphProto) -> Vec<Transposed> {
-    let matmul_b = |n: &NodeProto, t: &str| n.op_type == "MatMul" && n.input.len() == 2 && n.input[1] == t && n.input[0] != t;
+    let matmul_b =
+        |n: &NodeProto, t: &str| n.op_type == "MatMul" && n.input.len() == 2 && n.input[1] == t && n.input[0] != t;
     graph
         .node
         .iter()
         .filter(|n| n.op_type == "Transpose" && n.input.len() == 1 && n.output.len() == 1)
         .filter(|n| n.attribute.iter().find(|a| a.name == "perm").is_none_or(|a| a.ints == [1, 0]))
-        .filter(|n| graph.initializer.iter().any(|w| w.name == n.input[0] && w.dims.len() == 2 && is_external(w) && extent(w).is_some()))
+        .filter(|n| {
+            graph
+                .initializer
+                .iter()
+                .any(|w| w.name == n.input[0] && w.dims.len() == 2 && is_external(w) && extent(w).is_some())
+        })
         .filter_map(|n| {
             let (weight, transposed) = (n.input[0].clone(), n.output[0].clone());
-            let readers: Vec<usize> = (0..graph.node.len()).filter(|&i| graph.node[i].input.contains(&transposed)).collect();
+            let readers: Vec<usize> =
+                (0..graph.node.len()).filter(|&i| graph.node[i].input.contains(&transposed)).collect();
             let only_matmuls = readers.iter().all(|&i| matmul_b(&graph.node[i], &transposed));
-            (only_matmuls && !graph.output.iter().any(|o| o.name == transposed)).then_some(Transposed { weight, transposed, readers })
+            (only_matmuls && !graph.output.iter().any(|o| o.name == transposed)).then_some(Transposed {
+                weight,
+                transposed,
+                readers,
+            })
         })
         .collect()
 }
@@ -107,7 +122,8 @@ fn equation(rank: usize) -> Option<String> {
 /// A weight read otherwise, or by an `x` of unknown rank, is left alone.
 fn split_transposed(graph: &mut GraphProto, block_bytes: u64, block_rows: i64, rank: impl Fn(&str) -> Option<usize>) {
     for Transposed { weight, transposed, readers } in transposed(graph) {
-        let equations: Option<Vec<String>> = readers.iter().map(|&i| rank(&graph.node[i].input[0]).and_then(equation)).collect();
+        let equations: Option<Vec<String>> =
+            readers.iter().map(|&i| rank(&graph.node[i].input[0]).and_then(equation)).collect();
         let Some(equations) = equations else { continue };
         let w = graph.initializer.iter().find(|t| t.name == weight).expect("found by transposed()");
         let at = extent(w).expect("found by transposed()");
@@ -176,8 +192,9 @@ fn defer(graph: &mut GraphProto) -> Deferred {
         // ONNX stores little-endian bytes; tract's own reader converts them.
         return Deferred(Vec::new());
     }
-    let (deferred, kept): (Vec<TensorProto>, Vec<TensorProto>) =
-        std::mem::take(&mut graph.initializer).into_iter().partition(|t| is_external(t) && datum_type(t.data_type).is_some() && extent(t).is_some());
+    let (deferred, kept): (Vec<TensorProto>, Vec<TensorProto>) = std::mem::take(&mut graph.initializer)
+        .into_iter()
+        .partition(|t| is_external(t) && datum_type(t.data_type).is_some() && extent(t).is_some());
     graph.initializer = kept;
     let declared: Vec<ValueInfoProto> = deferred
         .iter()
@@ -230,7 +247,8 @@ impl Deferred {
 fn read(t: &TensorProto, dir: &Path) -> TractResult<Tensor> {
     let Some(at) = extent(t) else { bail!("no location") };
     let dt = datum_type(t.data_type).context("an element type tract cannot read as bytes")?;
-    let shape: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().context("a negative dimension")?;
+    let shape: Vec<usize> =
+        t.dims.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().context("a negative dimension")?;
     let path = dir.join(&at.location);
     if !path.canonicalize()?.starts_with(dir) {
         bail!("{} is outside the model directory", at.location);
@@ -284,7 +302,9 @@ mod tests {
         let x = Tensor::from_shape(&[1, 3, 16], &(0..48).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>()).unwrap();
         let x2 = Tensor::from_shape(&[2, 16], &(0..32).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>()).unwrap();
         let out = plan.run(tvec!(x.into(), x2.into())).unwrap();
-        out.iter().map(|t| (t.shape().to_vec(), t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())).collect()
+        out.iter()
+            .map(|t| (t.shape().to_vec(), t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()))
+            .collect()
     }
 
     #[test]
@@ -305,7 +325,11 @@ mod tests {
         let deferred = defer(graph);
         assert_eq!(deferred.0.len(), 4);
         assert!(graph.initializer.is_empty());
-        assert_eq!(run(&split, dir.path(), Some(deferred)), whole, "the blocks give exactly the whole product, in its shape");
+        assert_eq!(
+            run(&split, dir.path(), Some(deferred)),
+            whole,
+            "the blocks give exactly the whole product, in its shape"
+        );
     }
 
     #[test]
@@ -315,8 +339,12 @@ mod tests {
         let whole = run(&proto, dir.path(), None);
         let deferred = prepare(&mut proto, dir.path()).unwrap();
         let graph = proto.graph.as_ref().unwrap();
-        let equations: Vec<String> =
-            graph.node.iter().filter(|n| n.op_type == "Einsum").map(|n| String::from_utf8(n.attribute[0].s.clone()).unwrap()).collect();
+        let equations: Vec<String> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Einsum")
+            .map(|n| String::from_utf8(n.attribute[0].s.clone()).unwrap())
+            .collect();
         assert_eq!(equations, ["amk,nk->amn", "mk,nk->mn"]);
         assert_eq!(run(&proto, dir.path(), Some(deferred)), whole);
     }
@@ -327,7 +355,12 @@ mod tests {
         let mut proto = transposed_matmuls(dir.path(), 300);
         let graph = proto.graph.as_mut().unwrap();
         let wt = graph.node[0].output[0].clone();
-        graph.node.push(NodeProto { op_type: "Relu".into(), input: vec![wt], output: vec!["r".into()], ..Default::default() });
+        graph.node.push(NodeProto {
+            op_type: "Relu".into(),
+            input: vec![wt],
+            output: vec!["r".into()],
+            ..Default::default()
+        });
         let before = graph.clone();
         split_transposed(graph, 16 << 10, 256, |_| Some(3));
         assert_eq!(*graph, before);

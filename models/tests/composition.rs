@@ -58,9 +58,8 @@ fn units_are_prologue_layers_epilogue() {
     }
     // Tied embeddings: one tensor, read by the prologue and the epilogue.
     let embed = "model.embed_tokens.weight";
-    let readers: Vec<usize> = (0..model.units.len())
-        .filter(|&u| model.units[u].spec.initializers.iter().any(|n| n == embed))
-        .collect();
+    let readers: Vec<usize> =
+        (0..model.units.len()).filter(|&u| model.units[u].spec.initializers.iter().any(|n| n == embed)).collect();
     assert_eq!(readers, vec![0, 5]);
 }
 
@@ -85,7 +84,8 @@ fn segments_return_the_last_position_logits() {
     let acts = step_inputs(&PROMPT, 0, true);
     let whole = 0..units;
     for segments in [vec![whole], vec![0..units - 1, units - 1..units]] {
-        let map = TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), &segments).unwrap();
+        let map =
+            TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), &segments).unwrap();
         let last = segments.len() - 1;
         let runner = SegmentRunner::load(&model, segments[last].clone(), &map.output_names(last)).unwrap();
         let mut inputs = acts.clone();
@@ -104,7 +104,11 @@ fn segments_return_the_last_position_logits() {
 /// Runners of `segments`, with the outputs the transmission map asks of each.
 fn runners(model: &Model, segments: &[Range<usize>]) -> Vec<SegmentRunner> {
     let map = TransmissionMap::new(&model.units.iter().map(|u| u.spec.clone()).collect::<Vec<_>>(), segments).unwrap();
-    segments.iter().enumerate().map(|(s, range)| SegmentRunner::load(model, range.clone(), &map.output_names(s)).unwrap()).collect()
+    segments
+        .iter()
+        .enumerate()
+        .map(|(s, range)| SegmentRunner::load(model, range.clone(), &map.output_names(s)).unwrap())
+        .collect()
 }
 
 /// One step through chained runners: the last position's logits.
@@ -135,13 +139,15 @@ fn caches_moved_to_other_segments_carry_the_session_on() {
     assert_eq!(held.len(), 2 * 4, "a key and a value per layer");
 
     let after = runners(&model, &[0..3, 3..n - 1, n - 1..n]);
-    let mut moved: Vec<SegmentState> = after.iter().map(|r| r.resume(past, |name| held.get(name).cloned()).unwrap()).collect();
+    let mut moved: Vec<SegmentState> =
+        after.iter().map(|r| r.resume(past, |name| held.get(name).cloned()).unwrap()).collect();
     for (position, t) in (past..).zip(&DECODE[1..]) {
         logits.push(step(&after, &mut moved, &[*t], position));
     }
     assert!(max_diff(&reference, &logits) < 1e-4, "diff {}", max_diff(&reference, &logits));
 
-    let missing = after[1].resume(past, |name| held.get(name).filter(|_| !name.starts_with("past_key_values.2.")).cloned());
+    let missing =
+        after[1].resume(past, |name| held.get(name).filter(|_| !name.starts_with("past_key_values.2.")).cloned());
     assert!(missing.is_err_and(|e| e.to_string().contains("past_key_values.2.")));
 }
 

@@ -33,7 +33,8 @@ const ASKING: usize = 0;
 /// Meshes the balancing run may start to get the first run's plan.
 const MESH_TRIES: usize = 4;
 /// Log lines that time a move: profile, re-profile, plan, fetch, load, hand-over.
-const TIMELINE: [&str; 7] = ["measured this device", "re-profiled", "moving units", "fetched", "loaded", "handed over", "no session is left"];
+const TIMELINE: [&str; 7] =
+    ["measured this device", "re-profiled", "moving units", "fetched", "loaded", "handed over", "no session is left"];
 /// Log lines that time a failover: the loss, the election, the plan, the fetch, the load.
 const FAILOVER_TIMELINE: [&str; 6] = ["left the mesh", "leads", "moving units", "published", "fetched", "loaded"];
 /// Token intervals in the window that decides the pace has recovered.
@@ -59,7 +60,9 @@ fn main() {
     let package = package_of(&root.path().join("export"), &root.path().join("package"));
     eprintln!("the reference answer, in one process…");
     let reference = ok(&["run", "-m", s(&package), "--max-tokens", &tokens, "--ignore-eos", PROMPT]);
-    println!("model: built-in {size}; 3 nodes on loopback; {tokens} greedy tokens; throttle 2x at a quarter of the answer");
+    println!(
+        "model: built-in {size}; 3 nodes on loopback; {tokens} greedy tokens; throttle 2x at a quarter of the answer"
+    );
 
     let mut runs = Vec::new();
     let mut shares = Vec::new();
@@ -73,8 +76,9 @@ fn main() {
         // Identical devices usually split the model evenly: the first run
         // waits for that plan, the second for the first run's.
         let first = shares.first().copied();
-        let (mut mesh, slowed, share, spared) =
-            mesh_throttling(&package, extra, label, |share, spared| first.map_or(2 * share.0 == share.1, |first| first == share) && !(unspared && spared));
+        let (mut mesh, slowed, share, spared) = mesh_throttling(&package, extra, label, |share, spared| {
+            first.map_or(2 * share.0 == share.1, |first| first == share) && !(unspared && spared)
+        });
         shares.push(share);
         spared_in.push(format!("{label}: {}", if spared { "yes" } else { "no" }));
         let (out, killed_or_throttled_ms) = prompt_with(&mut mesh, &tokens, reference.len() / 4, |mesh| {
@@ -98,8 +102,14 @@ fn main() {
             .filter(|l| l.contains("resumed on plan epoch") || l.contains("moved to plan epoch"))
             .map(|l| l.trim_start_matches("llnode: "))
             .collect();
-        eprintln!("{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}", resumed.join("; "));
-        assert!(!extra.is_empty() || moved > 0, "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again");
+        eprintln!(
+            "{label}: n{slowed} throttled at token {throttled_at}; plans that moved units: {moved}; {}",
+            resumed.join("; ")
+        );
+        assert!(
+            !extra.is_empty() || moved > 0,
+            "{label}: no plan moved units, so this run says nothing about the balancer; run the bench again"
+        );
         // The first move after the throttle is the one that answers it.
         let moved_at = moves_at(&out.stderr).into_iter().find(|&k| k >= throttled_at);
         // When each step of a move happened, from the nodes' logs.
@@ -113,7 +123,13 @@ fn main() {
 
     println!(
         "{:<18} {:>12} {:>20} {:>16} {:>18} {:>18} {:>18}",
-        "", "before tok/s", "after throttle tok/s", "steady tok/s", "longest pause ms", "tokens until moved", "until recovered"
+        "",
+        "before tok/s",
+        "after throttle tok/s",
+        "steady tok/s",
+        "longest pause ms",
+        "tokens until moved",
+        "until recovered"
     );
     let (mut after, mut steady, mut kept) = (Vec::new(), Vec::new(), Vec::new());
     for run in &runs {
@@ -126,7 +142,10 @@ fn main() {
         let pause = run.token_ms[at..].windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
         let moved = run.moved_at.map_or("-".to_string(), |k| (k - run.throttled_at).to_string());
         let recovered = recovered.map_or("never".to_string(), |n| n.to_string());
-        println!("{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>18} {:>18}", run.label, before, later, calm, pause, moved, recovered);
+        println!(
+            "{:<18} {:>12.1} {:>20.1} {:>16.1} {:>18.0} {:>18} {:>18}",
+            run.label, before, later, calm, pause, moved, recovered
+        );
         after.push(later);
         steady.push(calm);
         kept.push(later / before);
@@ -166,11 +185,16 @@ fn main() {
     let token_ms = timings(&out.stderr);
     // The stall: the longest interval from the one the kill fell in on; a step in flight may still land just after the kill.
     let first = token_ms.iter().position(|t| *t >= killed_ms).unwrap_or(token_ms.len() - 1).max(1);
-    let end = (first..token_ms.len()).max_by(|&a, &b| (token_ms[a] - token_ms[a - 1]).total_cmp(&(token_ms[b] - token_ms[b - 1]))).unwrap_or(first);
+    let end = (first..token_ms.len())
+        .max_by(|&a, &b| (token_ms[a] - token_ms[a - 1]).total_cmp(&(token_ms[b] - token_ms[b - 1])))
+        .unwrap_or(first);
     let next = token_ms[end] - killed_ms;
     // The last move is the kill's (an earlier one may be the balancer's).
     let resumed = out.stderr.lines().rfind(|l| l.contains("resumed on plan epoch")).unwrap_or("(no move reported)");
-    println!("kill -9 of a stage halfway: the stream went on {next:.0} ms after the kill ({})", resumed.trim_start_matches("llnode: "));
+    println!(
+        "kill -9 of a stage halfway: the stream went on {next:.0} ms after the kill ({})",
+        resumed.trim_start_matches("llnode: ")
+    );
     eprintln!("failover: n{victim} killed at {killed_clock}");
     for (i, node) in mesh.nodes.iter().enumerate().filter(|(i, _)| *i != victim) {
         for line in node.log().lines().filter(|l| FAILOVER_TIMELINE.iter().any(|t| l.contains(t))) {
@@ -187,14 +211,22 @@ fn main() {
 /// (units it runs, units in all) of the plan; meshes whose share, and
 /// whether another device keeps that stage's units as spares, are not
 /// `wanted` are started again, up to [`MESH_TRIES`] in all.
-fn mesh_throttling(package: &Path, extra: &[&str], label: &str, wanted: impl Fn((u64, u64), bool) -> bool) -> (Mesh, usize, (u64, u64), bool) {
+fn mesh_throttling(
+    package: &Path,
+    extra: &[&str],
+    label: &str,
+    wanted: impl Fn((u64, u64), bool) -> bool,
+) -> (Mesh, usize, (u64, u64), bool) {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let mesh = ready_mesh(package, extra);
         let slowed = mesh.busiest_besides(ASKING);
         let view = mesh.view(ASKING);
-        let share = (units_of(&view, &mesh.nodes[slowed].peer_id), mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum());
+        let share = (
+            units_of(&view, &mesh.nodes[slowed].peer_id),
+            mesh.nodes.iter().map(|n| units_of(&view, &n.peer_id)).sum(),
+        );
         let spared = spared(&view, &mesh.nodes[slowed].peer_id);
         let spares = if spared { "another device keeps them as spares" } else { "no other device keeps them" };
         eprintln!("{label}: n{slowed} runs {} of {} units, {spares} (mesh {attempt})", share.0, share.1);
@@ -228,7 +260,8 @@ fn ready_mesh(package: &Path, extra: &[&str]) -> Mesh {
 /// Runs the prompt, doing `act` once `at_bytes` of the answer have come;
 /// returns the output and when `act` happened on the prompt's clock (ms).
 fn prompt_with(mesh: &mut Mesh, tokens: &str, at_bytes: usize, act: impl FnOnce(&mut Mesh)) -> (support::Output, f64) {
-    let mut prompt = Streaming::start(&mesh.nodes[ASKING].dir, &["--max-tokens", tokens, "--ignore-eos", "--timings", PROMPT]);
+    let mut prompt =
+        Streaming::start(&mesh.nodes[ASKING].dir, &["--max-tokens", tokens, "--ignore-eos", "--timings", PROMPT]);
     prompt.read_at_least(1);
     // The first text comes with the first token: that aligns the two clocks.
     let first_text = Instant::now();
@@ -242,12 +275,14 @@ fn prompt_with(mesh: &mut Mesh, tokens: &str, at_bytes: usize, act: impl FnOnce(
 
 /// The time of day, UTC, as the nodes' logs write it (`14:13:22.581`).
 fn utc_clock() -> String {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()) % 86_400_000;
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()) % 86_400_000;
     format!("{:02}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000)
 }
 
 fn timings(stderr: &str) -> Vec<f64> {
-    let line = stderr.lines().find_map(|l| l.strip_prefix("timings_ms: ")).unwrap_or_else(|| panic!("no timings: {stderr}"));
+    let line =
+        stderr.lines().find_map(|l| l.strip_prefix("timings_ms: ")).unwrap_or_else(|| panic!("no timings: {stderr}"));
     line.split_whitespace().map(|t| t.parse().unwrap()).collect()
 }
 
@@ -267,7 +302,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The tokens before which the generation moved to a new plan live (`moved
 /// to plan epoch E after K token(s)`).
 fn moves_at(stderr: &str) -> Vec<usize> {
-    stderr.lines().filter_map(|l| l.split_once("moved to plan epoch ")?.1.split_once(" after ")?.1.split_once(" token")?.0.parse().ok()).collect()
+    stderr
+        .lines()
+        .filter_map(|l| {
+            l.split_once("moved to plan epoch ")?.1.split_once(" after ")?.1.split_once(" token")?.0.parse().ok()
+        })
+        .collect()
 }
 
 /// Tokens after the throttle until the pace has recovered: a window of
@@ -293,8 +333,15 @@ fn recovery(run: &Run) -> Option<usize> {
 /// with the moment of the throttle marked.
 fn draw(runs: &[Run]) -> PathBuf {
     let (left, top, width, height) = (60.0, 40.0, 640.0, 260.0);
-    let series: Vec<Vec<(f64, f64)>> =
-        runs.iter().map(|r| r.token_ms.windows(WINDOW + 1).map(|w| (w[WINDOW] / 1e3, WINDOW as f64 / (w[WINDOW] - w[0]) * 1e3)).collect()).collect();
+    let series: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .map(|r| {
+            r.token_ms
+                .windows(WINDOW + 1)
+                .map(|w| (w[WINDOW] / 1e3, WINDOW as f64 / (w[WINDOW] - w[0]) * 1e3))
+                .collect()
+        })
+        .collect();
     let max_t = series.iter().flatten().map(|p| p.0).fold(1.0f64, f64::max);
     let max_r = series.iter().flatten().map(|p| p.1).fold(1.0f64, f64::max) * 1.1;
     let x = |t: f64| left + t / max_t * width;
@@ -307,10 +354,23 @@ fn draw(runs: &[Run]) -> PathBuf {
         left + width + 180.0,
         top + height + 50.0
     );
-    let _ = writeln!(svg, r#"<text x="{left}" y="20" font-size="13">Tokens/s over time; one stage throttled 2x (dashed line)</text>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="20" font-size="13">Tokens/s over time; one stage throttled 2x (dashed line)</text>"#
+    );
     let _ = writeln!(svg, r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#000"/>"##, top + height);
-    let _ = writeln!(svg, r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##, left + width, b = top + height);
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#, left + width / 2.0, top + height + 35.0);
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##,
+        left + width,
+        b = top + height
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#,
+        left + width / 2.0,
+        top + height + 35.0
+    );
     let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">{max_r:.0} tok/s</text>"#, left - 6.0, top + 4.0);
     for second in (0..=max_t as usize).step_by((max_t / 10.0).ceil().max(1.0) as usize) {
         let tx = x(second as f64);
@@ -318,7 +378,12 @@ fn draw(runs: &[Run]) -> PathBuf {
     }
     for (k, (run, points)) in runs.iter().zip(&series).enumerate() {
         let line: Vec<String> = points.iter().map(|(t, r)| format!("{:.1},{:.1}", x(*t), y(*r))).collect();
-        let _ = writeln!(svg, r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#, colours[k % 2], line.join(" "));
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#,
+            colours[k % 2],
+            line.join(" ")
+        );
         if let Some(t) = run.token_ms.get(run.throttled_at) {
             let _ = writeln!(
                 svg,
@@ -328,8 +393,14 @@ fn draw(runs: &[Run]) -> PathBuf {
                 tx = x(t / 1e3)
             );
         }
-        let _ =
-            writeln!(svg, r#"<text x="{}" y="{}" fill="{}">{}</text>"#, left + width + 10.0, top + 20.0 + 16.0 * k as f64, colours[k % 2], run.label);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" fill="{}">{}</text>"#,
+            left + width + 10.0,
+            top + 20.0 + 16.0 * k as f64,
+            colours[k % 2],
+            run.label
+        );
     }
     support::write_plot("bench-balance.svg", svg)
 }

@@ -37,10 +37,14 @@ fn main() {
     eprintln!("making the built-in `{size}` model…");
     ok(&["model", "synth", "--size", &size, "-o", s(&root.path().join("export"))]);
     let package = package_of(&root.path().join("export"), &root.path().join("package"));
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(package.join("manifest.json")).unwrap()).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
-    println!("{:<6} {:>7} {:>16} {:>10} {:>12} {:>10}", "nodes", "stages", "first token ms", "ratio", "decode tok/s", "ratio");
+    println!(
+        "{:<6} {:>7} {:>16} {:>10} {:>12} {:>10}",
+        "nodes", "stages", "first token ms", "ratio", "decode tok/s", "ratio"
+    );
 
     // The one-node mesh stays up: each run on a bigger mesh is paired with a
     // run on it just before, and the ratios are the medians of the pairs'.
@@ -102,7 +106,11 @@ fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
         decode.push(tok_s);
     }
     let view = plan(&mesh.nodes[0].dir);
-    let figures = Figures { stages: view["plan"]["stages"].as_array().unwrap().len(), first_token_ms: median(first), decode_tok_s: median(decode) };
+    let figures = Figures {
+        stages: view["plan"]["stages"].as_array().unwrap().len(),
+        first_token_ms: median(first),
+        decode_tok_s: median(decode),
+    };
     let ratios = if paired_with.is_some() { (median(first_ratio), median(decode_ratio)) } else { (1.0, 1.0) };
     (figures, ratios)
 }
@@ -121,7 +129,8 @@ fn prompt_stats(mesh: &Mesh) -> (f64, f64) {
 /// Returns each node's figures for the plot.
 fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) -> Vec<Memory> {
     let view = plan(&mesh.nodes[0].dir);
-    let name = |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
+    let name =
+        |id: &str| mesh.nodes.iter().position(|node| node.peer_id == id).map_or("?".to_string(), |i| format!("n{i}"));
     // Prefill steps count as one token each here: the warm-up, RUNS prompts
     // and one at once from each node, of TOKENS tokens each.
     let tokens = ((1 + RUNS + mesh.nodes.len()) * TOKENS.parse::<usize>().unwrap()) as f64;
@@ -151,7 +160,12 @@ fn links(mesh: &Mesh, manifest: &Value, started_peaks: &[u64]) -> Vec<Memory> {
         // The target: weights held (spares loaded ahead included) × 1.1 + 64 MiB.
         let target = ((weights + spares) as f64 * 1.1) as u64 + (64 << 20);
         let verdict = if peak <= target { "within" } else { "over" };
-        memory.push(Memory { node: format!("{}:n{i}", mesh.nodes.len()), weights: mib(weights + spares), peak: mib(peak), target: mib(target) });
+        memory.push(Memory {
+            node: format!("{}:n{i}", mesh.nodes.len()),
+            weights: mib(weights + spares),
+            peak: mib(peak),
+            target: mib(target),
+        });
         rss.push(format!(
             "n{i} {:.0} MiB peak RSS ({:.0} MiB now, {:.0} MiB at start-up) / {:.0} MiB weights + {:.0} MiB spare ({verdict} {:.0} MiB)",
             mib(peak),
@@ -172,12 +186,19 @@ fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) -> f64 {
     let started = Instant::now();
     std::thread::scope(|scope| {
         for node in &mesh.nodes {
-            scope.spawn(move || ok(&["prompt", "--data-dir", s(&node.dir), "--ignore-eos", "--max-tokens", TOKENS, PROMPT]));
+            scope.spawn(move || {
+                ok(&["prompt", "--data-dir", s(&node.dir), "--ignore-eos", "--max-tokens", TOKENS, PROMPT])
+            });
         }
     });
     let aggregate = k as f64 * tokens / started.elapsed().as_secs_f64();
-    let note = if cores < k { format!(" (only {cores} cores for {k} nodes: the target needs {k})") } else { String::new() };
-    println!("       {k} prompts at once: {aggregate:.1} tok/s in all, {:.2}x one prompt (target {:.1}x){note}", aggregate / alone, 0.8 * k as f64);
+    let note =
+        if cores < k { format!(" (only {cores} cores for {k} nodes: the target needs {k})") } else { String::new() };
+    println!(
+        "       {k} prompts at once: {aggregate:.1} tok/s in all, {:.2}x one prompt (target {:.1}x){note}",
+        aggregate / alone,
+        0.8 * k as f64
+    );
     aggregate / alone
 }
 
@@ -231,25 +252,54 @@ impl Plot {
     fn draw(&self) -> PathBuf {
         let mut svg = String::new();
         let (width, height) = (3.0 * (PANEL.0 + 70.0) + 20.0, PANEL.1 + 110.0);
-        let _ = writeln!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#);
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+        );
         let ratios: Vec<Group> = self
             .ratios
             .iter()
-            .map(|(n, (first, decode))| Group { label: format!("{n} nodes"), bars: vec![(*first, BLUE), (*decode, ORANGE)], target: Some(0.95) })
+            .map(|(n, (first, decode))| Group {
+                label: format!("{n} nodes"),
+                bars: vec![(*first, BLUE), (*decode, ORANGE)],
+                target: Some(0.95),
+            })
             .collect();
-        panel(&mut svg, 0, "Against one node (target 0.95x)", &[("first token", BLUE), ("decode", ORANGE)], &ratios, "x");
+        panel(
+            &mut svg,
+            0,
+            "Against one node (target 0.95x)",
+            &[("first token", BLUE), ("decode", ORANGE)],
+            &ratios,
+            "x",
+        );
         let at_once: Vec<Group> = self
             .at_once
             .iter()
-            .map(|(k, speedup)| Group { label: format!("k = {k}"), bars: vec![(*speedup, BLUE)], target: Some(0.8 * *k as f64) })
+            .map(|(k, speedup)| Group {
+                label: format!("k = {k}"),
+                bars: vec![(*speedup, BLUE)],
+                target: Some(0.8 * *k as f64),
+            })
             .collect();
         panel(&mut svg, 1, "k prompts at once over one (target 0.8k)", &[("speed-up", BLUE)], &at_once, "x");
         let memory: Vec<Group> = self
             .memory
             .iter()
-            .map(|m| Group { label: m.node.clone(), bars: vec![(m.weights, GREY), (m.peak, GREEN)], target: Some(m.target) })
+            .map(|m| Group {
+                label: m.node.clone(),
+                bars: vec![(m.weights, GREY), (m.peak, GREEN)],
+                target: Some(m.target),
+            })
             .collect();
-        panel(&mut svg, 2, "Peak RSS serving (target 1.1 w + 64 MiB)", &[("weights", GREY), ("peak", GREEN)], &memory, " MiB");
+        panel(
+            &mut svg,
+            2,
+            "Peak RSS serving (target 1.1 w + 64 MiB)",
+            &[("weights", GREY), ("peak", GREEN)],
+            &memory,
+            " MiB",
+        );
         support::write_plot("bench-mesh-infer.svg", svg)
     }
 }
@@ -266,11 +316,21 @@ fn panel(svg: &mut String, at: usize, title: &str, series: &[(&str, &str)], grou
         let _ = writeln!(svg, r#"<text x="{}" y="40" fill="{colour}">{name}</text>"#, left + 90.0 * k as f64);
     }
     let _ = writeln!(svg, r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#000"/>"##, top + height);
-    let _ = writeln!(svg, r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##, left + width, b = top + height);
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{left}" x2="{}" y1="{b}" y2="{b}" stroke="#000"/>"##,
+        left + width,
+        b = top + height
+    );
     let decimals = if max < 10.0 { 2 } else { 0 };
     for tick in 0..=4 {
         let v = max / 1.1 * tick as f64 / 4.0;
-        let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">{v:.decimals$}{unit}</text>"#, left - 4.0, y(v) + 4.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="end">{v:.decimals$}{unit}</text>"#,
+            left - 4.0,
+            y(v) + 4.0
+        );
     }
     let slot = width / groups.len().max(1) as f64;
     for (g, group) in groups.iter().enumerate() {
@@ -278,13 +338,28 @@ fn panel(svg: &mut String, at: usize, title: &str, series: &[(&str, &str)], grou
         let bar = slot * 0.7 / group.bars.len() as f64;
         for (b, (value, colour)) in group.bars.iter().enumerate() {
             let x = x0 + bar * b as f64;
-            let _ = writeln!(svg, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#, y(*value), bar - 1.0, top + height - y(*value));
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#,
+                y(*value),
+                bar - 1.0,
+                top + height - y(*value)
+            );
         }
         if let Some(target) = group.target {
-            let _ = writeln!(svg, r##"<line x1="{x0:.1}" x2="{:.1}" y1="{t:.1}" y2="{t:.1}" stroke="#e45756" stroke-width="2" stroke-dasharray="4 2"/>"##, x0 + slot * 0.7, t = y(target));
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x0:.1}" x2="{:.1}" y1="{t:.1}" y2="{t:.1}" stroke="#e45756" stroke-width="2" stroke-dasharray="4 2"/>"##,
+                x0 + slot * 0.7,
+                t = y(target)
+            );
         }
         let (lx, ly) = (x0 + slot * 0.35, top + height + 14.0);
-        let rotate = if groups.len() > 4 { format!(r#" transform="rotate(-45 {lx:.1} {ly:.1})" text-anchor="end""#) } else { r#" text-anchor="middle""#.to_string() };
+        let rotate = if groups.len() > 4 {
+            format!(r#" transform="rotate(-45 {lx:.1} {ly:.1})" text-anchor="end""#)
+        } else {
+            r#" text-anchor="middle""#.to_string()
+        };
         let _ = writeln!(svg, r#"<text x="{lx:.1}" y="{ly:.1}"{rotate}>{}</text>"#, group.label);
     }
 }

@@ -132,7 +132,14 @@ mod split {
         // Over-map by a huge page, then trim both ends so the block starts on one.
         // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
         unsafe {
-            let raw = libc::mmap(std::ptr::null_mut(), len + HUGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            let raw = libc::mmap(
+                std::ptr::null_mut(),
+                len + HUGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
             if raw == libc::MAP_FAILED {
                 return None;
             }
@@ -222,8 +229,12 @@ mod split {
         #[test]
         fn options_are_mimallocs_v3() {
             // SAFETY: reading options takes no pointers.
-            let (thp, purge) =
-                unsafe { (libmimalloc_sys::mi_option_get(MI_OPTION_ALLOW_THP), libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY)) };
+            let (thp, purge) = unsafe {
+                (
+                    libmimalloc_sys::mi_option_get(MI_OPTION_ALLOW_THP),
+                    libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
+                )
+            };
             // v3's defaults (tests do not run `init`): huge pages allowed, purges after 1000 ms.
             assert_eq!((thp, purge), (1, 1000), "mimalloc's option numbers moved: see mi_option_e in its mimalloc.h");
         }

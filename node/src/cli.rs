@@ -380,13 +380,22 @@ impl Command {
             }
             Command::Id { dir } => crate::mesh_cmd::id(&dir.path()?),
             Command::Peers { dir, json } => crate::mesh_cmd::peers(&dir.path()?, json),
-            Command::Prompt { dir, generation, stats, timings, model, private, prompt } => {
-                crate::prompt::cli(&dir.path()?, &generation, model, private, crate::prompt::Report { stats, timings }, prompt)
+            Command::Prompt { dir, generation, stats, timings, model, private, prompt } => crate::prompt::cli(
+                &dir.path()?,
+                &generation,
+                model,
+                private,
+                crate::prompt::Report { stats, timings },
+                prompt,
+            ),
+            Command::Plan { dir, objective, explain, json } => {
+                crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json)
             }
-            Command::Plan { dir, objective, explain, json } => crate::plan_cmd::plan(&dir.path()?, objective.map(Into::into), explain, json),
             Command::Throttle { dir, factor } => crate::pace::cli(&dir.path()?, factor),
             Command::Mesh(command) => command.execute(),
-            Command::Demo { dir, nodes, max_tokens, prompt } => crate::demo::demo(dir.path()?, nodes, max_tokens, &prompt),
+            Command::Demo { dir, nodes, max_tokens, prompt } => {
+                crate::demo::demo(dir.path()?, nodes, max_tokens, &prompt)
+            }
         }
     }
 }
@@ -395,11 +404,15 @@ impl MeshCommand {
     fn execute(self) -> anyhow::Result<()> {
         use crate::mesh_cmd;
         match self {
-            MeshCommand::Init { dir, name, valid_for } => mesh_cmd::init(&dir.path()?, &name.unwrap_or_else(host_name), valid_for),
+            MeshCommand::Init { dir, name, valid_for } => {
+                mesh_cmd::init(&dir.path()?, &name.unwrap_or_else(host_name), valid_for)
+            }
             MeshCommand::Invite { dir, ttl } => mesh_cmd::invite(&dir.path()?, ttl),
             MeshCommand::Join { dir, name, token } => mesh_cmd::join(&dir.path()?, &token, name.as_deref()),
             MeshCommand::Revoke { dir, device } => mesh_cmd::revoke(&dir.path()?, &device),
-            MeshCommand::Certify { dir, peer_id, name, valid_for, out } => mesh_cmd::certify(&dir.path()?, &peer_id, &name, valid_for, &out),
+            MeshCommand::Certify { dir, peer_id, name, valid_for, out } => {
+                mesh_cmd::certify(&dir.path()?, &peer_id, &name, valid_for, &out)
+            }
             MeshCommand::Install { dir, file } => mesh_cmd::install(&dir.path()?, &file),
         }
     }

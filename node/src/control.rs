@@ -96,7 +96,8 @@ pub async fn bind(data_dir: &Path) -> anyhow::Result<UnixListener> {
         anyhow::bail!("a node is already running on {}; stop it first or use another --data-dir", data_dir.display());
     }
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -132,7 +133,10 @@ pub async fn serve(listener: UnixListener, local: Local, shutdown: CancellationT
 }
 
 async fn busy(stream: UnixStream) -> anyhow::Result<()> {
-    let answer = Frame::new(0, LocalResponse::Error(format!("the node is serving {MAX_CONNECTIONS} local clients already; retry")));
+    let answer = Frame::new(
+        0,
+        LocalResponse::Error(format!("the node is serving {MAX_CONNECTIONS} local clients already; retry")),
+    );
     Ok(wire::write_frame(&mut stream.compat(), &answer, LIMIT).await?)
 }
 
@@ -206,10 +210,12 @@ async fn answer(local: &Local, request: LocalRequest) -> anyhow::Result<LocalRes
             tracing::info!("throttle {was} -> {factor}");
             LocalResponse::Throttled { was }
         }
-        LocalRequest::Revoke { device } => match call_t!(local.trust, |reply| TrustMsg::Revoke { device, reply }, CALL_TIMEOUT_MS)? {
-            Ok(peer) => LocalResponse::Revoked { peer_id: peer.to_base58() },
-            Err(e) => LocalResponse::Error(e),
-        },
+        LocalRequest::Revoke { device } => {
+            match call_t!(local.trust, |reply| TrustMsg::Revoke { device, reply }, CALL_TIMEOUT_MS)? {
+                Ok(peer) => LocalResponse::Revoked { peer_id: peer.to_base58() },
+                Err(e) => LocalResponse::Error(e),
+            }
+        }
     })
 }
 
@@ -227,7 +233,8 @@ pub async fn prompt(
     let mut io = connect(data_dir).await?;
     wire::write_frame(&mut io, &Frame::new(1, LocalRequest::Prompt(request)), LIMIT).await?;
     loop {
-        let frame: Frame<LocalResponse> = wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
+        let frame: Frame<LocalResponse> =
+            wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
         match frame.body {
             LocalResponse::Prompt(event @ crate::prompt::PromptEvent::Done { .. }) => {
                 on_event(event);
@@ -242,7 +249,11 @@ pub async fn prompt(
 
 async fn connect(data_dir: &Path) -> anyhow::Result<tokio_util::compat::Compat<UnixStream>> {
     let stream = UnixStream::connect(socket_path(data_dir)).await.map_err(|_| {
-        anyhow::anyhow!("no node is running on {}; start one with `llnode start --data-dir {}`", data_dir.display(), data_dir.display())
+        anyhow::anyhow!(
+            "no node is running on {}; start one with `llnode start --data-dir {}`",
+            data_dir.display(),
+            data_dir.display()
+        )
     })?;
     Ok(stream.compat())
 }
@@ -251,7 +262,8 @@ async fn connect(data_dir: &Path) -> anyhow::Result<tokio_util::compat::Compat<U
 pub async fn call(data_dir: &Path, request: LocalRequest) -> anyhow::Result<LocalResponse> {
     let mut io = connect(data_dir).await?;
     wire::write_frame(&mut io, &Frame::new(1, request), LIMIT).await?;
-    let response: Frame<LocalResponse> = wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
+    let response: Frame<LocalResponse> =
+        wire::read_frame(&mut io, LIMIT).await.context("the node closed the control connection")?;
     match response.body {
         LocalResponse::Error(e) => anyhow::bail!("{e}"),
         body => Ok(body),

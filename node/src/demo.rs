@@ -57,7 +57,9 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
     for (i, dir) in dirs.iter().enumerate() {
         let log = std::fs::File::create(dir.with_extension("log"))?;
         let mut cmd = Command::new(&exe);
-        cmd.args(["start", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--memory", &memory.to_string()]).arg("--data-dir").arg(dir);
+        cmd.args(["start", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--memory", &memory.to_string()])
+            .arg("--data-dir")
+            .arg(dir);
         if i == 0 {
             cmd.arg("--model").arg(&package_dir);
         }
@@ -138,7 +140,10 @@ fn provision(dirs: &[PathBuf]) -> anyhow::Result<()> {
     for (i, dir) in dirs.iter().enumerate() {
         let key = DeviceKey::load_or_create(&dir.join(DEVICE_KEY_FILE))?;
         let mut trust = Trust::default();
-        trust.install(owner.certify(&key.public(), &format!("node{i}"), now().saturating_sub(60), now() + 86_400), &key.peer_id())?;
+        trust.install(
+            owner.certify(&key.public(), &format!("node{i}"), now().saturating_sub(60), now() + 86_400),
+            &key.peer_id(),
+        )?;
         trust.save(dir)?;
     }
     Ok(())
@@ -168,7 +173,10 @@ async fn wait_for_plan(dirs: &[PathBuf]) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("the nodes did not agree on a plan within 60 s; their logs are in {}", dirs[0].parent().unwrap_or(Path::new(".")).display());
+            bail!(
+                "the nodes did not agree on a plan within 60 s; their logs are in {}",
+                dirs[0].parent().unwrap_or(Path::new(".")).display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -29,9 +29,7 @@ fn main() -> ExitCode {
     alloc::init();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         // Colours for a terminal only: a node's log file (tests, phones) stays plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

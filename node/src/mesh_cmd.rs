@@ -35,33 +35,43 @@ pub fn init(data_dir: &Path, name: &str, validity: Duration) -> anyhow::Result<(
     let owner_path = data_dir.join(OWNER_KEY_FILE);
     let owner = OwnerKey::generate();
     let now = now();
-    let certificate = owner.certify(&key.public(), name, now.saturating_sub(60), now.saturating_add(validity.as_secs()));
+    let certificate =
+        owner.certify(&key.public(), name, now.saturating_sub(60), now.saturating_add(validity.as_secs()));
     trust.install(certificate.clone(), &key.peer_id())?;
     owner.save(&owner_path).with_context(|| format!("cannot write {}", owner_path.display()))?;
     trust.save(data_dir)?;
     Register::load(data_dir)?.issued(name, &key.peer_id(), &certificate)?;
     outln!("mesh {}", owner.mesh());
-    eprintln!("this device is {name} ({}) and owns the mesh; next: `llnode start`, then `llnode mesh invite`", key.peer_id());
+    eprintln!(
+        "this device is {name} ({}) and owns the mesh; next: `llnode start`, then `llnode mesh invite`",
+        key.peer_id()
+    );
     Ok(())
 }
 
 /// `llnode mesh certify`: on the owner device, a certificate file for another device's peer id.
 pub fn certify(data_dir: &Path, peer: &str, name: &str, validity: Duration, out: &Path) -> anyhow::Result<()> {
-    let owner = OwnerKey::load(data_dir)?.context("this device does not own a mesh (no owner.key); run this on the owner's device")?;
+    let owner = OwnerKey::load(data_dir)?
+        .context("this device does not own a mesh (no owner.key); run this on the owner's device")?;
     let peer: PeerId = peer.parse().with_context(|| format!("{peer:?} is not a peer id; `llnode id` prints one"))?;
     let key = identity::key_of(&peer).context("that peer id does not hold an ed25519 key")?;
     let now = now();
     let certificate = owner.certify(&key, name, now.saturating_sub(60), now.saturating_add(validity.as_secs()));
-    llnode_mesh::file::write_atomic(out, &certificate.to_bytes(), false).with_context(|| format!("cannot write {}", out.display()))?;
+    llnode_mesh::file::write_atomic(out, &certificate.to_bytes(), false)
+        .with_context(|| format!("cannot write {}", out.display()))?;
     Register::load(data_dir)?.issued(name, &peer, &certificate)?;
-    eprintln!("certificate for {name} ({peer}) written to {}; install it there with `llnode mesh install`", out.display());
+    eprintln!(
+        "certificate for {name} ({peer}) written to {}; install it there with `llnode mesh install`",
+        out.display()
+    );
     Ok(())
 }
 
 /// `llnode mesh install`: make a certificate file this device's own.
 pub fn install(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let certificate = SignedCertificate::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{} is not a certificate: {e}", file.display()))?;
+    let certificate = SignedCertificate::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a certificate: {e}", file.display()))?;
     let key = device_key(data_dir)?;
     let mut trust = Trust::load(data_dir)?;
     trust.install(certificate.clone(), &key.peer_id())?;
@@ -78,7 +88,10 @@ pub fn invite(data_dir: &Path, ttl: Duration) -> anyhow::Result<()> {
     match crate::runtime()?.block_on(control::call(data_dir, LocalRequest::Invite { ttl_secs: ttl.as_secs() }))? {
         LocalResponse::Invite(token) => {
             outln!("{token}");
-            eprintln!("valid for {}, once: on the new device run `llnode mesh join <token>`", humantime::format_duration(ttl));
+            eprintln!(
+                "valid for {}, once: on the new device run `llnode mesh join <token>`",
+                humantime::format_duration(ttl)
+            );
             Ok(())
         }
         other => bail!("unexpected answer from the node: {other:?}"),
@@ -90,7 +103,10 @@ pub fn join(data_dir: &Path, token: &str, name: Option<&str>) -> anyhow::Result<
     let parsed = JoinToken::decode(token)?;
     let rt = crate::runtime()?;
     let name = if control::socket_path(data_dir).exists() {
-        match rt.block_on(control::call(data_dir, LocalRequest::Join { token: token.to_string(), name: name.map(str::to_string) })) {
+        match rt.block_on(control::call(
+            data_dir,
+            LocalRequest::Join { token: token.to_string(), name: name.map(str::to_string) },
+        )) {
             Ok(LocalResponse::Joined { name }) => name,
             Ok(other) => bail!("unexpected answer from the node: {other:?}"),
             Err(e) => return Err(e),
@@ -114,12 +130,17 @@ async fn join_offline(data_dir: &Path, token: JoinToken, name: &str) -> anyhow::
     let config = MeshConfig { listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?], mdns: false, ..MeshConfig::default() };
     let (client, task) = llnode_mesh::spawn(&key, config, trust.clone(), Box::new(|_| {}), shutdown.clone())?;
     let addrs = token.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-    let result = tokio::time::timeout(Duration::from_secs(30), client.join(owner_peer, addrs, token.secret, name.to_string())).await;
+    let result =
+        tokio::time::timeout(Duration::from_secs(30), client.join(owner_peer, addrs, token.secret, name.to_string()))
+            .await;
     shutdown.cancel();
     let _ = task.await;
-    let (certificate, revocations) = result.map_err(|_| anyhow::anyhow!("the owner's device did not answer within 30 s; is its node running and reachable?"))??;
-    let cert = crate::actor::trust::accept_certificate(&mut trust, &key.peer_id(), data_dir, &token, certificate, revocations)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let (certificate, revocations) = result.map_err(|_| {
+        anyhow::anyhow!("the owner's device did not answer within 30 s; is its node running and reachable?")
+    })??;
+    let cert =
+        crate::actor::trust::accept_certificate(&mut trust, &key.peer_id(), data_dir, &token, certificate, revocations)
+            .map_err(|e| anyhow::anyhow!(e))?;
     Ok(cert.name)
 }
 
@@ -155,7 +176,15 @@ pub fn peers(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         };
         let seen = r.last_seen_secs.map(|s| format!("{s:.0}s ago")).unwrap_or_else(|| "-".into());
         let rtt = r.rtt_ms.map(|ms| format!("{ms:.2} ms")).unwrap_or_else(|| "-".into());
-        outln!("{:<16} {:<54} {:<28} {:>9} {:>9}  {}", r.name.as_deref().unwrap_or("?"), r.peer_id, state, seen, rtt, r.addrs.join(" "));
+        outln!(
+            "{:<16} {:<54} {:<28} {:>9} {:>9}  {}",
+            r.name.as_deref().unwrap_or("?"),
+            r.peer_id,
+            state,
+            seen,
+            rtt,
+            r.addrs.join(" ")
+        );
     }
     Ok(())
 }

@@ -41,7 +41,8 @@ impl Throttle {
 
 /// A throttle factor from the command line or the control socket.
 pub fn parse_factor(text: &str) -> Result<f64, String> {
-    let factor: f64 = text.parse().map_err(|_| format!("`{text}` is not a number; give a factor such as 2 (twice as slow)"))?;
+    let factor: f64 =
+        text.parse().map_err(|_| format!("`{text}` is not a number; give a factor such as 2 (twice as slow)"))?;
     if !(1.0..=1000.0).contains(&factor) {
         return Err(format!("the throttle factor must be between 1 (full speed) and 1000, not {factor}"));
     }

@@ -26,7 +26,9 @@ pub fn plan(data_dir: &Path, objective: Option<Objective>, explain: bool, json: 
         let deadline = Instant::now() + Duration::from_secs(60);
         while !(view.epoch > before && view.plan.as_ref().is_some_and(|p| p.objective == objective)) {
             if Instant::now() > deadline {
-                bail!("no plan for {objective} arrived within 60 s; `llnode plan --explain` shows what the planner last did");
+                bail!(
+                    "no plan for {objective} arrived within 60 s; `llnode plan --explain` shows what the planner last did"
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
             view = rt.block_on(self::view(data_dir, None))?;
@@ -50,7 +52,15 @@ pub fn print_view(view: &PlanView, explain: bool) {
         (Some(plan), Some(epoch)) => {
             let model = view.model.as_deref().unwrap_or("?");
             outln!("plan: epoch {epoch}, model {}, minimising {}", &model[..model.len().min(16)], plan.objective);
-            outln!("{:<6} {:<16} {:<10} {:>11} {:>11} {:>21}", "stage", "device", "units", "compute ms", "sending ms", "memory used / offered");
+            outln!(
+                "{:<6} {:<16} {:<10} {:>11} {:>11} {:>21}",
+                "stage",
+                "device",
+                "units",
+                "compute ms",
+                "sending ms",
+                "memory used / offered"
+            );
             for (i, s) in plan.stages.iter().enumerate() {
                 outln!(
                     "{:<6} {:<16} {:<10} {:>11.2} {:>11.2} {:>10} / {:<10}",

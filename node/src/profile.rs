@@ -32,7 +32,12 @@ pub fn model_cost(cost: &CostProfile) -> ModelCost {
         skips: cost
             .skips
             .iter()
-            .map(|s| SkipTensor { name: s.name.clone(), producer: s.producer, consumers: s.consumers.clone(), bytes_per_token: s.bytes_per_token })
+            .map(|s| SkipTensor {
+                name: s.name.clone(),
+                producer: s.producer,
+                consumers: s.consumers.clone(),
+                bytes_per_token: s.bytes_per_token,
+            })
             .collect(),
         kv_bytes_per_token: cost.units.iter().map(|u| u.kv_bytes_per_token).collect(),
     }
@@ -47,7 +52,10 @@ fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
-            text.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<u64>().ok())
+            text.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(2 << 30, |kb| kb * 1024)
 }
@@ -67,7 +75,8 @@ pub fn measure(id: &str, name: &str, package: Option<&Path>, memory_cap: Option<
     // the biggest of the others.
     let n = model.units.len();
     let timed = if n >= 3 { n - 1 } else { n };
-    let timings = crate::alloc::loading(|| llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS, timed))?;
+    let timings =
+        crate::alloc::loading(|| llnode_models::pipeline::time_units(&model, PROFILE_PROMPT, PROFILE_STEPS, timed))?;
     let cost = CostProfile::of(&model);
     let flops: u64 = cost.units[..timed].iter().map(|u| u.flops_per_token).sum();
     let secs: f64 = timings.iter().map(|t| t.decode_s).sum::<f64>().max(1e-9);
@@ -117,7 +126,10 @@ fn battery(supplies: &Path) -> Option<Battery> {
         }
         let percent: f64 = read(&supply.join("capacity"))?.parse().ok()?;
         let status = read(&supply.join("status")).unwrap_or_default();
-        Some(Battery { level: (percent / 100.0).clamp(0.0, 1.0), charging: matches!(status.as_str(), "Charging" | "Full") })
+        Some(Battery {
+            level: (percent / 100.0).clamp(0.0, 1.0),
+            charging: matches!(status.as_str(), "Charging" | "Full"),
+        })
     })
 }
 
@@ -127,7 +139,9 @@ fn battery(supplies: &Path) -> Option<Battery> {
 /// (where the kernel starts to throttle) `Moderate`, else `Nominal`. A
 /// device whose zones have no trip points says nothing.
 fn thermal(zones: &Path) -> Option<Thermal> {
-    let rank = |t: Thermal| [Thermal::Nominal, Thermal::Moderate, Thermal::Severe, Thermal::Critical].iter().position(|&s| s == t);
+    let rank = |t: Thermal| {
+        [Thermal::Nominal, Thermal::Moderate, Thermal::Severe, Thermal::Critical].iter().position(|&s| s == t)
+    };
     let mut worst: Option<Thermal> = None;
     for zone in entries(zones, "thermal_zone") {
         let Some(temp) = read(&zone.join("temp")).and_then(|t| t.parse::<i64>().ok()) else {
@@ -135,7 +149,8 @@ fn thermal(zones: &Path) -> Option<Thermal> {
         };
         let mut state = None;
         for i in 0.. {
-            let (Some(trip), Some(kind)) = (read(&zone.join(format!("trip_point_{i}_temp"))), read(&zone.join(format!("trip_point_{i}_type"))))
+            let (Some(trip), Some(kind)) =
+                (read(&zone.join(format!("trip_point_{i}_temp"))), read(&zone.join(format!("trip_point_{i}_type"))))
             else {
                 break;
             };

@@ -150,28 +150,46 @@ impl Tokenizers {
 }
 
 /// Runs one prompt across the mesh, sending events to `events`; returns an error line on failure.
-pub async fn run(initiator: &Initiator, request: PromptRequest, events: mpsc::UnboundedSender<PromptEvent>) -> Result<(), String> {
+pub async fn run(
+    initiator: &Initiator,
+    request: PromptRequest,
+    events: mpsc::UnboundedSender<PromptEvent>,
+) -> Result<(), String> {
     request.sampling.validate()?;
     let _slot = initiator.slots.clone().try_acquire_owned().map_err(|_| {
-        format!("{BUSY} this node already runs {} prompt(s) at once; retry in a moment or ask another member", initiator.max_prompts)
+        format!(
+            "{BUSY} this node already runs {} prompt(s) at once; retry in a moment or ask another member",
+            initiator.max_prompts
+        )
     })?;
-    let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+    let route = call_t!(initiator.execution, |reply| ExecutionMsg::Route { after: 0, reply }, ROUTE_WAIT_MS)
+        .map_err(|e| e.to_string())??;
     // With a plan held, this node has heard which models the members serve.
     let model = request.model.as_deref().map(|wanted| resolve_model(&initiator.store, wanted)).transpose()?;
     let private = request.private;
-    let startup = Startup { me: initiator.me, planning: &initiator.planning, execution: &initiator.execution, events: &events, private, model };
+    let startup = Startup {
+        me: initiator.me,
+        planning: &initiator.planning,
+        execution: &initiator.execution,
+        events: &events,
+        private,
+        model,
+    };
     let route = startup.ready(route).await?;
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
     let handle = tokio::runtime::Handle::current();
-    let (me, client, execution, traffic) = (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
-    let (planning, loaded, tokenizers) = (initiator.planning.clone(), initiator.loaded.clone(), initiator.tokenizers.clone());
+    let (me, client, execution, traffic) =
+        (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
+    let (planning, loaded, tokenizers) =
+        (initiator.planning.clone(), initiator.loaded.clone(), initiator.tokenizers.clone());
     let (ended_tx, ended) = oneshot::channel();
     let result = tokio::task::spawn_blocking(move || {
         let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
         let tokenizer = tokenizers.of(&route.model, &model)?;
-        let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }.map_err(|e| e.to_string())?;
+        let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }
+            .map_err(|e| e.to_string())?;
         let options = GenerateOptions {
             max_tokens: request.max_tokens,
             sampling: request.sampling.clone(),
@@ -244,7 +262,11 @@ fn resolve_model(store: &crate::store::Store, wanted: &str) -> Result<String, St
         [id] => Ok(id.clone()),
         [] => Err(format!(
             "no member has model {wanted} (the mesh knows {}); start a node with --model <package> of it, or leave out --model",
-            if known.is_empty() { "none yet".to_string() } else { known.iter().map(|id| crate::store::short(id)).collect::<Vec<_>>().join(", ") }
+            if known.is_empty() {
+                "none yet".to_string()
+            } else {
+                known.iter().map(|id| crate::store::short(id)).collect::<Vec<_>>().join(", ")
+            }
         )),
         _ => Err(format!("{wanted} starts several models' ids; give more of it")),
     }
@@ -274,9 +296,10 @@ impl Startup<'_> {
         let route = if self.private { self.private_route(route).await? } else { route };
         let route = self.await_stages(route).await?;
         match &self.model {
-            Some(model) if route.model != *model => {
-                Err(format!("the mesh moved on to model {} meanwhile (another member asked for it); ask again", crate::store::short(&route.model)))
-            }
+            Some(model) if route.model != *model => Err(format!(
+                "the mesh moved on to model {} meanwhile (another member asked for it); ask again",
+                crate::store::short(&route.model)
+            )),
             _ => Ok(route),
         }
     }
@@ -294,9 +317,11 @@ impl Startup<'_> {
     /// first and last units here, and waits until this node has loaded one.
     async fn private_route(&self, route: Route) -> Result<Route, String> {
         let waiting = "a plan that keeps this prompt's tokens on this device (privacy mode)".to_string();
-        self.ask_leader_for(route, |r| keeps_tokens_on(r, self.me), waiting, PlanningMsg::Private)
-            .await
-            .map_err(|e| format!("privacy mode: {e}; ask without --private, or from a device with memory for the first and last units"))
+        self.ask_leader_for(route, |r| keeps_tokens_on(r, self.me), waiting, PlanningMsg::Private).await.map_err(|e| {
+            format!(
+                "privacy mode: {e}; ask without --private, or from a device with memory for the first and last units"
+            )
+        })
     }
 
     /// `route` if it is `wanted`; else asks the leader (through `ask`, answered
@@ -327,10 +352,17 @@ impl Startup<'_> {
     /// Where every other device of `route` stands with the route's plan.
     async fn stages(&self, route: &Route) -> Result<Stages, String> {
         use crate::protocol::Readiness;
-        let devices: Vec<PeerId> =
-            route.devices.iter().copied().filter(|d| *d != self.me).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let devices: Vec<PeerId> = route
+            .devices
+            .iter()
+            .copied()
+            .filter(|d| *d != self.me)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let states =
-            call_t!(self.planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS).map_err(|e| e.to_string())?;
+            call_t!(self.planning, |reply| PlanningMsg::ReadinessOf { devices, reply }, crate::actor::CALL_TIMEOUT_MS)
+                .map_err(|e| e.to_string())?;
         let newer = states.iter().any(|d| d.said.as_ref().is_some_and(|(epoch, _)| *epoch > route.epoch));
         let gone = states.iter().any(|d| !d.live);
         let waiting = states
@@ -339,7 +371,9 @@ impl Startup<'_> {
             .filter_map(|d| match d.said {
                 Some((epoch, Readiness::Ready)) if epoch == route.epoch => None,
                 Some((epoch, Readiness::Loading(line))) if epoch == route.epoch => Some(format!("{}: {line}", d.name)),
-                Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => Some(format!("{} cannot load its units yet: {e}", d.name)),
+                Some((epoch, Readiness::Failed(e))) if epoch == route.epoch => {
+                    Some(format!("{} cannot load its units yet: {e}", d.name))
+                }
                 _ => Some(format!("{}: has not taken up plan epoch {} yet", d.name, route.epoch)),
             })
             .collect();
@@ -358,7 +392,8 @@ impl Startup<'_> {
             let stages = self.stages(&route).await?;
             if stages.newer {
                 let after = route.epoch;
-                route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS).map_err(|e| e.to_string())??;
+                route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, ROUTE_WAIT_MS)
+                    .map_err(|e| e.to_string())??;
                 continue;
             }
             if stages.waiting.is_empty() {
@@ -366,7 +401,10 @@ impl Startup<'_> {
             }
             let line = stages.waiting.join("; ");
             if started.elapsed() > Duration::from_millis(ROUTE_WAIT_MS) {
-                return Err(format!("the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more", ROUTE_WAIT_MS / 1000));
+                return Err(format!(
+                    "the plan's devices are not ready after {} s ({line}); `llnode plan` on them says more",
+                    ROUTE_WAIT_MS / 1000
+                ));
             }
             if line != shown {
                 let _ = self.events.send(PromptEvent::Waiting(line.clone()));
@@ -428,7 +466,11 @@ impl Forward for MeshForward {
         // The asker's connection closed (`llnode prompt` stopped, Ctrl-C):
         // no step more, and the sessions' caches are freed everywhere.
         if self.events.is_closed() {
-            tracing::info!(session = self.session, "the asker went away after {} step(s): the generation stops", self.history.len());
+            tracing::info!(
+                session = self.session,
+                "the asker went away after {} step(s): the generation stops",
+                self.history.len()
+            );
             return Err(RunError::Remote("the asker went away".into()));
         }
         // Why and since when this step has been interrupted, once it has.
@@ -452,9 +494,12 @@ impl Forward for MeshForward {
             match self.step_through(tokens) {
                 Ok(logits) => {
                     if let Some((why, since)) = moved {
-                        let (epoch, replayed, pause_s) = (self.route.epoch, self.history.len(), since.elapsed().as_secs_f64());
-                        let note =
-                            format!("a generation moved to plan epoch {epoch} ({why}): replayed {replayed} step(s), paused {:.0} ms", pause_s * 1e3);
+                        let (epoch, replayed, pause_s) =
+                            (self.route.epoch, self.history.len(), since.elapsed().as_secs_f64());
+                        let note = format!(
+                            "a generation moved to plan epoch {epoch} ({why}): replayed {replayed} step(s), paused {:.0} ms",
+                            pause_s * 1e3
+                        );
                         let _ = self.planning.cast(PlanningMsg::Note(note));
                         let _ = self.events.send(PromptEvent::Resumed { why, epoch, replayed, pause_s });
                     }
@@ -476,7 +521,9 @@ impl Forward for MeshForward {
             }
         }
         let why = moved.map(|(why, _)| why).unwrap_or_default();
-        Err(RunError::Remote(format!("{why}, and the generation moved {MAX_MOVES} times; ask again once `llnode plan` is steady")))
+        Err(RunError::Remote(format!(
+            "{why}, and the generation moved {MAX_MOVES} times; ask again once `llnode plan` is steady"
+        )))
     }
 
     fn position(&self) -> usize {
@@ -518,7 +565,9 @@ impl MeshForward {
         let mut remote: Vec<(usize, PeerId, Vec<llnode_mesh::wire::Tensor>)> = Vec::new();
         for t in self.route.map.transfers.iter().filter(|t| t.from == Endpoint::Initiator) {
             let Endpoint::Segment(s) = t.to else { continue };
-            let value = acts.get(&t.tensor).ok_or_else(|| failed(format!("the model reads {} from the initiator", t.tensor)))?;
+            let value = acts
+                .get(&t.tensor)
+                .ok_or_else(|| failed(format!("the model reads {} from the initiator", t.tensor)))?;
             let value = raw::to_raw(value).map_err(|e| failed(e.to_string()))?;
             let d = Delivery {
                 session: self.session,
@@ -532,7 +581,9 @@ impl MeshForward {
             };
             let device = self.route.devices[s];
             if self.private && device != self.me && t.tensor == "input_ids" {
-                return Err(failed(format!("privacy mode: the plan would send the token ids to {device}; nothing was sent")));
+                return Err(failed(format!(
+                    "privacy mode: the plan would send the token ids to {device}; nothing was sent"
+                )));
             }
             if device == self.me {
                 self.execution.cast(ExecutionMsg::Deliver(d)).map_err(|e| failed(e.to_string()))?;
@@ -569,7 +620,8 @@ impl MeshForward {
             )));
         }
         // In privacy mode the plan may have to be asked for again: a new leader does not know.
-        let route = self.handle.block_on(self.startup().ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        let route =
+            self.handle.block_on(self.startup().ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
         self.replay_onto(route)
     }
 
@@ -583,7 +635,14 @@ impl MeshForward {
     }
 
     fn startup(&self) -> Startup<'_> {
-        Startup { me: self.me, planning: &self.planning, execution: &self.execution, events: &self.events, private: self.private, model: None }
+        Startup {
+            me: self.me,
+            planning: &self.planning,
+            execution: &self.execution,
+            events: &self.events,
+            private: self.private,
+            model: None,
+        }
     }
 
     /// Opens a session on `route` and replays every step so far into it.
@@ -617,13 +676,15 @@ impl MeshForward {
         // only when this device has loaded a plan of a later epoch (a plan's
         // first epoch is at most its epoch, so this misses none).
         let after = self.route.epoch;
-        let newer_loaded = matches!(&*self.loaded.borrow(), Some((epoch, crate::protocol::Readiness::Ready)) if *epoch > after);
+        let newer_loaded =
+            matches!(&*self.loaded.borrow(), Some((epoch, crate::protocol::Readiness::Ready)) if *epoch > after);
         if self.history.is_empty() || !newer_loaded {
             return Ok(());
         }
         let execution = self.execution.clone();
-        let newer =
-            self.handle.block_on(async move { call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS) });
+        let newer = self.handle.block_on(async move {
+            call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS)
+        });
         let Ok(Some(route)) = newer else { return Ok(()) };
         if route.model != self.route.model || (self.private && !keeps_tokens_on(&route, self.me)) {
             return Ok(());
@@ -636,7 +697,8 @@ impl MeshForward {
         let to = rand::random();
         match self.handle.block_on(self.hand_over(&route, to)) {
             Ok(()) => {
-                let (epoch, tokens, past, pause_s) = (route.epoch, self.history.len(), self.past, since.elapsed().as_secs_f64());
+                let (epoch, tokens, past, pause_s) =
+                    (route.epoch, self.history.len(), self.past, since.elapsed().as_secs_f64());
                 self.open(route, to);
                 let note = format!(
                     "a generation moved to plan epoch {epoch} after {tokens} token(s): the caches of {past} token(s) handed over in {:.0} ms",
@@ -647,7 +709,11 @@ impl MeshForward {
                 Ok(())
             }
             Err(why) => {
-                tracing::warn!(session = self.session, "cannot hand the caches over to plan epoch {} ({why}); replaying instead", route.epoch);
+                tracing::warn!(
+                    session = self.session,
+                    "cannot hand the caches over to plan epoch {} ({why}); replaying instead",
+                    route.epoch
+                );
                 self.sessions.push((to, route.devices.clone()));
                 self.replay_onto(route)
             }
@@ -658,15 +724,21 @@ impl MeshForward {
     /// session `to`: the old devices hand each cache to its layer's new
     /// device, then each new device starts the session from them.
     async fn hand_over(&self, route: &Route, to: u64) -> Result<(), String> {
-        let stages: Vec<(String, std::ops::Range<usize>)> =
-            route.devices.iter().zip(&route.map.segments).map(|(device, units)| (device.to_base58(), units.clone())).collect();
+        let stages: Vec<(String, std::ops::Range<usize>)> = route
+            .devices
+            .iter()
+            .zip(&route.map.segments)
+            .map(|(device, units)| (device.to_base58(), units.clone()))
+            .collect();
         let past = self.past as u64;
         let hand_over = CacheMove::HandOver { from: self.session, to, epoch: route.epoch, past, stages };
         let moving = async {
             self.order_all(&self.route.devices, &hand_over).await?;
             self.order_all(&route.devices, &CacheMove::Seal { session: to, epoch: route.epoch, past }).await
         };
-        tokio::time::timeout(HAND_OVER_TIMEOUT, moving).await.map_err(|_| format!("no answer within {} s", HAND_OVER_TIMEOUT.as_secs()))?
+        tokio::time::timeout(HAND_OVER_TIMEOUT, moving)
+            .await
+            .map_err(|_| format!("no answer within {} s", HAND_OVER_TIMEOUT.as_secs()))?
     }
 
     /// Gives `order` to each of `devices` (this one through its execution actor) at once; all must carry it out.
@@ -757,12 +829,20 @@ mod tests {
     fn a_models_tokenizer_is_parsed_once_and_a_third_model_starts_over() {
         let root = tempfile::tempdir().unwrap();
         let silent = llnode_models::progress::Silent;
-        let export = llnode_models::synth::write_export(&llnode_models::synth::SynthConfig::tiny(), &root.path().join("export"), &silent).unwrap();
+        let export = llnode_models::synth::write_export(
+            &llnode_models::synth::SynthConfig::tiny(),
+            &root.path().join("export"),
+            &silent,
+        )
+        .unwrap();
         let model = llnode_models::model::Model::from_export(&export).unwrap();
         let kept = Tokenizers::default();
         let first = kept.of("a", &model).unwrap();
         assert!(Arc::ptr_eq(&first, &kept.of("a", &model).unwrap()));
-        assert_eq!(first.encode("hello").unwrap(), TextTokenizer::load(&model.dir, model.info.vocab_size).unwrap().encode("hello").unwrap());
+        assert_eq!(
+            first.encode("hello").unwrap(),
+            TextTokenizer::load(&model.dir, model.info.vocab_size).unwrap().encode("hello").unwrap()
+        );
         let second = kept.of("b", &model).unwrap();
         assert!(!Arc::ptr_eq(&first, &second));
         assert!(Arc::ptr_eq(&second, &kept.of("b", &model).unwrap()));

@@ -133,7 +133,8 @@ impl SignedPlan {
         let leader: PeerId = doc.leader.parse().map_err(|_| "the plan's leader is not a peer id".to_string())?;
         let key = identity::key_of(&leader).ok_or("the plan's leader has no ed25519 key")?;
         let signature = Signature::from_slice(&self.signature).map_err(|_| "the plan is unsigned".to_string())?;
-        key.verify(&[PLAN_DOMAIN, &self.body].concat(), &signature).map_err(|_| "the plan's signature is not its leader's".to_string())?;
+        key.verify(&[PLAN_DOMAIN, &self.body].concat(), &signature)
+            .map_err(|_| "the plan's signature is not its leader's".to_string())?;
         Ok(doc)
     }
 }
@@ -155,7 +156,15 @@ mod tests {
             excluded: Vec::new(),
             method: Method::Baseline { name: "test".into() },
         };
-        PlanDoc { epoch, term: 1, leader: leader.peer_id().to_base58(), model: "m".into(), plan, issued_at: 0, private: None }
+        PlanDoc {
+            epoch,
+            term: 1,
+            leader: leader.peer_id().to_base58(),
+            model: "m".into(),
+            plan,
+            issued_at: 0,
+            private: None,
+        }
     }
 
     #[test]

@@ -7,11 +7,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use llnode_models::generate::{GenerateOptions, Generation, generate};
 use llnode_models::model::Model;
+use llnode_models::package;
 use llnode_models::pipeline::LocalPipeline;
 use llnode_models::synth::{self, SynthConfig};
 use llnode_models::tokenizer::TextTokenizer;
 use llnode_models::transmission::even_split;
-use llnode_models::package;
 
 use crate::bar::Bar;
 use crate::cli::{GenerationArgs, RunArgs};

@@ -47,14 +47,17 @@ pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
 }
 
 async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let listener = control::bind(data_dir).await?;
     let key = DeviceKey::load_or_create(&data_dir.join(llnode_mesh::identity::DEVICE_KEY_FILE))?;
     let trust = Trust::load(data_dir)?;
     let mesh = trust.mesh();
     let trust_name = trust.own_certificate().and_then(|c| c.open().ok()).map(|c| c.name);
     if mesh.is_none() {
-        eprintln!("note: this device is in no mesh yet, so every peer will refuse it; `llnode mesh init` or `llnode mesh join <token>`");
+        eprintln!(
+            "note: this device is in no mesh yet, so every peer will refuse it; `llnode mesh init` or `llnode mesh join <token>`"
+        );
     }
     // Checking a source package reads all its weights: seconds for big models.
     let sources: Vec<_> = options.model.iter().cloned().collect();
@@ -75,7 +78,9 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     let sink = {
         let tensors_to = tensors_to.clone();
         move |event| match (event, tensors_to.get()) {
-            (MeshEvent::Tensor { peer, id, tensor }, Some(execution)) if tensor.header.name != crate::actor::planning::PROBE => {
+            (MeshEvent::Tensor { peer, id, tensor }, Some(execution))
+                if tensor.header.name != crate::actor::planning::PROBE =>
+            {
                 let _ = execution.cast(ExecutionMsg::Inbound { peer, id, tensor });
             }
             (event, _) => {
@@ -85,7 +90,8 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     };
     let (client, mesh_task) = llnode_mesh::spawn(&key, config, trust.clone(), sink, shutdown.clone())?;
 
-    let (discovery, discovery_handle) = Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
+    let (discovery, discovery_handle) =
+        Actor::spawn(None, DiscoveryActor, DiscoveryArgs { client: client.clone(), explicit: options.peers }).await?;
     let trust_args = TrustArgs {
         data_dir: data_dir.to_path_buf(),
         me: key.peer_id(),
@@ -146,8 +152,14 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     }
 
     let router = {
-        let (discovery, trust_actor, planning, execution, client, store) =
-            (discovery.clone(), trust_actor.clone(), planning.clone(), execution.clone(), client.clone(), store.clone());
+        let (discovery, trust_actor, planning, execution, client, store) = (
+            discovery.clone(),
+            trust_actor.clone(),
+            planning.clone(),
+            execution.clone(),
+            client.clone(),
+            store.clone(),
+        );
         // Members fetching units are served a few slices at a time; more wait their turn.
         let serving = std::sync::Arc::new(tokio::sync::Semaphore::new(SERVE_AT_ONCE));
         tokio::spawn(async move {
@@ -157,30 +169,40 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                         let _ = planning.cast(PlanningMsg::MemberUp(peer));
                         let _ = execution.cast(ExecutionMsg::MemberUp(peer));
                     }
-                    MeshEvent::Control { peer, id, request: ControlRequest::Node(bytes) } => match NodeMessage::decode(&bytes) {
-                        Ok(NodeMessage::Fetch { model, file, offset, len }) => {
-                            let (store, client, serving) = (store.clone(), client.clone(), serving.clone());
-                            tokio::spawn(async move {
-                                let _turn = serving.acquire_owned().await;
-                                let slice = tokio::task::spawn_blocking(move || store.serve(&model, &file, offset, len)).await;
-                                client.respond(
-                                    id,
-                                    match slice {
-                                        Ok(Ok(bytes)) => ControlResponse::Node(bytes),
-                                        Ok(Err(reason)) => ControlResponse::Refused { reason },
-                                        Err(e) => ControlResponse::Refused { reason: format!("serving failed: {e}") },
-                                    },
-                                );
-                            });
+                    MeshEvent::Control { peer, id, request: ControlRequest::Node(bytes) } => {
+                        match NodeMessage::decode(&bytes) {
+                            Ok(NodeMessage::Fetch { model, file, offset, len }) => {
+                                let (store, client, serving) = (store.clone(), client.clone(), serving.clone());
+                                tokio::spawn(async move {
+                                    let _turn = serving.acquire_owned().await;
+                                    let slice =
+                                        tokio::task::spawn_blocking(move || store.serve(&model, &file, offset, len))
+                                            .await;
+                                    client.respond(
+                                        id,
+                                        match slice {
+                                            Ok(Ok(bytes)) => ControlResponse::Node(bytes),
+                                            Ok(Err(reason)) => ControlResponse::Refused { reason },
+                                            Err(e) => {
+                                                ControlResponse::Refused { reason: format!("serving failed: {e}") }
+                                            }
+                                        },
+                                    );
+                                });
+                            }
+                            Ok(NodeMessage::Move(order)) => {
+                                let _ = execution.cast(ExecutionMsg::Move {
+                                    asker: peer,
+                                    order,
+                                    waiter: crate::actor::Waiter::Remote(id),
+                                });
+                            }
+                            Ok(message) => {
+                                let _ = planning.cast(PlanningMsg::Inbound { peer, id, message });
+                            }
+                            Err(reason) => client.respond(id, ControlResponse::Refused { reason }),
                         }
-                        Ok(NodeMessage::Move(order)) => {
-                            let _ = execution.cast(ExecutionMsg::Move { asker: peer, order, waiter: crate::actor::Waiter::Remote(id) });
-                        }
-                        Ok(message) => {
-                            let _ = planning.cast(PlanningMsg::Inbound { peer, id, message });
-                        }
-                        Err(reason) => client.respond(id, ControlResponse::Refused { reason }),
-                    },
+                    }
                     MeshEvent::Disconnected { peer } | MeshEvent::Refused { peer, .. } => {
                         let _ = planning.cast(PlanningMsg::MemberDown(peer));
                         let _ = execution.cast(ExecutionMsg::PeerGone(peer));
@@ -196,9 +218,10 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                         let _ = trust_actor.cast(TrustMsg::Trusted { peer, name: name.clone() });
                         let _ = discovery.cast(DiscoveryMsg::Event(event));
                     }
-                    MeshEvent::Control { id, .. } => {
-                        client.respond(id, ControlResponse::Refused { reason: "this node does not serve that request".into() })
-                    }
+                    MeshEvent::Control { id, .. } => client.respond(
+                        id,
+                        ControlResponse::Refused { reason: "this node does not serve that request".into() },
+                    ),
                     MeshEvent::Tensor { id, tensor, .. } if tensor.header.name == crate::actor::planning::PROBE => {
                         client.ack_tensor(id, llnode_mesh::wire::TensorAck::Received)
                     }

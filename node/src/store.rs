@@ -72,8 +72,8 @@ impl Store {
             slice_bytes: SLICE_BYTES,
         };
         for dir in sources {
-            let (manifest, id) =
-                Manifest::read(dir).with_context(|| format!("--model {} must be a package written by `llnode import`", dir.display()))?;
+            let (manifest, id) = Manifest::read(dir)
+                .with_context(|| format!("--model {} must be a package written by `llnode import`", dir.display()))?;
             let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
             let started = Instant::now();
             for (name, entry) in &manifest.files {
@@ -83,7 +83,12 @@ impl Store {
                     .context("run `llnode model verify` on it, or import the model again")?;
                 store.verified.lock().expect("store lock").insert((id.clone(), name.clone()));
             }
-            tracing::info!("checked package {} ({:.1} MiB) in {:.2} s", short(&id), mib(bytes), started.elapsed().as_secs_f64());
+            tracing::info!(
+                "checked package {} ({:.1} MiB) in {:.2} s",
+                short(&id),
+                mib(bytes),
+                started.elapsed().as_secs_f64()
+            );
             store.manifests.lock().expect("store lock").insert(id.clone(), Arc::new(manifest));
             store.sources.insert(id, dir.clone());
         }
@@ -132,7 +137,8 @@ impl Store {
         }
         // Ids are hex hashes; anything else never names a directory.
         let dir = self.root.join(model);
-        (model.len() == 64 && model.bytes().all(|b| b.is_ascii_hexdigit()) && dir.join(MANIFEST).is_file()).then_some(dir)
+        (model.len() == 64 && model.bytes().all(|b| b.is_ascii_hexdigit()) && dir.join(MANIFEST).is_file())
+            .then_some(dir)
     }
 
     pub fn set_holder(&self, peer: PeerId, models: &[String]) {
@@ -156,7 +162,14 @@ impl Store {
     /// Every package this node or a member it knows of can serve.
     pub fn known_models(&self) -> BTreeSet<String> {
         let mut ids: BTreeSet<String> = self.models().into_iter().collect();
-        ids.extend(self.holders.lock().expect("store lock").iter().filter(|(_, peers)| !peers.is_empty()).map(|(id, _)| id.clone()));
+        ids.extend(
+            self.holders
+                .lock()
+                .expect("store lock")
+                .iter()
+                .filter(|(_, peers)| !peers.is_empty())
+                .map(|(id, _)| id.clone()),
+        );
         ids
     }
 
@@ -236,9 +249,12 @@ impl Store {
             return std::fs::read(dir.join(MANIFEST)).map_err(|e| format!("cannot read the manifest: {e}"));
         }
         let manifest = self.manifest(model).ok_or("the manifest is unreadable")?;
-        let entry = manifest.files.get(file).ok_or_else(|| format!("{file} is not a file of model {}", short(model)))?;
+        let entry =
+            manifest.files.get(file).ok_or_else(|| format!("{file} is not a file of model {}", short(model)))?;
         let (path, outboard) = (dir.join(file), self.outboard_path(&entry.blake3));
-        if !self.verified.lock().expect("store lock").contains(&(model.to_string(), file.to_string())) || !outboard.is_file() {
+        if !self.verified.lock().expect("store lock").contains(&(model.to_string(), file.to_string()))
+            || !outboard.is_file()
+        {
             return Err(format!("this node does not hold {file}"));
         }
         let open = |p: &Path| std::fs::File::open(p).map_err(|e| format!("cannot read {file}: {e}"));
@@ -258,12 +274,22 @@ impl Store {
     /// Makes sure this node holds `files` of `model` (and its manifest),
     /// fetching what is missing from members that have the model. Returns the
     /// package directory.
-    pub async fn ensure(self: &Arc<Self>, client: &MeshClient, model: &str, files: &BTreeSet<String>) -> Result<PathBuf, String> {
+    pub async fn ensure(
+        self: &Arc<Self>,
+        client: &MeshClient,
+        model: &str,
+        files: &BTreeSet<String>,
+    ) -> Result<PathBuf, String> {
         self.ensure_with(model, files, |peer, message| request(client, peer, message)).await
     }
 
     /// [`Store::ensure`] with the request to a member given (the mesh, or a test's stand-in).
-    pub async fn ensure_with<R, F>(self: &Arc<Self>, model: &str, files: &BTreeSet<String>, request: R) -> Result<PathBuf, String>
+    pub async fn ensure_with<R, F>(
+        self: &Arc<Self>,
+        model: &str,
+        files: &BTreeSet<String>,
+        request: R,
+    ) -> Result<PathBuf, String>
     where
         R: Fn(PeerId, NodeMessage) -> F,
         F: Future<Output = Result<Vec<u8>, String>>,
@@ -279,7 +305,8 @@ impl Store {
         };
         let mut missing = Vec::new();
         for file in files {
-            let entry = manifest.files.get(file).ok_or_else(|| format!("{file} is not a file of model {}", short(model)))?;
+            let entry =
+                manifest.files.get(file).ok_or_else(|| format!("{file} is not a file of model {}", short(model)))?;
             let key = (model.to_string(), file.clone());
             if self.verified.lock().expect("store lock").contains(&key) {
                 continue;
@@ -322,12 +349,16 @@ impl Store {
     {
         let mut last = format!("no member has model {}; start a node with --model <package>", short(model));
         for peer in self.holders_of(model) {
-            let message = NodeMessage::Fetch { model: model.to_string(), file: MANIFEST.to_string(), offset: 0, len: 0 };
+            let message =
+                NodeMessage::Fetch { model: model.to_string(), file: MANIFEST.to_string(), offset: 0, len: 0 };
             match request(peer, message).await {
                 Ok(bytes) if bytes.len() <= MANIFEST_LIMIT && blake3::hash(&bytes).to_hex().as_str() == model => {
                     let path = self.root.join(model).join(MANIFEST);
-                    llnode_mesh::file::write_atomic(&path, &bytes, false).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                    return self.manifest(model).ok_or_else(|| format!("the manifest of {} is not one this version reads", short(model)));
+                    llnode_mesh::file::write_atomic(&path, &bytes, false)
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    return self
+                        .manifest(model)
+                        .ok_or_else(|| format!("the manifest of {} is not one this version reads", short(model)));
                 }
                 Ok(_) => {
                     self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -366,7 +397,8 @@ impl Store {
             offset = 0;
         }
         progress.resumed(offset);
-        let hash = blake3::Hash::from_hex(&entry.blake3).map_err(|_| format!("the manifest's hash of {file} is malformed"))?;
+        let hash =
+            blake3::Hash::from_hex(&entry.blake3).map_err(|_| format!("the manifest's hash of {file} is malformed"))?;
         let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&part).map_err(io(&part))?;
         let peers = self.holders_of(model);
         if peers.is_empty() {
@@ -388,16 +420,22 @@ impl Store {
                     Err(e) => {
                         if e.starts_with(CORRUPT) {
                             self.rejected.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("{file} bytes {offset}.. from {peer} failed verification; fetching them again from another member");
+                            tracing::warn!(
+                                "{file} bytes {offset}.. from {peer} failed verification; fetching them again from another member"
+                            );
                         }
                         last = format!("{peer}: {e}");
                         next += 1;
                     }
                 }
             }
-            let bytes = bytes.ok_or_else(|| format!("no member could send {file} of model {} (last: {last})", short(model)))?;
+            let bytes =
+                bytes.ok_or_else(|| format!("no member could send {file} of model {} (last: {last})", short(model)))?;
             let write = io(&part);
-            out = tokio::task::spawn_blocking(move || out.write_all(&bytes).map(|()| out)).await.map_err(|e| e.to_string())?.map_err(write)?;
+            out = tokio::task::spawn_blocking(move || out.write_all(&bytes).map(|()| out))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(write)?;
             offset += len;
             if let Some(line) = progress.advance(len) {
                 tracing::info!("{line}");
@@ -421,7 +459,9 @@ const CORRUPT: &str = "slice failed verification";
 /// Checks a slice against the file's hash; returns its content bytes.
 fn open_slice(slice: &[u8], hash: &blake3::Hash, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let mut content = Vec::with_capacity(len as usize);
-    bao::decode::SliceDecoder::new(slice, hash, offset, len).read_to_end(&mut content).map_err(|e| format!("{CORRUPT}: {e}"))?;
+    bao::decode::SliceDecoder::new(slice, hash, offset, len)
+        .read_to_end(&mut content)
+        .map_err(|e| format!("{CORRUPT}: {e}"))?;
     if content.len() as u64 != len {
         return Err(format!("{CORRUPT}: {} bytes instead of {len}", content.len()));
     }
@@ -467,13 +507,20 @@ impl Progress {
         }
         self.reported = Instant::now();
         let percent = 100.0 * self.done as f64 / self.total.max(1) as f64;
-        Some(format!("fetching {} file(s) of model {}: {:.1} of {:.1} MiB ({percent:.0}%)", self.files, self.model, mib(self.done), mib(self.total)))
+        Some(format!(
+            "fetching {} file(s) of model {}: {:.1} of {:.1} MiB ({percent:.0}%)",
+            self.files,
+            self.model,
+            mib(self.done),
+            mib(self.total)
+        ))
     }
 
     fn finished(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64();
         let fetched = self.done - self.resumed;
-        let resumed = if self.resumed > 0 { format!(", resumed after {:.1} MiB", mib(self.resumed)) } else { String::new() };
+        let resumed =
+            if self.resumed > 0 { format!(", resumed after {:.1} MiB", mib(self.resumed)) } else { String::new() };
         format!(
             "fetched {} file(s) of model {} ({:.1} MiB) in {secs:.2} s ({:.0} MiB/s){resumed}",
             self.files,
@@ -500,7 +547,12 @@ mod tests {
     /// The built-in tiny model as a package in `dir`; returns its path and id.
     fn package(dir: &Path) -> (PathBuf, String) {
         let silent = llnode_models::progress::Silent;
-        let export = llnode_models::synth::write_export(&llnode_models::synth::SynthConfig::tiny(), &dir.join("export"), &silent).unwrap();
+        let export = llnode_models::synth::write_export(
+            &llnode_models::synth::SynthConfig::tiny(),
+            &dir.join("export"),
+            &silent,
+        )
+        .unwrap();
         let model = llnode_models::model::Model::from_export(&export).unwrap();
         let id = llnode_models::package::write(&model, &dir.join("package"), &silent).unwrap();
         (dir.join("package"), id)
@@ -587,7 +639,12 @@ mod tests {
 
         // Held now: served to others in turn, and not fetched again.
         let slice = fetcher.serve(&id, &weights, 0, 1024).unwrap();
-        assert_eq!(open_slice(&slice, &blake3::Hash::from_hex(&manifest.files[&weights].blake3).unwrap(), 0, 1024).unwrap().len(), 1024);
+        assert_eq!(
+            open_slice(&slice, &blake3::Hash::from_hex(&manifest.files[&weights].blake3).unwrap(), 0, 1024)
+                .unwrap()
+                .len(),
+            1024
+        );
         let never = |_, _| async { Err::<Vec<u8>, String>("no request expected".into()) };
         fetcher.ensure_with(&id, &layer, never).await.unwrap();
 

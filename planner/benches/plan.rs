@@ -25,10 +25,7 @@ const SEQUENCES: usize = 8;
 
 /// Runs per solve-time figure (`BENCH_RUNS` overrides).
 fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
+    std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5)
 }
 
 fn main() {
@@ -40,16 +37,11 @@ fn main() {
 
 /// A Llama-shaped model with `units - 2` decoder layers.
 fn model(units: usize) -> ModelCost {
-    ModelCost::transformer(&TransformerShape {
-        layers: units - 2,
-        ..TransformerShape::tiny_llama()
-    })
+    ModelCost::transformer(&TransformerShape { layers: units - 2, ..TransformerShape::tiny_llama() })
 }
 
 fn cycle(n: usize) -> Vec<Phone> {
-    (0..n)
-        .map(|i| phone::CATALOG[i % phone::CATALOG.len()])
-        .collect()
+    (0..n).map(|i| phone::CATALOG[i % phone::CATALOG.len()]).collect()
 }
 
 /// The same devices with every unit "measured" at its estimate times a
@@ -78,11 +70,7 @@ fn measured(devices: &[DeviceProfile], model: &ModelCost) -> Vec<DeviceProfile> 
 
 fn describe(method: &Method) -> String {
     match method {
-        Method::Mip {
-            proven_optimal: true,
-            nodes,
-            ..
-        } => format!("optimal, {nodes} nodes"),
+        Method::Mip { proven_optimal: true, nodes, .. } => format!("optimal, {nodes} nodes"),
         Method::Mip { gap, nodes, .. } => {
             format!("gap {:.1}%, {nodes} nodes", gap.unwrap_or(f64::NAN) * 100.0)
         }
@@ -93,24 +81,11 @@ fn describe(method: &Method) -> String {
 fn solve_times() {
     let runs = runs();
     println!("MIP solve time, median of {runs} runs (release build, this machine)");
-    println!(
-        "{:<28} {:<11} {:>10} {:>8}  result",
-        "instance", "objective", "median", "stages"
-    );
+    println!("{:<28} {:<11} {:>10} {:>8}  result", "instance", "objective", "median", "stages");
     // (name, model, devices, Config::interchangeable)
     let cases: Vec<(String, ModelCost, Vec<DeviceProfile>, f64)> = vec![
-        (
-            "8 phones x 64 units".into(),
-            model(64),
-            phone::mesh(&cycle(8)),
-            0.1,
-        ),
-        (
-            "16 phones x 128 units".into(),
-            model(128),
-            phone::mesh(&cycle(16)),
-            0.1,
-        ),
+        ("8 phones x 64 units".into(), model(64), phone::mesh(&cycle(8)), 0.1),
+        ("16 phones x 128 units".into(), model(128), phone::mesh(&cycle(16)), 0.1),
         {
             let m = model(64);
             let d = measured(&phone::mesh(&cycle(8)), &m);
@@ -172,33 +147,17 @@ struct Row {
 const BASELINES: [&str; 3] = ["even", "memory (exo)", "compute (Cake)"];
 
 fn speedups() -> Vec<Row> {
-    use phone::{
-        GALAXY_A14 as A14, GALAXY_S23 as S23, PIXEL_6A as P6A, PIXEL_7 as P7, REDMI_9A as R9A,
-    };
+    use phone::{GALAXY_A14 as A14, GALAXY_S23 as S23, PIXEL_6A as P6A, PIXEL_7 as P7, REDMI_9A as R9A};
     let tiny = ModelCost::transformer(&TransformerShape::tiny_llama());
     let three_b = ModelCost::transformer(&TransformerShape::llama_3b());
     let mixes: Vec<(&str, ModelCost, Vec<Phone>)> = vec![
         ("1.1B on P7+A14+9A", tiny.clone(), vec![R9A, A14, P7]),
         ("1.1B on A14+A14+9A+9A", tiny, vec![R9A, A14, R9A, A14]),
-        (
-            "3B on S23+P7+A14+9A",
-            three_b.clone(),
-            vec![R9A, A14, P7, S23],
-        ),
-        (
-            "3B on 2xP6a+2xA14+2x9A",
-            three_b.clone(),
-            vec![A14, R9A, P6A, A14, R9A, P6A],
-        ),
-        (
-            "3B on 8 mixed",
-            three_b,
-            vec![R9A, A14, P6A, P7, S23, R9A, A14, P6A],
-        ),
+        ("3B on S23+P7+A14+9A", three_b.clone(), vec![R9A, A14, P7, S23]),
+        ("3B on 2xP6a+2xA14+2x9A", three_b.clone(), vec![A14, R9A, P6A, A14, R9A, P6A]),
+        ("3B on 8 mixed", three_b, vec![R9A, A14, P6A, P7, S23, R9A, A14, P6A]),
     ];
-    println!(
-        "\nSimulated speedup of the planned plan over each rule (x = baseline time / planned time)"
-    );
+    println!("\nSimulated speedup of the planned plan over each rule (x = baseline time / planned time)");
     println!(
         "{:<26} {:<10} {:>9} {:>14} {:>14} {:>16}",
         "mix", "measure", "planned", BASELINES[0], BASELINES[1], BASELINES[2]
@@ -206,17 +165,9 @@ fn speedups() -> Vec<Row> {
     let mut rows = Vec::new();
     for (name, model, phones) in mixes {
         let devices = phone::mesh(&phones);
-        let mut row = Row {
-            mix: name.to_string(),
-            latency: Vec::new(),
-            throughput: Vec::new(),
-        };
-        for (objective, sequences) in [(Objective::Latency, 1), (Objective::Throughput, SEQUENCES)]
-        {
-            let config = Config {
-                objective,
-                ..Config::default()
-            };
+        let mut row = Row { mix: name.to_string(), latency: Vec::new(), throughput: Vec::new() };
+        for (objective, sequences) in [(Objective::Latency, 1), (Objective::Throughput, SEQUENCES)] {
+            let config = Config { objective, ..Config::default() };
             let figure = |plan: &Plan| -> Option<f64> {
                 let sim = simulate(plan, &model, &devices, &config, sequences).ok()?;
                 Some(match objective {
@@ -237,10 +188,8 @@ fn speedups() -> Vec<Row> {
             let mut cells = Vec::new();
             let mut ratios = Vec::new();
             for rule in [baseline::even, baseline::by_memory, baseline::by_compute] {
-                let ratio = rule(&model, &devices, &config)
-                    .ok()
-                    .and_then(|plan| figure(&plan))
-                    .map(|value| match objective {
+                let ratio =
+                    rule(&model, &devices, &config).ok().and_then(|plan| figure(&plan)).map(|value| match objective {
                         Objective::Latency => value / best,
                         Objective::Throughput => best / value,
                     });
@@ -254,10 +203,7 @@ fn speedups() -> Vec<Row> {
                 Objective::Latency => ("ms/token", format!("{best:.0} ms")),
                 Objective::Throughput => ("tokens/s", format!("{best:.2}")),
             };
-            println!(
-                "{name:<26} {measure:<10} {value:>9} {:>14} {:>14} {:>16}",
-                cells[0], cells[1], cells[2]
-            );
+            println!("{name:<26} {measure:<10} {value:>9} {:>14} {:>14} {:>16}", cells[0], cells[1], cells[2]);
             match objective {
                 Objective::Latency => row.latency = ratios,
                 Objective::Throughput => row.throughput = ratios,
@@ -281,12 +227,8 @@ fn write_svg(rows: &[Row]) -> PathBuf {
     let (bar, gap, left, top, height) = (14.0, 30.0, 60.0, 40.0, 260.0);
     let group = 6.0 * bar + gap;
     let width = left + rows.len() as f64 * group + 40.0;
-    let max = rows
-        .iter()
-        .flat_map(|r| r.latency.iter().chain(&r.throughput))
-        .flatten()
-        .fold(2.0f64, |m, v| m.max(*v))
-        .ceil();
+    let max =
+        rows.iter().flat_map(|r| r.latency.iter().chain(&r.throughput)).flatten().fold(2.0f64, |m, v| m.max(*v)).ceil();
     let y = |v: f64| top + height - v / max * height;
     let mut svg = String::new();
     let _ = write!(
@@ -310,10 +252,7 @@ fn write_svg(rows: &[Row]) -> PathBuf {
     }
     for (i, row) in rows.iter().enumerate() {
         let x0 = left + gap / 2.0 + i as f64 * group;
-        for (k, (series, opacity)) in [(&row.latency, 1.0), (&row.throughput, 0.45)]
-            .into_iter()
-            .enumerate()
-        {
+        for (k, (series, opacity)) in [(&row.latency, 1.0), (&row.throughput, 0.45)].into_iter().enumerate() {
             for (b, ratio) in series.iter().enumerate() {
                 let x = x0 + (k * 3 + b) as f64 * bar;
                 match ratio {

@@ -38,11 +38,7 @@ use program::Program;
 type Stages = Vec<(usize, Range<usize>)>;
 
 /// Plans `model` on `devices` by solving the assignment MIP.
-pub fn plan(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Plan, PlanError> {
+pub fn plan(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Plan, PlanError> {
     let instance = Instance::new(model, devices, config)?;
     solve(&instance, config)
 }
@@ -58,14 +54,10 @@ pub fn objective_of(
     stages: &[(String, Range<usize>)],
 ) -> Option<f64> {
     let instance = Instance::new(model, devices, config).ok()?;
-    let stages: Option<Stages> = stages
-        .iter()
-        .map(|(id, units)| Some((instance.ids.iter().position(|d| d == id)?, units.clone())))
-        .collect();
+    let stages: Option<Stages> =
+        stages.iter().map(|(id, units)| Some((instance.ids.iter().position(|d| d == id)?, units.clone()))).collect();
     let stages = stages?;
-    instance
-        .admissible(&stages)
-        .then(|| instance.objective_of(&instance.evaluate(&stages)))
+    instance.admissible(&stages).then(|| instance.objective_of(&instance.evaluate(&stages)))
 }
 
 /// How many times slower a device loads units while it runs a stage: its
@@ -103,36 +95,19 @@ pub fn settle(
         return plan;
     };
     let index = |id: &str| instance.ids.iter().position(|d| d == id);
-    let profiles: Vec<&DeviceProfile> = instance
-        .ids
-        .iter()
-        .map(|id| {
-            devices
-                .iter()
-                .find(|p| &p.id == id)
-                .expect("the instance's devices")
-        })
-        .collect();
+    let profiles: Vec<&DeviceProfile> =
+        instance.ids.iter().map(|id| devices.iter().find(|p| &p.id == id).expect("the instance's devices")).collect();
     // While all of `running`'s devices are here, generations go on on it
     // during the loads; after a device left, nothing runs until they end.
     let live = running.iter().all(|(id, _)| index(id).is_some());
-    let busy: Vec<bool> = (0..instance.devices())
-        .map(|d| live && running.iter().any(|(id, _)| index(id) == Some(d)))
-        .collect();
+    let busy: Vec<bool> =
+        (0..instance.devices()).map(|d| live && running.iter().any(|(id, _)| index(id) == Some(d))).collect();
     // Seconds until every device has loaded what it does not hold.
     let load_s = |stages: &Stages| -> f64 {
         (0..instance.devices())
             .map(|d| {
-                let mine: Vec<&Range<usize>> = stages
-                    .iter()
-                    .filter(|(x, _)| *x == d)
-                    .map(|(_, u)| u)
-                    .collect();
-                let held = |u: usize| {
-                    loaded
-                        .iter()
-                        .any(|(id, h)| index(id) == Some(d) && h.contains(&u))
-                };
+                let mine: Vec<&Range<usize>> = stages.iter().filter(|(x, _)| *x == d).map(|(_, u)| u).collect();
+                let held = |u: usize| loaded.iter().any(|(id, h)| index(id) == Some(d) && h.contains(&u));
                 let bytes: u64 = mine
                     .iter()
                     .flat_map(|m| (*m).clone())
@@ -144,15 +119,12 @@ pub fn settle(
             .fold(0.0, f64::max)
     };
     let cost = |stages: &Stages| -> Option<f64> {
-        instance.admissible(stages).then(|| {
-            instance.objective_of(&instance.evaluate(stages)) * horizon_tokens + load_s(stages)
-        })
+        instance
+            .admissible(stages)
+            .then(|| instance.objective_of(&instance.evaluate(stages)) * horizon_tokens + load_s(stages))
     };
     let solved = plan.assignment();
-    let Some(stages) = solved
-        .iter()
-        .map(|(id, units)| Some((index(id)?, units.clone())))
-        .collect::<Option<Stages>>()
+    let Some(stages) = solved.iter().map(|(id, units)| Some((index(id)?, units.clone()))).collect::<Option<Stages>>()
     else {
         return plan;
     };
@@ -162,27 +134,17 @@ pub fn settle(
         used.sort_unstable();
         used.dedup();
         let mut chosen = Vec::new();
-        reshuffle(
-            &mut chosen,
-            used.len(),
-            instance.devices(),
-            &mut |to: &[usize]| {
-                let moved: Stages = candidate
-                    .iter()
-                    .map(|(id, units)| {
-                        (
-                            to[used.binary_search(&id.as_str()).expect("used")],
-                            units.clone(),
-                        )
-                    })
-                    .collect();
-                if let Some(c) = cost(&moved)
-                    && best.as_ref().is_none_or(|(b, _)| c < *b)
-                {
-                    best = Some((c, moved));
-                }
-            },
-        );
+        reshuffle(&mut chosen, used.len(), instance.devices(), &mut |to: &[usize]| {
+            let moved: Stages = candidate
+                .iter()
+                .map(|(id, units)| (to[used.binary_search(&id.as_str()).expect("used")], units.clone()))
+                .collect();
+            if let Some(c) = cost(&moved)
+                && best.as_ref().is_none_or(|(b, _)| c < *b)
+            {
+                best = Some((c, moved));
+            }
+        });
     }
     match best {
         Some((_, best)) if best != stages => instance.plan(&best, plan.method),
@@ -209,11 +171,7 @@ pub fn failover_spares(
         return plan;
     };
     let running = plan.assignment();
-    let idle: Vec<&String> = instance
-        .ids
-        .iter()
-        .filter(|id| !running.iter().any(|(d, _)| d == *id))
-        .collect();
+    let idle: Vec<&String> = instance.ids.iter().filter(|id| !running.iter().any(|(d, _)| d == *id)).collect();
     if idle.is_empty() {
         return plan;
     }
@@ -227,20 +185,9 @@ pub fn failover_spares(
         let Ok(next) = self::plan(model, &rest, config) else {
             continue;
         };
-        let next = settle(
-            model,
-            &rest,
-            config,
-            next,
-            &running,
-            &running,
-            horizon_tokens,
-        );
+        let next = settle(model, &rest, config, next, &running, &running, horizon_tokens);
         for stage in next.stages.iter().filter(|s| idle.contains(&&s.device)) {
-            match wanted
-                .iter_mut()
-                .find(|(d, u, _)| *d == stage.device && *u == stage.units)
-            {
+            match wanted.iter_mut().find(|(d, u, _)| *d == stage.device && *u == stage.units) {
                 Some(entry) => entry.2 += 1,
                 None => wanted.push((stage.device.clone(), stage.units.clone(), 1)),
             }
@@ -250,36 +197,21 @@ pub fn failover_spares(
     wanted.sort_by_key(|w| std::cmp::Reverse(w.2));
     // The spares the plan came with (`Instance::spares`).
     let usual = std::mem::take(&mut plan.spares);
-    let mut spares: Vec<crate::plan::Spare> = usual
-        .iter()
-        .filter(|s| !idle.contains(&&s.device))
-        .cloned()
-        .collect();
+    let mut spares: Vec<crate::plan::Spare> = usual.iter().filter(|s| !idle.contains(&&s.device)).cloned().collect();
     for device in idle {
-        let d = instance
-            .ids
-            .iter()
-            .position(|id| id == device)
-            .expect("an instance device");
+        let d = instance.ids.iter().position(|id| id == device).expect("an instance device");
         let mut used = 0u64;
         let candidates = wanted
             .iter()
             .filter(|(id, _, _)| id == device)
             .map(|(_, units, _)| units.clone())
-            .chain(
-                usual
-                    .iter()
-                    .filter(|s| &s.device == device)
-                    .map(|s| s.units.clone()),
-            );
+            .chain(usual.iter().filter(|s| &s.device == device).map(|s| s.units.clone()));
         // Kept ranges do not overlap: one that covers kept ones replaces them.
         let mut kept: Vec<Range<usize>> = Vec::new();
         for units in candidates {
             let inside = |k: &Range<usize>| units.start <= k.start && k.end <= units.end;
-            let overlapping: Vec<&Range<usize>> = kept
-                .iter()
-                .filter(|k| k.start < units.end && units.start < k.end)
-                .collect();
+            let overlapping: Vec<&Range<usize>> =
+                kept.iter().filter(|k| k.start < units.end && units.start < k.end).collect();
             if !overlapping.iter().all(|k| inside(k)) {
                 continue;
             }
@@ -292,10 +224,7 @@ pub fn failover_spares(
             }
         }
         kept.sort_by_key(|k| k.start);
-        spares.extend(kept.into_iter().map(|units| crate::plan::Spare {
-            device: device.clone(),
-            units,
-        }));
+        spares.extend(kept.into_iter().map(|units| crate::plan::Spare { device: device.clone(), units }));
     }
     plan.spares = spares;
     plan
@@ -332,11 +261,7 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
     // What the MIP sees: measured times of near-identical units evened out.
     let smoothed = block::smooth(instance, config.interchangeable);
     let model = &smoothed;
-    let mut seed = if config.warm_start {
-        search::best(model)
-    } else {
-        None
-    };
+    let mut seed = if config.warm_start { search::best(model) } else { None };
     let cost = |stages: &Stages| model.objective_of(&model.evaluate(stages));
     let blocks = block::blocks(model);
     // Throughput: a lower bound (`assign/bound.rs`), and the best plan its
@@ -361,10 +286,7 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
         if let Some(stages) = &seed {
             options.warm_start = Some(hint(&program, model, stages));
         }
-        program
-            .problem
-            .solve_with(options)
-            .map(|outcome| (program, outcome))
+        program.problem.solve_with(options).map(|outcome| (program, outcome))
     };
     // The cutoff comes from a plan that meets it; should round-off still make
     // the program infeasible, solve it again without.
@@ -383,15 +305,8 @@ pub(crate) fn solve(instance: &Instance, config: &Config) -> Result<Plan, PlanEr
         Ok(solution) => solution,
         Err(_) => {
             return match seed {
-                Some(stages) => Ok(instance.plan(
-                    &stages,
-                    Method::Search {
-                        elapsed: started.elapsed(),
-                    },
-                )),
-                None => Err(PlanError::TimedOut {
-                    limit: config.time_limit,
-                }),
+                Some(stages) => Ok(instance.plan(&stages, Method::Search { elapsed: started.elapsed() })),
+                None => Err(PlanError::TimedOut { limit: config.time_limit }),
             };
         }
     };
@@ -423,11 +338,7 @@ fn on(solution: &microlp::Solution, var: Variable) -> bool {
 }
 
 /// The stages of a solution: follow the path from the first block.
-fn read(
-    program: &Program,
-    solution: &microlp::Solution,
-    instance: &Instance,
-) -> Result<Stages, PlanError> {
+fn read(program: &Program, solution: &microlp::Solution, instance: &Instance) -> Result<Stages, PlanError> {
     let broken = |what: &str| PlanError::Solver(format!("the solution's path {what}"));
     let nb = program.blocks.len();
     let mut v = (0..program.phys.len())
@@ -448,22 +359,14 @@ fn read(
             _ => stages.push((device, next_unit..next_unit + count)),
         }
         next_unit += count;
-        if let Some(arc) = program.inside[k]
-            .iter()
-            .find(|a| a.from == v && on(solution, a.var))
-        {
+        if let Some(arc) = program.inside[k].iter().find(|a| a.from == v && on(solution, a.var)) {
             v = arc.to;
         } else if k + 1 == nb {
             if !instance.admissible(&stages) {
-                return Err(PlanError::Solver(format!(
-                    "the solution's stages {stages:?} break a constraint"
-                )));
+                return Err(PlanError::Solver(format!("the solution's stages {stages:?} break a constraint")));
             }
             return Ok(stages);
-        } else if let Some(arc) = program.across[k]
-            .iter()
-            .find(|a| a.from == v && on(solution, a.var))
-        {
+        } else if let Some(arc) = program.across[k].iter().find(|a| a.from == v && on(solution, a.var)) {
             v = arc.to;
             k += 1;
         } else {
@@ -489,22 +392,14 @@ fn canonical(program: &Program, stages: &[(usize, Range<usize>)]) -> Stages {
 }
 
 /// A warm-start hint: the presence, counts and arcs of `stages`.
-fn hint(
-    program: &Program,
-    instance: &Instance,
-    stages: &[(usize, Range<usize>)],
-) -> Vec<(Variable, f64)> {
+fn hint(program: &Program, instance: &Instance, stages: &[(usize, Range<usize>)]) -> Vec<(Variable, f64)> {
     let stages = canonical(program, stages);
     // Physical stages to virtual devices: under privacy the last stage is the
     // pinned device's "last" twin.
     let twin = program.phys.len() - 1;
     let mut virtual_of = vec![0usize; instance.units];
     for (i, (d, units)) in stages.iter().enumerate() {
-        let v = if instance.pin.is_some() && i > 0 && i + 1 == stages.len() {
-            twin
-        } else {
-            *d
-        };
+        let v = if instance.pin.is_some() && i > 0 && i + 1 == stages.len() { twin } else { *d };
         for u in units.clone() {
             virtual_of[u] = v;
         }
@@ -518,17 +413,12 @@ fn hint(
             }
         }
     }
-    let used: HashSet<(usize, usize, usize, bool)> = nodes
-        .windows(2)
-        .map(|pair| (pair[0].0, pair[0].1, pair[1].1, pair[0].0 == pair[1].0))
-        .collect();
+    let used: HashSet<(usize, usize, usize, bool)> =
+        nodes.windows(2).map(|pair| (pair[0].0, pair[0].1, pair[1].1, pair[0].0 == pair[1].0)).collect();
     let mut hint = Vec::new();
     for (k, row) in program.w.iter().enumerate() {
         for (v, w) in row.iter().enumerate() {
-            let count = nodes
-                .iter()
-                .find(|(bk, bv, _)| *bk == k && *bv == v)
-                .map_or(0, |n| n.2);
+            let count = nodes.iter().find(|(bk, bv, _)| *bk == k && *bv == v).map_or(0, |n| n.2);
             if let Some(w) = w {
                 hint.push((*w, if count > 0 { 1.0 } else { 0.0 }));
             }
@@ -539,26 +429,12 @@ fn hint(
     }
     for (k, arcs) in program.inside.iter().enumerate() {
         for a in arcs {
-            hint.push((
-                a.var,
-                if used.contains(&(k, a.from, a.to, true)) {
-                    1.0
-                } else {
-                    0.0
-                },
-            ));
+            hint.push((a.var, if used.contains(&(k, a.from, a.to, true)) { 1.0 } else { 0.0 }));
         }
     }
     for (k, arcs) in program.across.iter().enumerate() {
         for a in arcs {
-            hint.push((
-                a.var,
-                if used.contains(&(k, a.from, a.to, false)) {
-                    1.0
-                } else {
-                    0.0
-                },
-            ));
+            hint.push((a.var, if used.contains(&(k, a.from, a.to, false)) { 1.0 } else { 0.0 }));
         }
     }
     hint
@@ -576,23 +452,14 @@ mod tests {
     #[test]
     fn splits_when_memory_forces_it() {
         for warm_start in [false, true] {
-            let config = Config {
-                warm_start,
-                ..Config::default()
-            };
+            let config = Config { warm_start, ..Config::default() };
             let plan = plan(&model(), &devices(), &config).unwrap();
             plan.check(&model(), &devices()).unwrap();
             // Each device holds two of the four units; every split costs the
             // same transfers, so the plan is 2 + 2 in either order.
             assert_eq!(plan.stages.len(), 2);
             assert!((plan.latency_s - 0.58).abs() < 1e-9, "{:?}", plan.explain());
-            assert!(matches!(
-                plan.method,
-                Method::Mip {
-                    proven_optimal: true,
-                    ..
-                }
-            ));
+            assert!(matches!(plan.method, Method::Mip { proven_optimal: true, .. }));
         }
     }
 
@@ -624,52 +491,26 @@ mod tests {
         let mut devices = devices();
         devices[1].flops_per_s = devices[0].flops_per_s;
         devices.push(DeviceProfile::new("c", "C", 250_000_000, 1e10));
-        crate::profile::connect_all(
-            &mut devices,
-            crate::profile::Link {
-                bandwidth_bytes_per_s: 1e7,
-                rtt_s: 0.01,
-            },
-        );
+        crate::profile::connect_all(&mut devices, crate::profile::Link { bandwidth_bytes_per_s: 1e7, rtt_s: 0.01 });
         let config = Config::default();
         let fresh = plan(&model(), &devices, &config).unwrap();
         let units = |plan: &Plan, id: &str| -> Vec<Range<usize>> {
-            plan.stages
-                .iter()
-                .filter(|s| s.device == id)
-                .map(|s| s.units.clone())
-                .collect()
+            plan.stages.iter().filter(|s| s.device == id).map(|s| s.units.clone()).collect()
         };
         for held in [
             vec![("c".to_string(), 0..2), ("a".to_string(), 2..4)],
             vec![("b".to_string(), 0..2), ("c".to_string(), 2..4)],
         ] {
-            let settled = settle(
-                &model(),
-                &devices,
-                &config,
-                fresh.clone(),
-                &held,
-                &held,
-                100.0,
-            );
+            let settled = settle(&model(), &devices, &config, fresh.clone(), &held, &held, 100.0);
             settled.check(&model(), &devices).unwrap();
             assert!(settled.objective_s <= fresh.objective_s + 1e-12);
             assert_eq!(settled.stages.len(), fresh.stages.len());
             for (id, range) in &held {
-                assert_eq!(
-                    units(&settled, id),
-                    vec![range.clone()],
-                    "{held:?}: {:?}",
-                    settled.explain()
-                );
+                assert_eq!(units(&settled, id), vec![range.clone()], "{held:?}: {:?}", settled.explain());
             }
         }
         // Nothing held: the plan as it was.
-        assert_eq!(
-            settle(&model(), &devices, &config, fresh.clone(), &[], &[], 100.0),
-            fresh
-        );
+        assert_eq!(settle(&model(), &devices, &config, fresh.clone(), &[], &[], 100.0), fresh);
     }
 
     /// `devices()`'s a and b with `mem` bytes each, and c with `c_mem`, as
@@ -680,10 +521,7 @@ mod tests {
             d.mem_bytes = mem;
         }
         devices.push(DeviceProfile::new("c", "C", c_mem, 1e10));
-        let link = crate::profile::Link {
-            bandwidth_bytes_per_s: 1e7,
-            rtt_s: 0.01,
-        };
+        let link = crate::profile::Link { bandwidth_bytes_per_s: 1e7, rtt_s: 0.01 };
         crate::profile::connect_all(&mut devices, link);
         devices
     }
@@ -702,25 +540,12 @@ mod tests {
         loaded.push(("c".to_string(), 0..2));
         // The solver's boundaries: b (twice as fast as c) runs three units.
         let instance = Instance::new(&model(), &devices, &config).unwrap();
-        let fresh = instance.plan(
-            &[(1, 0..3), (2, 3..4)],
-            Method::Search {
-                elapsed: std::time::Duration::ZERO,
-            },
-        );
+        let fresh = instance.plan(&[(1, 0..3), (2, 3..4)], Method::Search { elapsed: std::time::Duration::ZERO });
         let stages = Plan::assignment;
         let spare = vec![("c".to_string(), 0..2), ("b".to_string(), 2..4)];
         // 0.05 s a token better, for 2 s of loading on b (it holds unit 2): worth it past 40 tokens.
         let over = |devices: &[DeviceProfile], horizon| {
-            settle(
-                &model(),
-                devices,
-                &config,
-                fresh.clone(),
-                &running,
-                &loaded,
-                horizon,
-            )
+            settle(&model(), devices, &config, fresh.clone(), &running, &loaded, horizon)
         };
         let short = over(&devices, 10.0);
         assert_eq!(stages(&short), spare, "{:?}", short.explain());
@@ -728,9 +553,7 @@ mod tests {
         assert_eq!(over(&devices, 1000.0), fresh);
         // Loading speed counts: a device that loads ten times as fast makes it worth it sooner.
         let mut quick = devices.clone();
-        quick
-            .iter_mut()
-            .for_each(|d| d.load_bytes_per_s = Some(1e9));
+        quick.iter_mut().for_each(|d| d.load_bytes_per_s = Some(1e9));
         assert_eq!(over(&quick, 10.0), fresh);
         // a is gone: c, holding its units, takes its stage.
         let left: Vec<DeviceProfile> = devices[1..].to_vec();
@@ -775,49 +598,33 @@ mod tests {
         let devices = with_c(300_000_000, 150_000_000);
         let config = Config::default();
         let instance = Instance::new(&model(), &devices, &config).unwrap();
-        let method = Method::Search {
-            elapsed: std::time::Duration::ZERO,
-        };
+        let method = Method::Search { elapsed: std::time::Duration::ZERO };
         let running = instance.plan(&[(0, 0..2), (1, 2..4)], method.clone());
         assert_eq!(running.spares, vec![]);
         let with = failover_spares(&model(), &devices, &config, running.clone(), 100.0);
-        let spare = Spare {
-            device: "c".into(),
-            units: 0..1,
-        };
+        let spare = Spare { device: "c".into(), units: 0..1 };
         assert_eq!(with.spares, vec![spare]);
         assert_eq!(with.stages, running.stages);
         // Whichever of a and b leaves, the leader's plan gives c that unit.
         let held = running.assignment();
         for gone in ["a", "b"] {
-            let rest: Vec<DeviceProfile> =
-                devices.iter().filter(|d| d.id != gone).cloned().collect();
+            let rest: Vec<DeviceProfile> = devices.iter().filter(|d| d.id != gone).cloned().collect();
             let next = plan(&model(), &rest, &config).unwrap();
             let next = settle(&model(), &rest, &config, next, &held, &held, 100.0);
-            let on_c: Vec<Range<usize>> = next
-                .stages
-                .iter()
-                .filter(|s| s.device == "c")
-                .map(|s| s.units.clone())
-                .collect();
+            let on_c: Vec<Range<usize>> =
+                next.stages.iter().filter(|s| s.device == "c").map(|s| s.units.clone()).collect();
             assert_eq!(on_c, vec![0..1], "{gone} leaves: {:?}", next.explain());
         }
         // A device with stages keeps the usual spares; so does a mesh with no idle device.
         let busy = instance.plan(&[(0, 0..1), (2, 1..2), (1, 2..4)], method);
-        assert_eq!(
-            failover_spares(&model(), &devices, &config, busy.clone(), 100.0),
-            busy
-        );
+        assert_eq!(failover_spares(&model(), &devices, &config, busy.clone(), 100.0), busy);
     }
 
     #[test]
     fn privacy_keeps_both_ends_on_the_asking_device() {
         let mut devices = devices();
         devices[0].mem_bytes = 10_000_000_000;
-        let config = Config {
-            privacy: Some("b".into()),
-            ..Config::default()
-        };
+        let config = Config { privacy: Some("b".into()), ..Config::default() };
         let plan = plan(&model(), &devices, &config).unwrap();
         plan.check(&model(), &devices).unwrap();
         let ends: Vec<&str> = plan.stages.iter().map(|s| s.device.as_str()).collect();
@@ -829,30 +636,12 @@ mod tests {
     #[test]
     fn a_transformer_on_phones_is_planned_quickly_and_proven() {
         let model = ModelCost::transformer(&TransformerShape::tiny_llama());
-        let devices = phone::mesh(&[
-            phone::PIXEL_7,
-            phone::GALAXY_A14,
-            phone::REDMI_9A,
-            phone::GALAXY_A14,
-        ]);
+        let devices = phone::mesh(&[phone::PIXEL_7, phone::GALAXY_A14, phone::REDMI_9A, phone::GALAXY_A14]);
         for objective in [Objective::Latency, Objective::Throughput] {
-            let config = Config {
-                objective,
-                ..Config::default()
-            };
+            let config = Config { objective, ..Config::default() };
             let plan = plan(&model, &devices, &config).unwrap();
             plan.check(&model, &devices).unwrap();
-            assert!(
-                matches!(
-                    plan.method,
-                    Method::Mip {
-                        proven_optimal: true,
-                        ..
-                    }
-                ),
-                "{:?}",
-                plan.method
-            );
+            assert!(matches!(plan.method, Method::Mip { proven_optimal: true, .. }), "{:?}", plan.method);
         }
     }
 
@@ -863,9 +652,6 @@ mod tests {
         let err = plan(&model(), &devices, &Config::default()).unwrap_err();
         let message = err.to_string();
         assert!(message.contains("the model needs 381.5 MiB"), "{message}");
-        assert!(
-            message.contains("these devices offer 333.8 MiB"),
-            "{message}"
-        );
+        assert!(message.contains("these devices offer 333.8 MiB"), "{message}");
     }
 }

@@ -18,11 +18,7 @@ use crate::plan::{Method, Plan, PlanError};
 use crate::profile::DeviceProfile;
 
 /// The same number of units on every device, in input order.
-pub fn even(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Plan, PlanError> {
+pub fn even(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Plan, PlanError> {
     let instance = instance(model, devices, config)?;
     let order: Vec<usize> = (0..instance.devices()).collect();
     let weights = vec![1.0; order.len()];
@@ -30,54 +26,29 @@ pub fn even(
 }
 
 /// Units in proportion to memory, the largest memory first.
-pub fn by_memory(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Plan, PlanError> {
+pub fn by_memory(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Plan, PlanError> {
     let instance = instance(model, devices, config)?;
     let mut order: Vec<usize> = (0..instance.devices()).collect();
     order.sort_by(|&a, &b| instance.cap[b].cmp(&instance.cap[a]));
     let weights: Vec<f64> = order.iter().map(|&d| instance.cap[d] as f64).collect();
-    Ok(split(
-        &instance,
-        &order,
-        &weights,
-        "memory-proportional (exo)",
-    ))
+    Ok(split(&instance, &order, &weights, "memory-proportional (exo)"))
 }
 
 /// Units in proportion to speed (the inverse of the time to run the whole
 /// model), the fastest first.
-pub fn by_compute(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Plan, PlanError> {
+pub fn by_compute(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Plan, PlanError> {
     let instance = instance(model, devices, config)?;
     let whole = 0..instance.units;
     let speed = |d: usize| 1.0 / instance.range_compute(d, &whole).max(f64::MIN_POSITIVE);
     let mut order: Vec<usize> = (0..instance.devices()).collect();
     order.sort_by(|&a, &b| speed(b).total_cmp(&speed(a)));
     let weights: Vec<f64> = order.iter().map(|&d| speed(d)).collect();
-    Ok(split(
-        &instance,
-        &order,
-        &weights,
-        "compute-proportional (Cake)",
-    ))
+    Ok(split(&instance, &order, &weights, "compute-proportional (Cake)"))
 }
 
 /// The baselines carry no privacy pin: they would not honour it.
-fn instance(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Instance, PlanError> {
-    let config = Config {
-        privacy: None,
-        ..config.clone()
-    };
+fn instance(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Instance, PlanError> {
+    let config = Config { privacy: None, ..config.clone() };
     Instance::new(model, devices, &config)
 }
 
@@ -101,12 +72,7 @@ fn split(instance: &Instance, order: &[usize], weights: &[f64], name: &str) -> P
             start = end;
         }
     }
-    instance.plan(
-        &stages,
-        Method::Baseline {
-            name: name.to_string(),
-        },
-    )
+    instance.plan(&stages, Method::Baseline { name: name.to_string() })
 }
 
 #[cfg(test)]
@@ -144,14 +110,8 @@ mod tests {
     #[test]
     fn the_optimised_plan_is_never_worse() {
         let (model, devices) = setup();
-        for objective in [
-            crate::config::Objective::Latency,
-            crate::config::Objective::Throughput,
-        ] {
-            let config = Config {
-                objective,
-                ..Config::default()
-            };
+        for objective in [crate::config::Objective::Latency, crate::config::Objective::Throughput] {
+            let config = Config { objective, ..Config::default() };
             let best = crate::assign::plan(&model, &devices, &config).unwrap();
             for rule in [even, by_memory, by_compute] {
                 let plan = rule(&model, &devices, &config).unwrap();

@@ -53,23 +53,12 @@ pub enum ModelCostError {
         "the model has {units} units but {kv} KV cache figures; give one per unit (0 for the prologue and epilogue)"
     )]
     KvLength { units: usize, kv: usize },
-    #[error(
-        "skip tensor '{skip}' is made by unit {producer}, but the model only has units 0..{units}"
-    )]
-    SkipProducer {
-        skip: String,
-        producer: usize,
-        units: usize,
-    },
+    #[error("skip tensor '{skip}' is made by unit {producer}, but the model only has units 0..{units}")]
+    SkipProducer { skip: String, producer: usize, units: usize },
     #[error(
         "skip tensor '{skip}' is read by unit {consumer}, which is not a unit after its producer (unit {producer}) in a model of {units} units"
     )]
-    SkipConsumer {
-        skip: String,
-        producer: usize,
-        consumer: usize,
-        units: usize,
-    },
+    SkipConsumer { skip: String, producer: usize, consumer: usize, units: usize },
     #[error("skip tensor '{skip}' has no consumers")]
     SkipUnused { skip: String },
 }
@@ -155,8 +144,7 @@ impl ModelCost {
         let head_dim = s.hidden / s.heads.max(1);
         let kv_dim = head_dim * s.kv_heads;
         let residual = s.hidden * s.activation_bytes;
-        let layer_params =
-            2 * s.hidden * s.hidden + 2 * s.hidden * kv_dim + 3 * s.hidden * s.intermediate;
+        let layer_params = 2 * s.hidden * s.hidden + 2 * s.hidden * kv_dim + 3 * s.hidden * s.intermediate;
         let mut units = Vec::with_capacity(s.layers + 2);
         units.push(UnitCost {
             name: "prologue".into(),
@@ -209,29 +197,16 @@ impl ModelCost {
             return Err(ModelCostError::Empty);
         }
         if self.kv_bytes_per_token.len() != units {
-            return Err(ModelCostError::KvLength {
-                units,
-                kv: self.kv_bytes_per_token.len(),
-            });
+            return Err(ModelCostError::KvLength { units, kv: self.kv_bytes_per_token.len() });
         }
         for skip in &self.skips {
             if skip.producer >= units {
-                return Err(ModelCostError::SkipProducer {
-                    skip: skip.name.clone(),
-                    producer: skip.producer,
-                    units,
-                });
+                return Err(ModelCostError::SkipProducer { skip: skip.name.clone(), producer: skip.producer, units });
             }
             if skip.consumers.is_empty() {
-                return Err(ModelCostError::SkipUnused {
-                    skip: skip.name.clone(),
-                });
+                return Err(ModelCostError::SkipUnused { skip: skip.name.clone() });
             }
-            if let Some(&consumer) = skip
-                .consumers
-                .iter()
-                .find(|&&c| c <= skip.producer || c >= units)
-            {
+            if let Some(&consumer) = skip.consumers.iter().find(|&&c| c <= skip.producer || c >= units) {
                 return Err(ModelCostError::SkipConsumer {
                     skip: skip.name.clone(),
                     producer: skip.producer,
@@ -247,16 +222,12 @@ impl ModelCost {
     /// `context_tokens` tokens.
     pub fn unit_memory(&self, unit: usize, context_tokens: u64) -> u64 {
         let kv = self.kv_bytes_per_token.get(unit).copied().unwrap_or(0);
-        self.units[unit]
-            .weight_bytes
-            .saturating_add(kv.saturating_mul(context_tokens))
+        self.units[unit].weight_bytes.saturating_add(kv.saturating_mul(context_tokens))
     }
 
     /// Memory the whole model needs with a KV cache of `context_tokens`.
     pub fn total_memory(&self, context_tokens: u64) -> u64 {
-        (0..self.units.len()).fold(0u64, |sum, unit| {
-            sum.saturating_add(self.unit_memory(unit, context_tokens))
-        })
+        (0..self.units.len()).fold(0u64, |sum, unit| sum.saturating_add(self.unit_memory(unit, context_tokens)))
     }
 }
 
@@ -285,17 +256,9 @@ mod tests {
         assert!(message.contains("attention mask"), "{message}");
         model.skips.clear();
         model.kv_bytes_per_token.pop();
+        assert_eq!(model.validate(), Err(ModelCostError::KvLength { units: 24, kv: 23 }));
         assert_eq!(
-            model.validate(),
-            Err(ModelCostError::KvLength { units: 24, kv: 23 })
-        );
-        assert_eq!(
-            ModelCost {
-                units: vec![],
-                skips: vec![],
-                kv_bytes_per_token: vec![]
-            }
-            .validate(),
+            ModelCost { units: vec![], skips: vec![], kv_bytes_per_token: vec![] }.validate(),
             Err(ModelCostError::Empty)
         );
     }
@@ -312,10 +275,7 @@ mod tests {
     fn memory_counts_weights_and_kv_cache() {
         let model = ModelCost::transformer(&TransformerShape::tiny_llama());
         let layer = model.unit_memory(1, 1000);
-        assert_eq!(
-            layer,
-            model.units[1].weight_bytes + 1000 * model.kv_bytes_per_token[1]
-        );
+        assert_eq!(layer, model.units[1].weight_bytes + 1000 * model.kv_bytes_per_token[1]);
         assert!(model.total_memory(1000) > model.total_memory(0));
     }
 }

@@ -64,7 +64,8 @@ impl Election {
             return None;
         }
         let term = self.current.as_ref().map_or(0, |l| l.term) + 1;
-        let leader = self.live.iter().next().filter(|first| **first < self.me).cloned().unwrap_or_else(|| self.me.clone());
+        let leader =
+            self.live.iter().next().filter(|first| **first < self.me).cloned().unwrap_or_else(|| self.me.clone());
         let next = Leadership { term, leader };
         self.current = Some(next.clone());
         Some(next)

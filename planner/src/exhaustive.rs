@@ -18,11 +18,7 @@ pub const MAX_DEVICES: usize = 6;
 pub const MAX_UNITS: usize = 32;
 
 /// Plans `model` on `devices` by trying every plan.
-pub fn plan(
-    model: &ModelCost,
-    devices: &[DeviceProfile],
-    config: &Config,
-) -> Result<Plan, PlanError> {
+pub fn plan(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Plan, PlanError> {
     let instance = Instance::new(model, devices, config)?;
     solve(&instance)
 }
@@ -36,13 +32,8 @@ pub(crate) fn solve(instance: &Instance) -> Result<Plan, PlanError> {
             max_units: MAX_UNITS,
         });
     }
-    let mut search = Search {
-        instance,
-        stages: Vec::new(),
-        used: vec![false; instance.devices()],
-        best: None,
-        tried: 0,
-    };
+    let mut search =
+        Search { instance, stages: Vec::new(), used: vec![false; instance.devices()], best: None, tried: 0 };
     match instance.pin {
         None => search.extend(0),
         Some(p) => {
@@ -59,12 +50,7 @@ pub(crate) fn solve(instance: &Instance) -> Result<Plan, PlanError> {
         }
     }
     match search.best {
-        Some((_, stages)) => Ok(instance.plan(
-            &stages,
-            Method::Exhaustive {
-                plans_tried: search.tried,
-            },
-        )),
+        Some((_, stages)) => Ok(instance.plan(&stages, Method::Exhaustive { plans_tried: search.tried })),
         None => Err(instance.infeasible()),
     }
 }
@@ -126,9 +112,7 @@ impl Search<'_> {
         if !self.instance.admissible(&self.stages) {
             return;
         }
-        let value = self
-            .instance
-            .objective_of(&self.instance.evaluate(&self.stages));
+        let value = self.instance.objective_of(&self.instance.evaluate(&self.stages));
         if self.best.as_ref().is_none_or(|(best, _)| value < *best) {
             self.best = Some((value, self.stages.clone()));
         }
@@ -146,22 +130,14 @@ mod tests {
         assert_eq!(plan.stages.len(), 2);
         assert!((plan.latency_s - 0.58).abs() < 1e-9);
         // 2 devices in either order with 1 cut among 3 places, or alone.
-        assert_eq!(
-            plan.method,
-            Method::Exhaustive {
-                plans_tried: 2 + 2 * 3
-            }
-        );
+        assert_eq!(plan.method, Method::Exhaustive { plans_tried: 2 + 2 * 3 });
     }
 
     #[test]
     fn privacy_tries_the_pinned_device_at_both_ends() {
         let mut devices = devices();
         devices[0].mem_bytes = 10_000_000_000;
-        let config = Config {
-            privacy: Some("b".into()),
-            ..Config::default()
-        };
+        let config = Config { privacy: Some("b".into()), ..Config::default() };
         let plan = plan(&model(), &devices, &config).unwrap();
         let order: Vec<&str> = plan.stages.iter().map(|s| s.device.as_str()).collect();
         assert_eq!(order, vec!["b", "a", "b"]);

@@ -57,11 +57,7 @@ pub(crate) struct Evaluation {
 }
 
 impl Instance {
-    pub fn new(
-        model: &ModelCost,
-        devices: &[DeviceProfile],
-        config: &Config,
-    ) -> Result<Instance, PlanError> {
+    pub fn new(model: &ModelCost, devices: &[DeviceProfile], config: &Config) -> Result<Instance, PlanError> {
         model.validate()?;
         let units = model.units.len();
         if devices.is_empty() {
@@ -69,9 +65,7 @@ impl Instance {
         }
         for (i, device) in devices.iter().enumerate() {
             if devices[..i].iter().any(|d| d.id == device.id) {
-                return Err(PlanError::DuplicateDevice {
-                    id: device.id.clone(),
-                });
+                return Err(PlanError::DuplicateDevice { id: device.id.clone() });
             }
             check_device(device, units)?;
         }
@@ -85,20 +79,13 @@ impl Instance {
         for device in devices {
             let pinned = config.privacy.as_deref() == Some(device.id.as_str());
             match exclusion(device, config) {
-                Some(reason) if !pinned => excluded.push(Excluded {
-                    device: device.id.clone(),
-                    reason,
-                }),
+                Some(reason) if !pinned => excluded.push(Excluded { device: device.id.clone(), reason }),
                 _ => kept.push(device),
             }
         }
         if kept.is_empty() {
             return Err(PlanError::AllExcluded {
-                reasons: excluded
-                    .iter()
-                    .map(|e| format!("{}: {}", e.device, e.reason))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                reasons: excluded.iter().map(|e| format!("{}: {}", e.device, e.reason)).collect::<Vec<_>>().join("; "),
             });
         }
         let compute: Vec<Vec<f64>> = kept
@@ -108,29 +95,16 @@ impl Instance {
                     (true, Some(thermal)) if thermal.speed_factor() > 0.0 => thermal.speed_factor(),
                     _ => 1.0,
                 };
-                (0..units)
-                    .map(|u| device.compute_s(u, &model.units[u]) / factor)
-                    .collect()
+                (0..units).map(|u| device.compute_s(u, &model.units[u]) / factor).collect()
             })
             .collect();
         let prefix = prefix_sums(&compute);
-        let need: Vec<u64> = (0..units)
-            .map(|u| model.unit_memory(u, config.context_tokens))
-            .collect();
+        let need: Vec<u64> = (0..units).map(|u| model.unit_memory(u, config.context_tokens)).collect();
         let mut prefix_need = vec![0u64; units + 1];
         for u in 0..units {
             prefix_need[u + 1] = prefix_need[u].saturating_add(need[u]);
         }
-        let mut link = vec![
-            vec![
-                Link {
-                    bandwidth_bytes_per_s: 1.0,
-                    rtt_s: 0.0
-                };
-                kept.len()
-            ];
-            kept.len()
-        ];
+        let mut link = vec![vec![Link { bandwidth_bytes_per_s: 1.0, rtt_s: 0.0 }; kept.len()]; kept.len()];
         for (a, from) in kept.iter().enumerate() {
             for (b, to) in kept.iter().enumerate() {
                 if a == b {
@@ -140,10 +114,7 @@ impl Instance {
                     .link_to(&to.id)
                     .or_else(|| to.link_to(&from.id))
                     .or(config.assumed_link)
-                    .ok_or_else(|| PlanError::NoLink {
-                        from: from.id.clone(),
-                        to: to.id.clone(),
-                    })?;
+                    .ok_or_else(|| PlanError::NoLink { from: from.id.clone(), to: to.id.clone() })?;
                 check_link(&from.id, &to.id, link[a][b])?;
             }
         }
@@ -154,17 +125,10 @@ impl Instance {
                 let mut consumers = s.consumers.clone();
                 consumers.sort_unstable();
                 consumers.dedup();
-                Skip {
-                    producer: s.producer,
-                    consumers,
-                    bytes: s.bytes_per_token,
-                }
+                Skip { producer: s.producer, consumers, bytes: s.bytes_per_token }
             })
             .collect();
-        let pin = config
-            .privacy
-            .as_ref()
-            .and_then(|id| kept.iter().position(|d| &d.id == id));
+        let pin = config.privacy.as_ref().and_then(|id| kept.iter().position(|d| &d.id == id));
         Ok(Instance {
             objective: config.objective,
             context_tokens: config.context_tokens,
@@ -186,11 +150,7 @@ impl Instance {
 
     /// The same instance with other per-unit times.
     pub fn with_compute(&self, compute: Vec<Vec<f64>>) -> Instance {
-        Instance {
-            prefix: prefix_sums(&compute),
-            compute,
-            ..self.clone()
-        }
+        Instance { prefix: prefix_sums(&compute), compute, ..self.clone() }
     }
 
     pub fn devices(&self) -> usize {
@@ -200,11 +160,7 @@ impl Instance {
     /// Seconds to send `bytes` from device `a` to device `b` (0 on the same
     /// device).
     pub fn transfer(&self, a: usize, b: usize, bytes: u64) -> f64 {
-        if a == b {
-            0.0
-        } else {
-            self.link[a][b].transfer_s(bytes)
-        }
+        if a == b { 0.0 } else { self.link[a][b].transfer_s(bytes) }
     }
 
     /// Seconds per token of `units` on device `d`.
@@ -264,10 +220,7 @@ impl Instance {
                 stage_of[u] = i;
             }
         }
-        let compute: Vec<f64> = stages
-            .iter()
-            .map(|(d, units)| self.range_compute(*d, units))
-            .collect();
+        let compute: Vec<f64> = stages.iter().map(|(d, units)| self.range_compute(*d, units)).collect();
         let mut send = vec![0.0; k];
         for i in 0..k {
             let (d, units) = &stages[i];
@@ -288,10 +241,7 @@ impl Instance {
                 }
             }
         }
-        let mem = stages
-            .iter()
-            .map(|(_, units)| self.range_need(units))
-            .collect();
+        let mem = stages.iter().map(|(_, units)| self.range_need(units)).collect();
         let mut busy = vec![0.0; self.devices()];
         for (i, (d, _)) in stages.iter().enumerate() {
             busy[*d] += compute[i] + send[i];
@@ -322,12 +272,7 @@ impl Instance {
         let detail = if need > offer {
             String::new()
         } else if let Some(p) = self.pin {
-            let ends = self.need[0]
-                + if self.units > 1 {
-                    self.need[self.units - 1]
-                } else {
-                    0
-                };
+            let ends = self.need[0] + if self.units > 1 { self.need[self.units - 1] } else { 0 };
             if ends > self.cap[p] {
                 format!(
                     ", but the private device {} must hold the first and last units ({}) and offers {}",
@@ -348,12 +293,7 @@ impl Instance {
         } else {
             ", but no split into consecutive ranges fits them".to_string()
         };
-        PlanError::Infeasible {
-            need: Bytes(need),
-            offer: Bytes(offer),
-            context_tokens: self.context_tokens,
-            detail,
-        }
+        PlanError::Infeasible { need: Bytes(need), offer: Bytes(offer), context_tokens: self.context_tokens, detail }
     }
 
     /// The [`Plan`] for `stages`, costed by [`Instance::evaluate`].
@@ -410,10 +350,7 @@ impl Instance {
                 if !kept.contains(&c) && *used + need <= self.cap[d] {
                     *used += need;
                     kept.push(c);
-                    spares.push(Spare {
-                        device: self.ids[d].clone(),
-                        units: stages[c].1.clone(),
-                    });
+                    spares.push(Spare { device: self.ids[d].clone(), units: stages[c].1.clone() });
                 }
             }
         }
@@ -438,17 +375,11 @@ fn prefix_sums(compute: &[Vec<f64>]) -> Vec<Vec<f64>> {
 }
 
 fn check_device(device: &DeviceProfile, units: usize) -> Result<(), PlanError> {
-    let bad = |reason: String| PlanError::BadDevice {
-        device: device.id.clone(),
-        reason,
-    };
+    let bad = |reason: String| PlanError::BadDevice { device: device.id.clone(), reason };
     let measured = match &device.unit_time_s {
         Some(times) => {
             if times.len() != units {
-                return Err(bad(format!(
-                    "it has {} measured unit times but the model has {units} units",
-                    times.len()
-                )));
+                return Err(bad(format!("it has {} measured unit times but the model has {units} units", times.len())));
             }
             if let Some(u) = times.iter().position(|t| !t.is_finite() || *t < 0.0) {
                 return Err(bad(format!(
@@ -470,10 +401,7 @@ fn check_device(device: &DeviceProfile, units: usize) -> Result<(), PlanError> {
     if let Some(battery) = device.battery
         && !(0.0..=1.0).contains(&battery.level)
     {
-        return Err(bad(format!(
-            "its battery level is {}, not between 0 and 1",
-            battery.level
-        )));
+        return Err(bad(format!("its battery level is {}, not between 0 and 1", battery.level)));
     }
     for (peer, link) in &device.links {
         check_link(&device.id, peer, *link)?;
@@ -504,10 +432,7 @@ fn exclusion(device: &DeviceProfile, config: &Config) -> Option<String> {
         && battery.level < config.min_battery
         && !battery.charging
     {
-        return Some(format!(
-            "battery at {:.0}% and not charging",
-            battery.level * 100.0
-        ));
+        return Some(format!("battery at {:.0}% and not charging", battery.level * 100.0));
     }
     match device.thermal {
         Some(thermal) if config.thermal_derating && thermal.speed_factor() == 0.0 => {
@@ -551,43 +476,23 @@ pub(crate) mod tests {
         // c is idle in the stages below and can hold two units; a can hold one more.
         devices[0].mem_bytes = 400_000_000;
         devices.push(DeviceProfile::new("c", "C", 200_000_000, 1e10));
-        connect_all(
-            &mut devices,
-            Link {
-                bandwidth_bytes_per_s: 1e7,
-                rtt_s: 0.01,
-            },
-        );
+        connect_all(&mut devices, Link { bandwidth_bytes_per_s: 1e7, rtt_s: 0.01 });
         let instance = Instance::new(&model(), &devices, &Config::default()).unwrap();
         let stages = vec![(0, 0..2), (1, 2..3), (0, 3..4)];
         // a runs two stages here only to exercise neighbours on both sides: its
         // spare room (one unit) takes b's stage, next after its first; b's
         // (150 MB) takes the stage after its own; idle c takes the first.
-        let spare = |d: &str, u: Range<usize>| Spare {
-            device: d.into(),
-            units: u,
-        };
-        assert_eq!(
-            instance.spares(&stages),
-            vec![spare("a", 2..3), spare("b", 3..4), spare("c", 0..2)],
-        );
+        let spare = |d: &str, u: Range<usize>| Spare { device: d.into(), units: u };
+        assert_eq!(instance.spares(&stages), vec![spare("a", 2..3), spare("b", 3..4), spare("c", 0..2)],);
         // Nobody keeps a copy it has no room for.
         let tight = Instance::new(&model(), &super::tests::devices(), &Config::default()).unwrap();
         assert_eq!(tight.spares(&[(0, 0..2), (1, 2..4)]), vec![]);
     }
 
     pub fn devices() -> Vec<DeviceProfile> {
-        let mut devices = vec![
-            DeviceProfile::new("a", "A", 250_000_000, 1e10),
-            DeviceProfile::new("b", "B", 250_000_000, 2e10),
-        ];
-        connect_all(
-            &mut devices,
-            Link {
-                bandwidth_bytes_per_s: 1e7,
-                rtt_s: 0.01,
-            },
-        );
+        let mut devices =
+            vec![DeviceProfile::new("a", "A", 250_000_000, 1e10), DeviceProfile::new("b", "B", 250_000_000, 2e10)];
+        connect_all(&mut devices, Link { bandwidth_bytes_per_s: 1e7, rtt_s: 0.01 });
         devices
     }
 
@@ -625,10 +530,7 @@ pub(crate) mod tests {
         devices[1].id = "a".into();
         let err = Instance::new(&model(), &devices, &Config::default()).unwrap_err();
         assert!(matches!(err, PlanError::DuplicateDevice { .. }));
-        let config = Config {
-            privacy: Some("z".into()),
-            ..Config::default()
-        };
+        let config = Config { privacy: Some("z".into()), ..Config::default() };
         let err = Instance::new(&model(), &self::devices(), &config).unwrap_err();
         assert!(matches!(err, PlanError::UnknownPrivacyDevice { .. }));
     }
@@ -636,10 +538,7 @@ pub(crate) mod tests {
     #[test]
     fn drained_and_overheated_devices_are_left_out() {
         let mut devices = devices();
-        devices[0].battery = Some(Battery {
-            level: 0.05,
-            charging: false,
-        });
+        devices[0].battery = Some(Battery { level: 0.05, charging: false });
         devices[1].thermal = Some(Thermal::Severe);
         let instance = Instance::new(&model(), &devices, &Config::default()).unwrap();
         assert_eq!(instance.ids, vec!["b".to_string()]);
@@ -656,9 +555,6 @@ pub(crate) mod tests {
         let instance = Instance::new(&model(), &devices(), &Config::default()).unwrap();
         let message = instance.infeasible().to_string();
         assert!(message.contains("the model needs 381.5 MiB"), "{message}");
-        assert!(
-            message.contains("these devices offer 476.8 MiB"),
-            "{message}"
-        );
+        assert!(message.contains("these devices offer 476.8 MiB"), "{message}");
     }
 }

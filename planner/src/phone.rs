@@ -43,10 +43,7 @@ pub const PIXEL_7: Phone = Phone {
     ram_bytes: 8 * GB,
     usable_bytes: 4 * GIB + GIB / 2,
     flops_per_s: 15e9,
-    wifi: Link {
-        bandwidth_bytes_per_s: 40e6,
-        rtt_s: 0.004,
-    },
+    wifi: Link { bandwidth_bytes_per_s: 40e6, rtt_s: 0.004 },
 };
 
 /// Samsung Galaxy S23: Snapdragon 8 Gen 2, 8 GB LPDDR5X (64-bit at 8400
@@ -57,10 +54,7 @@ pub const GALAXY_S23: Phone = Phone {
     ram_bytes: 8 * GB,
     usable_bytes: 4 * GIB + GIB / 2,
     flops_per_s: 20e9,
-    wifi: Link {
-        bandwidth_bytes_per_s: 45e6,
-        rtt_s: 0.004,
-    },
+    wifi: Link { bandwidth_bytes_per_s: 45e6, rtt_s: 0.004 },
 };
 
 /// Google Pixel 6a: Tensor (G1), 6 GB LPDDR5 (51.2 GB/s peak); Wi-Fi 6E.
@@ -70,10 +64,7 @@ pub const PIXEL_6A: Phone = Phone {
     ram_bytes: 6 * GB,
     usable_bytes: 3 * GIB,
     flops_per_s: 13e9,
-    wifi: Link {
-        bandwidth_bytes_per_s: 35e6,
-        rtt_s: 0.005,
-    },
+    wifi: Link { bandwidth_bytes_per_s: 35e6, rtt_s: 0.005 },
 };
 
 /// Samsung Galaxy A14 (LTE): MediaTek Helio G80, 4 GB LPDDR4X (32-bit at
@@ -84,10 +75,7 @@ pub const GALAXY_A14: Phone = Phone {
     ram_bytes: 4 * GB,
     usable_bytes: 3 * GIB / 2,
     flops_per_s: 4e9,
-    wifi: Link {
-        bandwidth_bytes_per_s: 15e6,
-        rtt_s: 0.008,
-    },
+    wifi: Link { bandwidth_bytes_per_s: 15e6, rtt_s: 0.008 },
 };
 
 /// Xiaomi Redmi 9A: MediaTek Helio G25 (eight Cortex-A53), 2 GB LPDDR4X
@@ -98,10 +86,7 @@ pub const REDMI_9A: Phone = Phone {
     ram_bytes: 2 * GB,
     usable_bytes: 700 * (1 << 20),
     flops_per_s: 2e9,
-    wifi: Link {
-        bandwidth_bytes_per_s: 5e6,
-        rtt_s: 0.015,
-    },
+    wifi: Link { bandwidth_bytes_per_s: 5e6, rtt_s: 0.015 },
 };
 
 /// Every phone described here, fastest first.
@@ -124,13 +109,7 @@ pub fn mesh(phones: &[Phone]) -> Vec<DeviceProfile> {
         .map(|(i, p)| p.profile(&format!("{i}-{}", p.name.replace(' ', "-").to_lowercase())))
         .collect();
     // Fill every pair first so the map is complete, then set the real links.
-    connect_all(
-        &mut devices,
-        Link {
-            bandwidth_bytes_per_s: 1.0,
-            rtt_s: 0.0,
-        },
-    );
+    connect_all(&mut devices, Link { bandwidth_bytes_per_s: 1.0, rtt_s: 0.0 });
     for a in 0..phones.len() {
         for b in 0..phones.len() {
             if a != b {

@@ -115,15 +115,8 @@ pub enum PlanError {
     #[error(
         "the link from '{from}' to '{to}' has bandwidth {bandwidth} B/s and round trip {rtt} s; both must be finite, the bandwidth above zero"
     )]
-    BadLink {
-        from: String,
-        to: String,
-        bandwidth: f64,
-        rtt: f64,
-    },
-    #[error(
-        "nothing is known about the link between '{from}' and '{to}'; measure it or set Config::assumed_link"
-    )]
+    BadLink { from: String, to: String, bandwidth: f64, rtt: f64 },
+    #[error("nothing is known about the link between '{from}' and '{to}'; measure it or set Config::assumed_link")]
     NoLink { from: String, to: String },
     #[error("privacy asks to keep the text on '{id}', which is not among the devices")]
     UnknownPrivacyDevice { id: String },
@@ -132,21 +125,11 @@ pub enum PlanError {
     #[error(
         "the model needs {need} (weights and a KV cache for {context_tokens} tokens); these devices offer {offer}{detail}"
     )]
-    Infeasible {
-        need: Bytes,
-        offer: Bytes,
-        context_tokens: u64,
-        detail: String,
-    },
+    Infeasible { need: Bytes, offer: Bytes, context_tokens: u64, detail: String },
     #[error(
         "exhaustive search takes at most {max_devices} devices and {max_units} units; this instance has {devices} and {units}"
     )]
-    TooLarge {
-        devices: usize,
-        units: usize,
-        max_devices: usize,
-        max_units: usize,
-    },
+    TooLarge { devices: usize, units: usize, max_devices: usize, max_units: usize },
     #[error("the solver found no plan within {limit:?}; raise Config::time_limit")]
     TimedOut { limit: Duration },
     #[error("the MIP solver failed: {0}")]
@@ -159,11 +142,7 @@ pub enum PlanCheckError {
     #[error("the plan has no stages")]
     NoStages,
     #[error("stage {stage} starts at unit {start}, but unit {expected} is next")]
-    NotConsecutive {
-        stage: usize,
-        start: usize,
-        expected: usize,
-    },
+    NotConsecutive { stage: usize, start: usize, expected: usize },
     #[error("stage {stage} runs no units")]
     EmptyStage { stage: usize },
     #[error("the plan covers units 0..{covered} but the model has {units}")]
@@ -175,21 +154,13 @@ pub enum PlanCheckError {
     )]
     RepeatedDevice { device: String },
     #[error("'{device}' would need {need} for units {units:?} but offers {offer}")]
-    OutOfMemory {
-        device: String,
-        units: Vec<Range<usize>>,
-        need: Bytes,
-        offer: Bytes,
-    },
+    OutOfMemory { device: String, units: Vec<Range<usize>>, need: Bytes, offer: Bytes },
 }
 
 impl Plan {
     /// Who runs what: (device id, units) per stage, in order.
     pub fn assignment(&self) -> Vec<(String, Range<usize>)> {
-        self.stages
-            .iter()
-            .map(|s| (s.device.clone(), s.units.clone()))
-            .collect()
+        self.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect()
     }
 
     /// The device that runs the prologue, where each sampled token returns.
@@ -201,11 +172,7 @@ impl Plan {
     /// consecutive and in order, each device runs one stage (or, under
     /// privacy, the first and the last), and each device's units fit its
     /// memory with the plan's KV cache reservation.
-    pub fn check(
-        &self,
-        model: &ModelCost,
-        devices: &[DeviceProfile],
-    ) -> Result<(), PlanCheckError> {
+    pub fn check(&self, model: &ModelCost, devices: &[DeviceProfile]) -> Result<(), PlanCheckError> {
         if self.stages.is_empty() {
             return Err(PlanCheckError::NoStages);
         }
@@ -214,31 +181,20 @@ impl Plan {
         let mut need: HashMap<&str, (u64, Vec<Range<usize>>)> = HashMap::new();
         for (stage, s) in self.stages.iter().enumerate() {
             if s.units.start != next {
-                return Err(PlanCheckError::NotConsecutive {
-                    stage,
-                    start: s.units.start,
-                    expected: next,
-                });
+                return Err(PlanCheckError::NotConsecutive { stage, start: s.units.start, expected: next });
             }
             if s.units.end <= s.units.start {
                 return Err(PlanCheckError::EmptyStage { stage });
             }
             if s.units.end > model.units.len() {
-                return Err(PlanCheckError::WrongCoverage {
-                    covered: s.units.end,
-                    units: model.units.len(),
-                });
+                return Err(PlanCheckError::WrongCoverage { covered: s.units.end, units: model.units.len() });
             }
             let Some(device) = devices.iter().find(|d| d.id == s.device) else {
-                return Err(PlanCheckError::UnknownDevice {
-                    stage,
-                    device: s.device.clone(),
-                });
+                return Err(PlanCheckError::UnknownDevice { stage, device: s.device.clone() });
             };
             let wraps = stage == last && stage > 0 && s.device == self.stages[0].device;
-            let bytes = s.units.clone().fold(0u64, |sum, u| {
-                sum.saturating_add(model.unit_memory(u, self.context_tokens))
-            });
+            let bytes =
+                s.units.clone().fold(0u64, |sum, u| sum.saturating_add(model.unit_memory(u, self.context_tokens)));
             let entry = need.entry(s.device.as_str());
             let total = match entry {
                 std::collections::hash_map::Entry::Occupied(mut o) if wraps => {
@@ -248,9 +204,7 @@ impl Plan {
                     (*sum, units.clone())
                 }
                 std::collections::hash_map::Entry::Occupied(_) => {
-                    return Err(PlanCheckError::RepeatedDevice {
-                        device: s.device.clone(),
-                    });
+                    return Err(PlanCheckError::RepeatedDevice { device: s.device.clone() });
                 }
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert((bytes, vec![s.units.clone()]));
@@ -268,10 +222,7 @@ impl Plan {
             next = s.units.end;
         }
         if next != model.units.len() {
-            return Err(PlanCheckError::WrongCoverage {
-                covered: next,
-                units: model.units.len(),
-            });
+            return Err(PlanCheckError::WrongCoverage { covered: next, units: model.units.len() });
         }
         Ok(())
     }
@@ -323,9 +274,7 @@ impl Plan {
             ));
         }
         if let Some(first) = self.initiator() {
-            lines.push(format!(
-                "{first} runs the prologue: each sampled token returns to it for the next step"
-            ));
+            lines.push(format!("{first} runs the prologue: each sampled token returns to it for the next step"));
         }
         lines.push(format!(
             "memory: {}",
@@ -346,14 +295,7 @@ impl Plan {
             lines.push(format!("{} was left out: {}", e.device, e.reason));
         }
         lines.push(match &self.method {
-            Method::Mip {
-                proven_optimal,
-                gap,
-                nodes,
-                warm_started,
-                smoothed,
-                elapsed,
-            } => format!(
+            Method::Mip { proven_optimal, gap, nodes, warm_started, smoothed, elapsed } => format!(
                 "found by the MIP solver in {:.1} ms ({} branch-and-bound nodes{}{}): {}",
                 elapsed.as_secs_f64() * 1e3,
                 nodes,
@@ -459,12 +401,7 @@ mod tests {
 
     fn plan() -> Plan {
         let instance = Instance::new(&model(), &devices(), &Config::default()).unwrap();
-        instance.plan(
-            &[(0, 0..2), (1, 2..4)],
-            Method::Baseline {
-                name: "test".into(),
-            },
-        )
+        instance.plan(&[(0, 0..2), (1, 2..4)], Method::Baseline { name: "test".into() })
     }
 
     #[test]
@@ -478,24 +415,15 @@ mod tests {
         let (m, d) = (model(), devices());
         let mut p = plan();
         p.stages[1].units = 3..4;
-        assert!(matches!(
-            p.check(&m, &d),
-            Err(PlanCheckError::NotConsecutive { stage: 1, .. })
-        ));
+        assert!(matches!(p.check(&m, &d), Err(PlanCheckError::NotConsecutive { stage: 1, .. })));
         let mut p = plan();
         p.stages[1].units = 2..3;
-        assert!(matches!(
-            p.check(&m, &d),
-            Err(PlanCheckError::WrongCoverage { covered: 3, .. })
-        ));
+        assert!(matches!(p.check(&m, &d), Err(PlanCheckError::WrongCoverage { covered: 3, .. })));
         let mut p = plan();
         p.stages.insert(1, p.stages[1].clone());
         p.stages[0].units = 0..1;
         p.stages[1].units = 1..2;
-        assert!(matches!(
-            p.check(&m, &d),
-            Err(PlanCheckError::RepeatedDevice { .. })
-        ));
+        assert!(matches!(p.check(&m, &d), Err(PlanCheckError::RepeatedDevice { .. })));
         // The first device may run the last stage too (privacy), within its
         // memory: here a would hold all four units.
         let mut p = plan();
@@ -504,10 +432,7 @@ mod tests {
         assert!(err.to_string().contains("[0..2, 2..4]"), "{err}");
         let mut p = plan();
         p.stages[1].device = "zz".into();
-        assert!(matches!(
-            p.check(&m, &d),
-            Err(PlanCheckError::UnknownDevice { .. })
-        ));
+        assert!(matches!(p.check(&m, &d), Err(PlanCheckError::UnknownDevice { .. })));
         let mut p = plan();
         p.stages[0].units = 0..3;
         p.stages[1].units = 3..4;
@@ -515,10 +440,7 @@ mod tests {
         assert!(err.to_string().contains("would need 286.1 MiB"), "{err}");
         let mut p = plan();
         p.stages[0].units = 0..0;
-        assert!(matches!(
-            p.check(&m, &d),
-            Err(PlanCheckError::EmptyStage { stage: 0 })
-        ));
+        assert!(matches!(p.check(&m, &d), Err(PlanCheckError::EmptyStage { stage: 0 })));
         let mut p = plan();
         p.stages.clear();
         assert_eq!(p.check(&m, &d), Err(PlanCheckError::NoStages));
@@ -530,10 +452,7 @@ mod tests {
         let text = lines.join("\n");
         assert!(text.contains("stage 0: a (A) runs units 0..2"), "{text}");
         assert!(text.contains("sends the sampled token back to a"), "{text}");
-        assert!(
-            text.contains("memory: a 190.7 MiB of 238.4 MiB, b 190.7 MiB"),
-            "{text}"
-        );
+        assert!(text.contains("memory: a 190.7 MiB of 238.4 MiB, b 190.7 MiB"), "{text}");
         assert!(text.contains("580.0 ms per token"), "{text}");
         assert!(text.contains("190.7 MiB of 238.4 MiB"), "{text}");
         assert!(text.contains("why:"), "{text}");

@@ -127,11 +127,7 @@ impl DeviceProfile {
 
     /// Seconds to load `bytes` of weights into runners.
     pub fn load_s(&self, bytes: u64) -> f64 {
-        bytes as f64
-            / self
-                .load_bytes_per_s
-                .filter(|r| *r > 0.0)
-                .unwrap_or(ASSUMED_LOAD_BYTES_PER_S)
+        bytes as f64 / self.load_bytes_per_s.filter(|r| *r > 0.0).unwrap_or(ASSUMED_LOAD_BYTES_PER_S)
     }
 
     /// The same device running `factor` times slower (below 1: faster).
@@ -184,12 +180,8 @@ mod tests {
 
     #[test]
     fn measured_time_wins_over_estimate() {
-        let unit = UnitCost {
-            name: "layer".into(),
-            weight_bytes: 1,
-            flops_per_token: 2_000_000,
-            out_bytes_per_token: 4,
-        };
+        let unit =
+            UnitCost { name: "layer".into(), weight_bytes: 1, flops_per_token: 2_000_000, out_bytes_per_token: 4 };
         let mut device = DeviceProfile::new("a", "A", 1 << 30, 1e9);
         assert!((device.compute_s(3, &unit) - 0.002).abs() < 1e-12);
         device.unit_time_s = Some(vec![0.5; 4]);
@@ -205,10 +197,7 @@ mod tests {
             DeviceProfile::new("b", "B", 1, 1.0),
             DeviceProfile::new("c", "C", 1, 1.0),
         ];
-        let link = Link {
-            bandwidth_bytes_per_s: 1e6,
-            rtt_s: 0.01,
-        };
+        let link = Link { bandwidth_bytes_per_s: 1e6, rtt_s: 0.01 };
         connect_all(&mut devices, link);
         assert_eq!(devices[0].link_to("c"), Some(link));
         assert_eq!(devices[0].link_to("a"), None);

@@ -93,12 +93,7 @@ fn by_dp(instance: &Instance) -> Option<Stages> {
         better
     };
     let whole = 0..instance.units;
-    let others = |order: Vec<usize>| -> Vec<usize> {
-        order
-            .into_iter()
-            .filter(|&d| Some(d) != instance.pin)
-            .collect()
-    };
+    let others = |order: Vec<usize>| -> Vec<usize> { order.into_iter().filter(|&d| Some(d) != instance.pin).collect() };
     let by_speed = others(sorted(devices, |d| instance.range_compute(d, &whole)));
     let by_memory = others(sorted(devices, |d| -(instance.cap[d] as f64)));
     // Under privacy, the pinned device's first stage ends at one of a few
@@ -106,9 +101,7 @@ fn by_dp(instance: &Instance) -> Option<Stages> {
     let starts: Vec<usize> = match instance.pin {
         None => vec![0],
         Some(p) => {
-            let fitting = (1..=instance.units)
-                .take_while(|&a| instance.fits(p, &(0..a)))
-                .count();
+            let fitting = (1..=instance.units).take_while(|&a| instance.fits(p, &(0..a))).count();
             let mut starts: Vec<usize> = (1..=fitting.min(3)).collect();
             starts.extend((1..=4).map(|i| fitting * i / 4).filter(|&a| a > 3));
             starts
@@ -141,11 +134,7 @@ fn by_dp(instance: &Instance) -> Option<Stages> {
                 order.push(*d);
             }
         }
-        let rest: Vec<usize> = by_speed
-            .iter()
-            .copied()
-            .filter(|d| !order.contains(d))
-            .collect();
+        let rest: Vec<usize> = by_speed.iter().copied().filter(|d| !order.contains(d)).collect();
         order.extend(rest);
         orders.insert(0, order);
     }
@@ -193,9 +182,7 @@ fn by_fill(instance: &Instance) -> Option<Stages> {
     let evaluate = |order: &[usize]| -> Option<(f64, Stages)> {
         tried.set(tried.get() + 1);
         let stages = balance(instance, order)?;
-        instance
-            .admissible(&stages)
-            .then(|| (instance.objective_of(&instance.evaluate(&stages)), stages))
+        instance.admissible(&stages).then(|| (instance.objective_of(&instance.evaluate(&stages)), stages))
     };
     // Start from the fastest m devices, for every m.
     let mut best: Option<(f64, Vec<usize>, Stages)> = None;
@@ -212,16 +199,8 @@ fn by_fill(instance: &Instance) -> Option<Stages> {
     let mut improved = true;
     while improved && tried.get() < ORDER_BUDGET {
         improved = false;
-        let middle: Vec<usize> = order
-            .iter()
-            .copied()
-            .filter(|&d| Some(d) != instance.pin)
-            .collect();
-        let unused: Vec<usize> = free
-            .iter()
-            .copied()
-            .filter(|d| !middle.contains(d))
-            .collect();
+        let middle: Vec<usize> = order.iter().copied().filter(|&d| Some(d) != instance.pin).collect();
+        let unused: Vec<usize> = free.iter().copied().filter(|d| !middle.contains(d)).collect();
         let mut moves: Vec<Vec<usize>> = Vec::new();
         for i in 0..middle.len() {
             for j in i + 1..middle.len() {
@@ -262,10 +241,7 @@ fn by_fill(instance: &Instance) -> Option<Stages> {
 /// `middle` with the pinned device at both ends, under privacy.
 fn framed(instance: &Instance, middle: &[usize]) -> Vec<usize> {
     match instance.pin {
-        Some(p) => std::iter::once(p)
-            .chain(middle.iter().copied())
-            .chain([p])
-            .collect(),
+        Some(p) => std::iter::once(p).chain(middle.iter().copied()).chain([p]).collect(),
         None => middle.to_vec(),
     }
 }
@@ -376,11 +352,7 @@ fn ordered_dp(instance: &Instance, order: &[usize], relaxed: bool, start: usize)
     let k = order.len();
     let slots = k + usize::from(instance.pin.is_some());
     let device = |j: usize| {
-        if j < k {
-            order[j]
-        } else {
-            instance.pin.unwrap_or(usize::MAX)
-        }
+        if j < k { order[j] } else { instance.pin.unwrap_or(usize::MAX) }
     };
     // value[u][j]: best cost of units 0..u with the last stage on slot j;
     // from[u][j]: (previous boundary, previous slot), usize::MAX at the start.
@@ -414,11 +386,7 @@ fn ordered_dp(instance: &Instance, order: &[usize], relaxed: bool, start: usize)
                 continue;
             }
             let c = device(j);
-            let next = if j == first_slot || relaxed {
-                0..slots
-            } else {
-                j + 1..slots
-            };
+            let next = if j == first_slot || relaxed { 0..slots } else { j + 1..slots };
             for jn in next {
                 let d = device(jn);
                 if d == c {
@@ -445,11 +413,7 @@ fn ordered_dp(instance: &Instance, order: &[usize], relaxed: bool, start: usize)
                         continue;
                     }
                     let compute = instance.range_compute(d, &range);
-                    let cost = if throughput {
-                        (current + send).max(compute)
-                    } else {
-                        current + send + compute
-                    };
+                    let cost = if throughput { (current + send).max(compute) } else { current + send + compute };
                     if cost < value[v][jn] {
                         value[v][jn] = cost;
                         from[v][jn] = (u, j);
@@ -501,10 +465,7 @@ mod tests {
     fn respects_the_privacy_pin() {
         let mut devices = devices();
         devices[0].mem_bytes = 10_000_000_000;
-        let config = Config {
-            privacy: Some("b".into()),
-            ..Config::default()
-        };
+        let config = Config { privacy: Some("b".into()), ..Config::default() };
         let instance = Instance::new(&model(), &devices, &config).unwrap();
         let stages = best(&instance).unwrap();
         // b holds two units: the first and the last; a runs the middle.

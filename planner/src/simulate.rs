@@ -45,9 +45,7 @@ pub enum SimulateError {
     Devices(#[from] PlanError),
     #[error("the plan does not fit the model and devices: {0}")]
     Plan(#[from] PlanCheckError),
-    #[error(
-        "stage {stage} runs on '{device}', which may take no work (left out: low battery or overheating)"
-    )]
+    #[error("stage {stage} runs on '{device}', which may take no work (left out: low battery or overheating)")]
     Unavailable { stage: usize, device: String },
     #[error("a simulation needs at least one sequence")]
     NoSequences,
@@ -65,10 +63,7 @@ pub fn simulate(
         return Err(SimulateError::NoSequences);
     }
     plan.check(model, devices)?;
-    let config = Config {
-        privacy: None,
-        ..config.clone()
-    };
+    let config = Config { privacy: None, ..config.clone() };
     let instance = Instance::new(model, devices, &config)?;
     let mut stages = Vec::with_capacity(plan.stages.len());
     for (i, stage) in plan.stages.iter().enumerate() {
@@ -76,27 +71,14 @@ pub fn simulate(
             .ids
             .iter()
             .position(|id| *id == stage.device)
-            .ok_or_else(|| SimulateError::Unavailable {
-                stage: i,
-                device: stage.device.clone(),
-            })?;
+            .ok_or_else(|| SimulateError::Unavailable { stage: i, device: stage.device.clone() })?;
         stages.push((d, stage.units.clone()));
     }
     // Costs per stage: the replay takes them from the same tables as every
     // solver, so that they agree; what it adds is the queueing.
     let evaluation = instance.evaluate(&stages);
-    let busy: Vec<f64> = evaluation
-        .compute
-        .iter()
-        .zip(&evaluation.send)
-        .map(|(c, s)| c + s)
-        .collect();
-    Ok(replay(
-        &stages.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
-        &busy,
-        instance.devices(),
-        sequences,
-    ))
+    let busy: Vec<f64> = evaluation.compute.iter().zip(&evaluation.send).map(|(c, s)| c + s).collect();
+    Ok(replay(&stages.iter().map(|(d, _)| *d).collect::<Vec<_>>(), &busy, instance.devices(), sequences))
 }
 
 /// A token of a sequence ready for a stage at a time.
@@ -113,11 +95,7 @@ impl Eq for Job {}
 impl Ord for Job {
     fn cmp(&self, other: &Self) -> Ordering {
         // Earliest first (BinaryHeap is a max-heap), ties by sequence.
-        other
-            .ready
-            .total_cmp(&self.ready)
-            .then(other.sequence.cmp(&self.sequence))
-            .then(other.stage.cmp(&self.stage))
+        other.ready.total_cmp(&self.ready).then(other.sequence.cmp(&self.sequence)).then(other.stage.cmp(&self.stage))
     }
 }
 
@@ -134,14 +112,8 @@ fn replay(device_of: &[usize], busy: &[f64], devices: usize, sequences: usize) -
     let stages = device_of.len();
     let warm = TOKENS / 4;
     let mut free = vec![0.0f64; devices];
-    let mut queue: BinaryHeap<Job> = (0..sequences)
-        .map(|sequence| Job {
-            ready: 0.0,
-            sequence,
-            token: 0,
-            stage: 0,
-        })
-        .collect();
+    let mut queue: BinaryHeap<Job> =
+        (0..sequences).map(|sequence| Job { ready: 0.0, sequence, token: 0, stage: 0 }).collect();
     // When each sequence's tokens came back to the first stage, and when
     // each stage worked.
     let mut done = vec![Vec::with_capacity(TOKENS); sequences];
@@ -153,40 +125,21 @@ fn replay(device_of: &[usize], busy: &[f64], devices: usize, sequences: usize) -
         free[d] = end;
         work.push((job.stage, start, end));
         if job.stage + 1 < stages {
-            queue.push(Job {
-                ready: end,
-                stage: job.stage + 1,
-                ..job
-            });
+            queue.push(Job { ready: end, stage: job.stage + 1, ..job });
             continue;
         }
         done[job.sequence].push(end);
         if job.token + 1 < TOKENS {
-            queue.push(Job {
-                ready: end,
-                token: job.token + 1,
-                stage: 0,
-                ..job
-            });
+            queue.push(Job { ready: end, token: job.token + 1, stage: 0, ..job });
         }
     }
     let measured = (TOKENS - warm) as f64;
-    let latency_s = done
-        .iter()
-        .map(|times| (times[TOKENS - 1] - times[warm - 1]) / measured)
-        .sum::<f64>()
-        / sequences as f64;
+    let latency_s =
+        done.iter().map(|times| (times[TOKENS - 1] - times[warm - 1]) / measured).sum::<f64>() / sequences as f64;
     let from = done.iter().map(|t| t[warm - 1]).fold(0.0, f64::max);
-    let to = done
-        .iter()
-        .map(|t| t[TOKENS - 1])
-        .fold(f64::INFINITY, f64::min);
+    let to = done.iter().map(|t| t[TOKENS - 1]).fold(f64::INFINITY, f64::min);
     let (tokens_per_s, span) = if to > from {
-        let count = done
-            .iter()
-            .flatten()
-            .filter(|&&t| t > from && t <= to)
-            .count();
+        let count = done.iter().flatten().filter(|&&t| t > from && t <= to).count();
         (count as f64 / (to - from), to - from)
     } else {
         (sequences as f64 / latency_s, f64::MIN_POSITIVE)
@@ -222,10 +175,7 @@ mod tests {
         let plan = assign::plan(&model(), &devices(), &Config::default()).unwrap();
         let sim = simulate(&plan, &model(), &devices(), &Config::default(), 8).unwrap();
         let bound = 1.0 / plan.bottleneck_s;
-        assert!(
-            (sim.tokens_per_s - bound).abs() / bound < 0.02,
-            "{sim:?} vs {bound}"
-        );
+        assert!((sim.tokens_per_s - bound).abs() / bound < 0.02, "{sim:?} vs {bound}");
         // The busiest device is busy nearly all the time.
         assert!(sim.utilisation.iter().any(|u| *u > 0.97), "{sim:?}");
     }
@@ -233,15 +183,9 @@ mod tests {
     #[test]
     fn bad_plans_are_errors() {
         let mut plan = assign::plan(&model(), &devices(), &Config::default()).unwrap();
-        assert_eq!(
-            simulate(&plan, &model(), &devices(), &Config::default(), 0),
-            Err(SimulateError::NoSequences)
-        );
+        assert_eq!(simulate(&plan, &model(), &devices(), &Config::default(), 0), Err(SimulateError::NoSequences));
         plan.stages.pop();
-        assert!(matches!(
-            simulate(&plan, &model(), &devices(), &Config::default(), 1),
-            Err(SimulateError::Plan(_))
-        ));
+        assert!(matches!(simulate(&plan, &model(), &devices(), &Config::default(), 1), Err(SimulateError::Plan(_))));
     }
 
     #[test]

@@ -54,11 +54,7 @@ fn case(seed: u64, devices: usize, units: usize) -> Case {
                 rng.range(1, 100) * 1_000_000,
                 rng.range(1, 100) * 10_000_000,
                 rng.range(1, 100) * 10_000,
-                if rng.chance(50) {
-                    0
-                } else {
-                    rng.range(1, 10) * 1_000
-                },
+                if rng.chance(50) { 0 } else { rng.range(1, 10) * 1_000 },
             )
         })
         .collect();
@@ -82,8 +78,7 @@ fn case(seed: u64, devices: usize, units: usize) -> Case {
     if units >= 2 {
         for s in 0..rng.below(3) {
             let producer = rng.below(units as u64 - 1) as usize;
-            let mut consumers: Vec<usize> =
-                (producer + 1..units).filter(|_| rng.chance(60)).collect();
+            let mut consumers: Vec<usize> = (producer + 1..units).filter(|_| rng.chance(60)).collect();
             if consumers.is_empty() {
                 consumers.push(units - 1);
             }
@@ -95,11 +90,7 @@ fn case(seed: u64, devices: usize, units: usize) -> Case {
             });
         }
     }
-    let model = ModelCost {
-        units: unit_costs,
-        skips,
-        kv_bytes_per_token: kv,
-    };
+    let model = ModelCost { units: unit_costs, skips, kv_bytes_per_token: kv };
     let context = rng.range(0, 2048);
     let need = model.total_memory(context);
     // Per-device radios: links between two devices take the slower one.
@@ -115,80 +106,49 @@ fn case(seed: u64, devices: usize, units: usize) -> Case {
             continue;
         }
         let mem = need * rng.range(20, 120) / 100 + 1;
-        let mut device = DeviceProfile::new(
-            &format!("d{d}"),
-            &format!("Device {d}"),
-            mem,
-            rng.range(1, 20) as f64 * 1e9,
-        );
+        let mut device =
+            DeviceProfile::new(&format!("d{d}"), &format!("Device {d}"), mem, rng.range(1, 20) as f64 * 1e9);
         if rng.chance(25) {
-            device.unit_time_s = Some(
-                (0..units)
-                    .map(|_| rng.range(1, 100) as f64 * 1e-3)
-                    .collect(),
-            );
+            device.unit_time_s = Some((0..units).map(|_| rng.range(1, 100) as f64 * 1e-3).collect());
         }
         if rng.chance(10) {
             device.thermal = Some(Thermal::Moderate);
         }
         if rng.chance(10) {
-            device.battery = Some(Battery {
-                level: 0.5,
-                charging: false,
-            });
+            device.battery = Some(Battery { level: 0.5, charging: false });
         }
         profiles.push(device);
-        radios.push(Link {
-            bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
-            rtt_s: rng.range(0, 20) as f64 * 1e-3,
-        });
+        radios
+            .push(Link { bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6, rtt_s: rng.range(0, 20) as f64 * 1e-3 });
     }
     let asymmetric = rng.chance(30);
     connect_by(&mut profiles, |a, b| {
         if asymmetric {
-            Link {
-                bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
-                rtt_s: rng.range(0, 20) as f64 * 1e-3,
-            }
+            Link { bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6, rtt_s: rng.range(0, 20) as f64 * 1e-3 }
         } else {
             radios[a].slower_of(radios[b])
         }
     });
     let config = Config {
-        objective: if rng.chance(50) {
-            Objective::Latency
-        } else {
-            Objective::Throughput
-        },
+        objective: if rng.chance(50) { Objective::Latency } else { Objective::Throughput },
         context_tokens: context,
-        privacy: rng
-            .chance(30)
-            .then(|| format!("d{}", rng.below(devices as u64))),
+        privacy: rng.chance(30).then(|| format!("d{}", rng.below(devices as u64))),
         // Exact costs: the MIP is held to the exhaustive optimum.
         interchangeable: 0.0,
         // With and without the search's seed (and the cutoff it brings).
         warm_start: rng.chance(70),
         ..Config::default()
     };
-    Case {
-        model,
-        devices: profiles,
-        config,
-    }
+    Case { model, devices: profiles, config }
 }
 
 fn agree(seed: u64, devices: usize, units: usize) -> Result<(), TestCaseError> {
-    let Case {
-        model,
-        devices,
-        config,
-    } = case(seed, devices, units);
+    let Case { model, devices, config } = case(seed, devices, units);
     let mip = assign::plan(&model, &devices, &config);
     let best = exhaustive::plan(&model, &devices, &config);
     match (mip, best) {
         (Ok(mip), Ok(best)) => {
-            mip.check(&model, &devices)
-                .map_err(|e| TestCaseError::fail(format!("MIP plan fails its check: {e}")))?;
+            mip.check(&model, &devices).map_err(|e| TestCaseError::fail(format!("MIP plan fails its check: {e}")))?;
             let tolerance = 1e-6 * best.objective_s.abs().max(1e-9);
             prop_assert!(
                 (mip.objective_s - best.objective_s).abs() <= tolerance,
@@ -200,24 +160,12 @@ fn agree(seed: u64, devices: usize, units: usize) -> Result<(), TestCaseError> {
                 best.objective_s,
                 best.assignment(),
             );
-            prop_assert!(
-                matches!(
-                    mip.method,
-                    Method::Mip {
-                        proven_optimal: true,
-                        ..
-                    }
-                ),
-                "{:?}",
-                mip.method
-            );
+            prop_assert!(matches!(mip.method, Method::Mip { proven_optimal: true, .. }), "{:?}", mip.method);
         }
         (Err(a @ PlanError::Infeasible { .. }), Err(b @ PlanError::Infeasible { .. })) => {
             prop_assert_eq!(a.to_string(), b.to_string());
             let message = a.to_string();
-            prop_assert!(
-                message.contains("the model needs") && message.contains("these devices offer")
-            );
+            prop_assert!(message.contains("the model needs") && message.contains("these devices offer"));
         }
         (Err(PlanError::AllExcluded { .. }), Err(PlanError::AllExcluded { .. })) => {}
         (mip, best) => {
@@ -252,46 +200,27 @@ proptest! {
 }
 
 fn replays(seed: u64, devices: usize, units: usize) -> Result<(), TestCaseError> {
-    let Case {
-        model,
-        devices,
-        config,
-    } = case(seed, devices, units);
-    let plans = [
-        assign::plan(&model, &devices, &config),
-        llnode_planner::baseline::by_memory(&model, &devices, &config),
-    ];
+    let Case { model, devices, config } = case(seed, devices, units);
+    let plans =
+        [assign::plan(&model, &devices, &config), llnode_planner::baseline::by_memory(&model, &devices, &config)];
     for plan in plans.into_iter().flatten() {
         if plan.check(&model, &devices).is_err() {
             continue;
         }
-        let one = simulate(&plan, &model, &devices, &config, 1)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let one = simulate(&plan, &model, &devices, &config, 1).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!((one.latency_s - plan.latency_s).abs() <= 1e-9 * plan.latency_s.max(1e-9));
         let many = simulate(&plan, &model, &devices, &config, 2 * plan.stages.len() + 2)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let pace = 1.0 / plan.bottleneck_s;
-        prop_assert!(
-            many.tokens_per_s <= pace * 1.02,
-            "{} > {pace}",
-            many.tokens_per_s
-        );
-        prop_assert!(
-            many.tokens_per_s >= pace * 0.9,
-            "{} < {pace}",
-            many.tokens_per_s
-        );
+        prop_assert!(many.tokens_per_s <= pace * 1.02, "{} > {pace}", many.tokens_per_s);
+        prop_assert!(many.tokens_per_s >= pace * 0.9, "{} < {pace}", many.tokens_per_s);
         prop_assert!(many.tokens_per_s >= one.tokens_per_s * 0.999);
     }
     Ok(())
 }
 
 fn checks(seed: u64, devices: usize, units: usize) -> Result<(), TestCaseError> {
-    let Case {
-        model,
-        devices,
-        config,
-    } = case(seed, devices, units);
+    let Case { model, devices, config } = case(seed, devices, units);
     let Ok(plan) = assign::plan(&model, &devices, &config) else {
         return Ok(());
     };
@@ -328,10 +257,7 @@ proptest! {
 #[test]
 #[ignore]
 fn soak() {
-    let n: u64 = std::env::var("SOAK")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+    let n: u64 = std::env::var("SOAK").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let mut failures = 0;
     for seed in 0..n {
         let s = seed.wrapping_mul(0x9E3779B97F4A7C15) ^ 0x1234_5678;

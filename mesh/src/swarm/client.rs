@@ -36,19 +36,57 @@ type Reply<T> = oneshot::Sender<Result<T, MeshError>>;
 
 #[derive(Debug)]
 pub enum Command {
-    Dial { addr: Multiaddr, reply: Reply<()> },
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<()>,
+    },
     /// Dial a known peer unless it is connected or blocked.
-    DialPeer { peer: PeerId, addrs: Vec<Multiaddr> },
-    Listeners { reply: oneshot::Sender<Vec<Multiaddr>> },
-    Join { peer: PeerId, addrs: Vec<Multiaddr>, secret: [u8; 16], name: String, reply: Reply<(SignedCertificate, Vec<SignedRevocation>)> },
-    AnswerJoin { id: InboundId, result: Result<SignedCertificate, String> },
-    Install { certificate: SignedCertificate, reply: Reply<()> },
-    Revoke { revocation: SignedRevocation },
-    Request { peer: PeerId, request: ControlRequest, reply: Reply<ControlResponse> },
-    Respond { id: InboundId, response: ControlResponse },
-    SendTensor { peer: PeerId, tensor: Tensor, reply: Reply<()> },
-    AckTensor { id: InboundId, ack: TensorAck },
-    Disconnect { peer: PeerId },
+    DialPeer {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Listeners {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Join {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        secret: [u8; 16],
+        name: String,
+        reply: Reply<(SignedCertificate, Vec<SignedRevocation>)>,
+    },
+    AnswerJoin {
+        id: InboundId,
+        result: Result<SignedCertificate, String>,
+    },
+    Install {
+        certificate: SignedCertificate,
+        reply: Reply<()>,
+    },
+    Revoke {
+        revocation: SignedRevocation,
+    },
+    Request {
+        peer: PeerId,
+        request: ControlRequest,
+        reply: Reply<ControlResponse>,
+    },
+    Respond {
+        id: InboundId,
+        response: ControlResponse,
+    },
+    SendTensor {
+        peer: PeerId,
+        tensor: Tensor,
+        reply: Reply<()>,
+    },
+    AckTensor {
+        id: InboundId,
+        ack: TensorAck,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
 }
 
 #[derive(Clone)]
@@ -145,11 +183,7 @@ impl MeshClient {
     }
 
     pub fn ack_tensor(&self, id: InboundId, ack: TensorAck) {
-        if id.on_stream() {
-            self.links.ack(id, ack)
-        } else {
-            self.send(Command::AckTensor { id, ack })
-        }
+        if id.on_stream() { self.links.ack(id, ack) } else { self.send(Command::AckTensor { id, ack }) }
     }
 
     pub fn disconnect(&self, peer: PeerId) {

@@ -11,7 +11,7 @@ use crate::cert::{SignedRevocation, now};
 use crate::event::{InboundId, MeshEvent};
 use crate::swarm::MeshError;
 use crate::trust::Refusal;
-use crate::wire::{ControlRequest, Member, ControlResponse, Frame, GateRequest, GateResponse, Tensor, TensorAck};
+use crate::wire::{ControlRequest, ControlResponse, Frame, GateRequest, GateResponse, Member, Tensor, TensorAck};
 
 const NOT_TRUSTED: &str = "not trusted: present a valid mesh certificate first";
 
@@ -31,7 +31,8 @@ impl EventLoop {
     pub(super) fn hello(&mut self, peer: PeerId) {
         let Some(certificate) = self.trust.own_certificate().cloned() else { return };
         let id = self.id();
-        let request = Frame::new(id, GateRequest::Hello { certificate, revocations: self.trust.revocations().to_vec() });
+        let request =
+            Frame::new(id, GateRequest::Hello { certificate, revocations: self.trust.revocations().to_vec() });
         let rid = self.swarm.behaviour_mut().gate.send_request(&peer, request);
         self.out_gate.insert(rid, (id, peer, OutGate::Hello));
     }
@@ -67,10 +68,15 @@ impl EventLoop {
         if new.is_empty() {
             return;
         }
-        let trusted: Vec<PeerId> = self.peers.keys().filter(|p| self.is_member(p) && Some(**p) != from).copied().collect();
+        let trusted: Vec<PeerId> =
+            self.peers.keys().filter(|p| self.is_member(p) && Some(**p) != from).copied().collect();
         for peer in trusted {
             let id = self.id();
-            let _ = self.swarm.behaviour_mut().control.send_request(&peer, Frame::new(id, ControlRequest::Revocations(new.clone())));
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .control
+                .send_request(&peer, Frame::new(id, ControlRequest::Revocations(new.clone())));
         }
     }
 
@@ -83,11 +89,19 @@ impl EventLoop {
     /// Tells `peer` where the other trusted members listen, and them where `peer` does.
     pub(super) fn introduce(&mut self, peer: PeerId) {
         let members: Vec<PeerId> = self.peers.keys().filter(|p| **p != peer && self.is_member(p)).copied().collect();
-        let member = |p: &PeerId, addrs: &[libp2p::Multiaddr]| Member { peer: p.to_bytes(), addrs: addrs.iter().map(|a| a.to_string()).collect() };
-        let others: Vec<Member> = members.iter().filter_map(|p| self.listen_addrs.get(p).map(|a| member(p, a))).collect();
+        let member = |p: &PeerId, addrs: &[libp2p::Multiaddr]| Member {
+            peer: p.to_bytes(),
+            addrs: addrs.iter().map(|a| a.to_string()).collect(),
+        };
+        let others: Vec<Member> =
+            members.iter().filter_map(|p| self.listen_addrs.get(p).map(|a| member(p, a))).collect();
         if !others.is_empty() {
             let id = self.id();
-            let _ = self.swarm.behaviour_mut().control.send_request(&peer, Frame::new(id, ControlRequest::Introduce(others)));
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .control
+                .send_request(&peer, Frame::new(id, ControlRequest::Introduce(others)));
         }
         let Some(addrs) = self.listen_addrs.get(&peer).cloned() else { return };
         for other in members {
@@ -199,10 +213,18 @@ impl EventLoop {
                 match request.body {
                     // Answered here: round trips measure the mesh, not the node.
                     ControlRequest::Echo(bytes) => {
-                        let _ = self.swarm.behaviour_mut().control.send_response(channel, Frame::new(request.id, ControlResponse::Echo(bytes)));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(channel, Frame::new(request.id, ControlResponse::Echo(bytes)));
                     }
                     ControlRequest::Revocations(list) => {
-                        let _ = self.swarm.behaviour_mut().control.send_response(channel, Frame::new(request.id, ControlResponse::Ack));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(channel, Frame::new(request.id, ControlResponse::Ack));
                         self.learn_revocations(list, Some(peer));
                     }
                     request @ ControlRequest::Node(_) => {
@@ -211,10 +233,15 @@ impl EventLoop {
                         self.emit(MeshEvent::Control { peer, id, request });
                     }
                     ControlRequest::Introduce(members) => {
-                        let _ = self.swarm.behaviour_mut().control.send_response(channel, Frame::new(request.id, ControlResponse::Ack));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(channel, Frame::new(request.id, ControlResponse::Ack));
                         for m in members.into_iter().take(64) {
                             let Ok(other) = PeerId::from_bytes(&m.peer) else { continue };
-                            let addrs: Vec<libp2p::Multiaddr> = m.addrs.iter().take(16).filter_map(|a| a.parse().ok()).collect();
+                            let addrs: Vec<libp2p::Multiaddr> =
+                                m.addrs.iter().take(16).filter_map(|a| a.parse().ok()).collect();
                             if other != self.me && !addrs.is_empty() && !self.blocked_until.contains_key(&other) {
                                 self.emit(MeshEvent::Discovered { peer: other, addrs });
                             }
@@ -262,7 +289,9 @@ impl EventLoop {
             Event::Message { message: Message::Response { request_id, response }, .. } => {
                 if let Some((wire_id, reply)) = self.out_tensor.remove(&request_id) {
                     let result = match response.body {
-                        _ if response.id != wire_id => Err(MeshError::Protocol(format!("ack id {} for tensor {wire_id}", response.id))),
+                        _ if response.id != wire_id => {
+                            Err(MeshError::Protocol(format!("ack id {} for tensor {wire_id}", response.id)))
+                        }
                         TensorAck::Received => Ok(()),
                         TensorAck::Refused { reason } => Err(MeshError::Refused(reason)),
                     };

@@ -109,7 +109,12 @@ enum Failed {
 }
 
 impl Links {
-    pub(crate) fn new(control: libp2p_stream::Control, standing: Arc<Standing>, sink: EventSink, timeout: Duration) -> Links {
+    pub(crate) fn new(
+        control: libp2p_stream::Control,
+        standing: Arc<Standing>,
+        sink: EventSink,
+        timeout: Duration,
+    ) -> Links {
         Links {
             control,
             standing,
@@ -156,8 +161,12 @@ impl Links {
             return Ok(link.clone());
         }
         let unreachable = |why: String| MeshError::Unreachable { peer, why };
-        let mut stream =
-            self.control.clone().open_stream(peer, TENSOR_STREAM_PROTOCOL).await.map_err(|e| unreachable(e.to_string()))?;
+        let mut stream = self
+            .control
+            .clone()
+            .open_stream(peer, TENSOR_STREAM_PROTOCOL)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         // The protocol is only proposed so far: wait for the peer's word that
         // it took the stream (see [`READY`]) before the halves go their ways.
         let mut ready = [0u8; 1];
@@ -169,11 +178,17 @@ impl Links {
             Ok(Ok(())) if ready == READY => {}
             Ok(Ok(())) => return Err(unreachable("its tensor stream opened with an unknown byte".into())),
             Ok(Err(e)) => return Err(unreachable(format!("its tensor stream closed as it opened: {e}"))),
-            Err(_) => return Err(unreachable(format!("it did not take a tensor stream in {} s", self.timeout.as_secs()))),
+            Err(_) => {
+                return Err(unreachable(format!("it did not take a tensor stream in {} s", self.timeout.as_secs())));
+            }
         }
         let (reader, writer) = stream.split();
         let connection = self.connection(peer);
-        let link = Arc::new(Link { writer: tokio::sync::Mutex::new(writer), pending: Mutex::new(Some(HashMap::new())), connection });
+        let link = Arc::new(Link {
+            writer: tokio::sync::Mutex::new(writer),
+            pending: Mutex::new(Some(HashMap::new())),
+            connection,
+        });
         tokio::spawn(read_acks(reader, link.clone(), peer));
         *slot = Some(link.clone());
         Ok(link)
@@ -290,16 +305,24 @@ impl Link {
             self.close();
             return Err(Failed::Broken);
         }
-        let closed = || MeshError::Unreachable { peer, why: "its tensor stream closed before the tensor was acknowledged".into() };
+        let closed = || MeshError::Unreachable {
+            peer,
+            why: "its tensor stream closed before the tensor was acknowledged".into(),
+        };
         match tokio::time::timeout(timeout, futures::future::join_all(answers)).await {
-            Ok(answers) => answers.into_iter().try_for_each(|a| a.unwrap_or_else(|_| Err(closed()))).map_err(Failed::Final),
+            Ok(answers) => {
+                answers.into_iter().try_for_each(|a| a.unwrap_or_else(|_| Err(closed()))).map_err(Failed::Final)
+            }
             Err(_) => {
                 if let Some(pending) = self.pending.lock().expect("link lock").as_mut() {
                     for id in ids {
                         pending.remove(id);
                     }
                 }
-                Err(Failed::Final(MeshError::Unreachable { peer, why: format!("no acknowledgement in {} s", timeout.as_secs()) }))
+                Err(Failed::Final(MeshError::Unreachable {
+                    peer,
+                    why: format!("no acknowledgement in {} s", timeout.as_secs()),
+                }))
             }
         }
     }

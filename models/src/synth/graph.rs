@@ -87,7 +87,11 @@ pub fn build(c: &SynthConfig) -> (GraphProto, Vec<WeightSpec>) {
     let mask = g.op("Where", &[&allowed, &open, &closed], vec![]);
     let mask = g.op("Unsqueeze", &[&mask, &axes1], vec![]);
 
-    let inv_freq = weight("model.rotary_emb.inv_freq".into(), vec![hd / 2], Init::InvFreq { theta: c.rope_theta, head_dim: c.head_dim() });
+    let inv_freq = weight(
+        "model.rotary_emb.inv_freq".into(),
+        vec![hd / 2],
+        Init::InvFreq { theta: c.rope_theta, head_dim: c.head_dim() },
+    );
     let positions = g.op("Cast", &["position_ids"], vec![attr_int("to", DataType::Float as i64)]);
     let axes2 = g.ints(&[2]);
     let positions = g.op("Unsqueeze", &[&positions, &axes2], vec![]);
@@ -108,7 +112,8 @@ pub fn build(c: &SynthConfig) -> (GraphProto, Vec<WeightSpec>) {
         let wq = w("self_attn.q_proj.weight", vec![h, nh * hd], Init::Uniform { mean: 0.0, std: linear_std(h) });
         let wk = w("self_attn.k_proj.weight", vec![h, nkv * hd], Init::Uniform { mean: 0.0, std: linear_std(h) });
         let wv = w("self_attn.v_proj.weight", vec![h, nkv * hd], Init::Uniform { mean: 0.0, std: linear_std(h) });
-        let wo = w("self_attn.o_proj.weight", vec![nh * hd, h], Init::Uniform { mean: 0.0, std: 2.0 * linear_std(nh * hd) });
+        let wo =
+            w("self_attn.o_proj.weight", vec![nh * hd, h], Init::Uniform { mean: 0.0, std: 2.0 * linear_std(nh * hd) });
         let ln2 = w("post_attention_layernorm.weight", vec![h], norm_init);
         let inter = c.intermediate as i64;
         let wg = w("mlp.gate_proj.weight", vec![h, inter], Init::Uniform { mean: 0.0, std: linear_std(h) });

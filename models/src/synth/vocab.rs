@@ -39,8 +39,7 @@ pub fn tokenizer_json(vocab_size: usize) -> Value {
     let space = alphabet[b' ' as usize].to_string();
     let mut merges = Vec::new();
     // Breadth first: every token of length n extends one of length n-1.
-    let mut frontier: Vec<String> =
-        std::iter::once(space).chain(letters.iter().cloned()).collect();
+    let mut frontier: Vec<String> = std::iter::once(space).chain(letters.iter().cloned()).collect();
     'grow: loop {
         let mut next = Vec::new();
         for prefix in &frontier {

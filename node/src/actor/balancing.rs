@@ -69,17 +69,32 @@ impl Actor for BalancingActor {
     type State = BalancingState;
     type Arguments = BalancingArgs;
 
-    async fn pre_start(&self, myself: ActorRef<BalancingMsg>, args: BalancingArgs) -> Result<BalancingState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<BalancingMsg>,
+        args: BalancingArgs,
+    ) -> Result<BalancingState, ActorProcessingErr> {
         myself.send_interval(TICK, || BalancingMsg::Tick);
         Ok(BalancingState { args, last: Drift::Within, epoch: 0 })
     }
 
-    async fn handle(&self, _: ActorRef<BalancingMsg>, msg: BalancingMsg, state: &mut BalancingState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<BalancingMsg>,
+        msg: BalancingMsg,
+        state: &mut BalancingState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             BalancingMsg::Tick => {
                 let args = &state.args;
-                let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else { return Ok(()) };
-                let asked = call_t!(args.planning, |reply| PlanningMsg::Expected { pace: pace.clone(), reply }, CALL_TIMEOUT_MS);
+                let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else {
+                    return Ok(());
+                };
+                let asked = call_t!(
+                    args.planning,
+                    |reply| PlanningMsg::Expected { pace: pace.clone(), reply },
+                    CALL_TIMEOUT_MS
+                );
                 let Ok(Some(Expectation { secs_per_token: expected, token_s })) = asked else { return Ok(()) };
                 let ratio = pace.secs_per_token / expected;
                 let drift = if (pace.secs_per_token - expected).abs() < MIN_DRIFT_S.max(MIN_DRIFT_SHARE * token_s) {

@@ -83,15 +83,27 @@ impl Actor for DiscoveryActor {
     type State = DiscoveryState;
     type Arguments = DiscoveryArgs;
 
-    async fn pre_start(&self, myself: ActorRef<DiscoveryMsg>, args: DiscoveryArgs) -> Result<DiscoveryState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DiscoveryMsg>,
+        args: DiscoveryArgs,
+    ) -> Result<DiscoveryState, ActorProcessingErr> {
         myself.send_interval(Duration::from_millis(250), || DiscoveryMsg::Tick);
         let now = Instant::now();
-        let explicit =
-            args.explicit.into_iter().map(|addr| Explicit { addr, peer: None, backoff: FIRST_BACKOFF, next_dial: now }).collect();
+        let explicit = args
+            .explicit
+            .into_iter()
+            .map(|addr| Explicit { addr, peer: None, backoff: FIRST_BACKOFF, next_dial: now })
+            .collect();
         Ok(DiscoveryState { client: args.client, peers: HashMap::new(), explicit })
     }
 
-    async fn handle(&self, _: ActorRef<DiscoveryMsg>, msg: DiscoveryMsg, state: &mut DiscoveryState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _: ActorRef<DiscoveryMsg>,
+        msg: DiscoveryMsg,
+        state: &mut DiscoveryState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             DiscoveryMsg::Event(event) => state.event(event),
             DiscoveryMsg::Tick => state.tick(),

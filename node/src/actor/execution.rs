@@ -49,8 +49,8 @@ mod tensor;
 
 use load::{hold_spares, prepare, readiness, spares_of};
 use step::sweep;
-use tensor::{delivery, logits_tensor, read_logits};
 pub use tensor::wire_tensor;
+use tensor::{delivery, logits_tensor, read_logits};
 
 /// Tensors kept while this device's segments load; more are refused.
 const MAX_EARLY: usize = 1024;
@@ -397,7 +397,11 @@ impl Actor for ExecutionActor {
     type State = ExecutionState;
     type Arguments = ExecutionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ExecutionMsg>, args: ExecutionArgs) -> Result<ExecutionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ExecutionMsg>,
+        args: ExecutionArgs,
+    ) -> Result<ExecutionState, ActorProcessingErr> {
         myself.send_interval(SWEEP, || ExecutionMsg::Sweep);
         Ok(ExecutionState {
             args,
@@ -412,7 +416,12 @@ impl Actor for ExecutionActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<ExecutionMsg>, msg: ExecutionMsg, state: &mut ExecutionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ExecutionMsg>,
+        msg: ExecutionMsg,
+        state: &mut ExecutionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ExecutionMsg::Plan(doc) => state.adopt(doc, &myself),
             ExecutionMsg::Loaded { load, result } => {
@@ -423,13 +432,20 @@ impl Actor for ExecutionActor {
                 let mut result = result;
                 match &mut result {
                     Ok(ready) => {
-                        tracing::info!("epoch {epoch}: loaded {} segment(s), {} unit(s) new to this device", ready.runners.len(), ready.fresh);
+                        tracing::info!(
+                            "epoch {epoch}: loaded {} segment(s), {} unit(s) new to this device",
+                            ready.runners.len(),
+                            ready.fresh
+                        );
                         // A newer epoch of the same assignment may have come while loading.
                         ready.refresh_spares(&current.doc, &state.args);
                         hold_spares(&state.args, ready, &current.doc.model, load, &myself);
                     }
                     Err(e) => {
-                        tracing::error!("epoch {epoch}: cannot run this device's share of the plan: {e}; trying again in {} s", RETRY.as_secs());
+                        tracing::error!(
+                            "epoch {epoch}: cannot run this device's share of the plan: {e}; trying again in {} s",
+                            RETRY.as_secs()
+                        );
                         myself.send_after(RETRY, || ExecutionMsg::Retry);
                     }
                 }
@@ -525,7 +541,8 @@ impl Actor for ExecutionActor {
                 // A plan this device no longer serves, or a newer one it has not seen yet.
                 None => match state.plans.current.as_ref() {
                     Some(current) if epoch < current.first_epoch => {
-                        let _ = reply.send(Err(StepFail::Moved(format!("the mesh moved to plan epoch {}", current.doc.epoch))));
+                        let _ = reply
+                            .send(Err(StepFail::Moved(format!("the mesh moved to plan epoch {}", current.doc.epoch))));
                     }
                     _ => {
                         state.waiting.insert((session, step), (epoch, reply));
@@ -582,7 +599,9 @@ impl Actor for ExecutionActor {
             }
             ExecutionMsg::Move { asker, order, waiter } => state.move_caches(asker, order, waiter),
             ExecutionMsg::SparesLoaded { load, runners } => {
-                if let Some(Ok(ready)) = state.plans.current.as_mut().filter(|c| c.load == load).and_then(|c| c.ready.as_mut()) {
+                if let Some(Ok(ready)) =
+                    state.plans.current.as_mut().filter(|c| c.load == load).and_then(|c| c.ready.as_mut())
+                {
                     ready.held.extend(runners);
                 }
             }
@@ -616,7 +635,10 @@ impl ExecutionState {
                 return;
             }
             // A device that left lost its caches, even if it is back in the same place.
-            if current.doc.model == doc.model && current.gone.is_empty() && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan) {
+            if current.doc.model == doc.model
+                && current.gone.is_empty()
+                && crate::actor::planning::same_assignment(&current.doc.plan, &doc.plan)
+            {
                 // Same segments on the same devices: runners and sessions carry on.
                 self.args.readiness.send_replace(Some((doc.epoch, readiness(current.ready.as_ref()))));
                 // Its spares may differ (a device that came back, with room for some).
@@ -645,7 +667,11 @@ impl ExecutionState {
             // dropped, and its sessions replay on the new plan. A plan
             // without sessions is dropped at once: keeping it would only
             // hold its units in memory beside the new plan's.
-            if self.serves(&outgoing) && outgoing.ready().is_some() && outgoing.gone.is_empty() && outgoing.doc.model == doc.model {
+            if self.serves(&outgoing)
+                && outgoing.ready().is_some()
+                && outgoing.gone.is_empty()
+                && outgoing.doc.model == doc.model
+            {
                 tracing::info!("epoch {}: serving epoch {} until its sessions move", doc.epoch, outgoing.doc.epoch);
                 self.plans.previous = Some(outgoing);
             }
@@ -691,7 +717,8 @@ impl ExecutionState {
 
     /// Whether a session, or a step waiting for its logits, runs on `plan`.
     fn serves(&self, plan: &Current) -> bool {
-        self.sessions.values().any(|s| plan.covers(s.epoch)) || self.waiting.values().any(|(epoch, _)| plan.covers(*epoch))
+        self.sessions.values().any(|s| plan.covers(s.epoch))
+            || self.waiting.values().any(|(epoch, _)| plan.covers(*epoch))
     }
 
     /// Sessions ended here (their initiator ended them or left, or they
@@ -740,7 +767,8 @@ impl ExecutionState {
         let load = self.loads;
         let me = self.args.me.to_base58();
         let segments: Vec<Range<usize>> = doc.plan.stages.iter().map(|s| s.units.clone()).collect();
-        let mine: Vec<usize> = doc.plan.stages.iter().enumerate().filter(|(_, s)| s.device == me).map(|(i, _)| i).collect();
+        let mine: Vec<usize> =
+            doc.plan.stages.iter().enumerate().filter(|(_, s)| s.device == me).map(|(i, _)| i).collect();
         let spares = spares_of(doc, &me);
         let model = doc.model.clone();
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());

@@ -115,9 +115,16 @@ pub enum PlanningMsg {
     /// The balancer measured `pace` and asks what this device's profile
     /// promises for its units (seconds per token), if they are its share of
     /// the held plan.
-    Expected { pace: crate::pace::Pace, reply: RpcReplyPort<Option<Expectation>> },
+    Expected {
+        pace: crate::pace::Pace,
+        reply: RpcReplyPort<Option<Expectation>>,
+    },
     /// The balancer measured this device `ratio` times slower than `expected`.
-    Reprofile { ratio: f64, pace: crate::pace::Pace, expected: f64 },
+    Reprofile {
+        ratio: f64,
+        pace: crate::pace::Pace,
+        expected: f64,
+    },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
     /// Asked locally: plan again with this objective (sent to the leader).
@@ -130,9 +137,15 @@ pub enum PlanningMsg {
     Private(RpcReplyPort<Result<(), String>>),
     /// A prompt here wants this model (a full package id): ask the leader to
     /// plan for it; answered once such a plan is published.
-    UseModel { model: String, reply: RpcReplyPort<Result<(), String>> },
+    UseModel {
+        model: String,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// What these devices last said of their readiness (for an initiator).
-    ReadinessOf { devices: Vec<PeerId>, reply: RpcReplyPort<Vec<DeviceReadiness>> },
+    ReadinessOf {
+        devices: Vec<PeerId>,
+        reply: RpcReplyPort<Vec<DeviceReadiness>>,
+    },
 }
 
 /// What this device's profile promises for the units it measured, against
@@ -220,7 +233,11 @@ impl Actor for PlanningActor {
     type State = PlanningState;
     type Arguments = PlanningArgs;
 
-    async fn pre_start(&self, _: ActorRef<PlanningMsg>, args: PlanningArgs) -> Result<PlanningState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<PlanningMsg>,
+        args: PlanningArgs,
+    ) -> Result<PlanningState, ActorProcessingErr> {
         let me = args.key.peer_id().to_base58();
         let announced = args.store.models();
         Ok(PlanningState {
@@ -251,7 +268,11 @@ impl Actor for PlanningActor {
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<PlanningMsg>, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        myself: ActorRef<PlanningMsg>,
+        state: &mut PlanningState,
+    ) -> Result<(), ActorProcessingErr> {
         let (mut readiness, to) = (state.args.readiness.clone(), myself.clone());
         tokio::spawn(async move {
             while readiness.changed().await.is_ok() {
@@ -269,7 +290,12 @@ impl Actor for PlanningActor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<PlanningMsg>, msg: PlanningMsg, state: &mut PlanningState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<PlanningMsg>,
+        msg: PlanningMsg,
+        state: &mut PlanningState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             PlanningMsg::MemberUp(peer) => {
                 state.members.insert(peer);
@@ -358,7 +384,8 @@ impl Actor for PlanningActor {
                         Some(old) => {
                             let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
                             // Sub-millisecond jitter on a fast link is not worth a new plan.
-                            moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6) || moved(new.rtt_s, old.rtt_s, 1e-3)
+                            moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6)
+                                || moved(new.rtt_s, old.rtt_s, 1e-3)
                         }
                     });
                 state.links.extend(links);
@@ -408,7 +435,9 @@ impl Actor for PlanningActor {
             PlanningMsg::Expected { pace, reply } => {
                 state.broadcast(NodeMessage::Pace(pace.clone()));
                 state.paces.insert(state.me.clone(), pace.clone());
-                let expectation = state.expected(&pace.units).map(|secs_per_token| Expectation { secs_per_token, token_s: state.token_s(pace.epoch) });
+                let expectation = state
+                    .expected(&pace.units)
+                    .map(|secs_per_token| Expectation { secs_per_token, token_s: state.token_s(pace.epoch) });
                 let _ = reply.send(expectation);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
@@ -433,7 +462,11 @@ impl Actor for PlanningActor {
                     .iter()
                     .map(|d| {
                         let id = d.to_base58();
-                        DeviceReadiness { name: state.name_of(&id), live: state.members.contains(d), said: state.readiness.get(&id).cloned() }
+                        DeviceReadiness {
+                            name: state.name_of(&id),
+                            live: state.members.contains(d),
+                            said: state.readiness.get(&id).cloned(),
+                        }
                     })
                     .collect();
                 let _ = reply.send(answer);
@@ -465,7 +498,10 @@ impl Actor for PlanningActor {
                     Err(e) => {
                         state.note(format!("cannot learn a member's model: {e}"));
                         if let Some(id) = state.wanted_model.take() {
-                            state.answer_model(&id, Err(format!("cannot get the manifest of model {}: {e}", short(&id))));
+                            state.answer_model(
+                                &id,
+                                Err(format!("cannot get the manifest of model {}: {e}", short(&id))),
+                            );
                         }
                     }
                 }
@@ -485,7 +521,14 @@ impl PlanningState {
         let mut paces: Vec<(&String, &crate::pace::Pace)> = self
             .paces
             .iter()
-            .filter(|(id, pace)| held.plan.stages.iter().filter(|s| s.device == **id).map(|s| s.units.clone()).eq(pace.units.iter().cloned()))
+            .filter(|(id, pace)| {
+                held.plan
+                    .stages
+                    .iter()
+                    .filter(|s| s.device == **id)
+                    .map(|s| s.units.clone())
+                    .eq(pace.units.iter().cloned())
+            })
             .collect();
         paces.sort_by(|a, b| b.1.secs_per_token.total_cmp(&a.1.secs_per_token));
         paces.into_iter().map(|(id, pace)| (self.name_of(id), pace.to_string())).collect()
@@ -503,11 +546,13 @@ impl PlanningState {
         let (model, cost) = self.args.model.as_ref()?;
         let (_, held) = self.held.as_ref().filter(|(_, d)| d.model == *model)?;
         let profile = for_model(self.profiles.get(&self.me)?, model);
-        let mine: Vec<std::ops::Range<usize>> = held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
+        let mine: Vec<std::ops::Range<usize>> =
+            held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
         if units != mine {
             return None; // measured on an assignment no longer held
         }
-        let expected: f64 = mine.iter().flat_map(|r| r.clone()).filter_map(|u| Some(profile.compute_s(u, cost.units.get(u)?))).sum();
+        let expected: f64 =
+            mine.iter().flat_map(|r| r.clone()).filter_map(|u| Some(profile.compute_s(u, cost.units.get(u)?))).sum();
         (expected > 0.0).then_some(expected)
     }
 
@@ -591,7 +636,8 @@ impl PlanningState {
 
     /// Tells those waiting for plans of `model` how it went.
     fn answer_model(&mut self, model: &str, result: Result<(), String>) {
-        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.model_waiters).into_iter().partition(|(m, _)| m == model);
+        let (now, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.model_waiters).into_iter().partition(|(m, _)| m == model);
         self.model_waiters = later;
         for (_, waiter) in now {
             waiter.answer(&self.args.client, result.clone());
@@ -650,7 +696,11 @@ impl PlanningState {
     fn membership_changed(&mut self) {
         let live = self.members.iter().map(|p| p.to_base58()).collect();
         if let Some(leadership) = self.election.members(live) {
-            self.note(format!("term {}: {} leads (the previous leader left or there was none)", leadership.term, self.name_of(&leadership.leader)));
+            self.note(format!(
+                "term {}: {} leads (the previous leader left or there was none)",
+                leadership.term,
+                self.name_of(&leadership.leader)
+            ));
             self.broadcast(NodeMessage::Leader(leadership));
         }
     }
@@ -735,7 +785,11 @@ pub const PROBE: &str = "llnode.probe";
 fn describe(p: &DeviceProfile) -> String {
     let power = power_text(p.battery, p.thermal);
     let load = p.load_bytes_per_s.map_or(String::new(), |r| format!(", loads {:.0} MB/s", r / 1e6));
-    format!("{:.1} GiB usable, {:.2} GFLOP/s{load}, {power}", p.mem_bytes as f64 / (1u64 << 30) as f64, p.flops_per_s / 1e9)
+    format!(
+        "{:.1} GiB usable, {:.2} GFLOP/s{load}, {power}",
+        p.mem_bytes as f64 / (1u64 << 30) as f64,
+        p.flops_per_s / 1e9
+    )
 }
 
 fn power_text(battery: Option<Battery>, thermal: Option<Thermal>) -> String {

@@ -44,7 +44,11 @@ pub enum TrustMsg {
     /// Join the mesh a token names (asked by `llnode mesh join`).
     Join { token: JoinToken, name: String, reply: RpcReplyPort<Result<String, String>> },
     /// The join finished (sent by the task that did the network part).
-    Joined { token: JoinToken, result: Result<(SignedCertificate, Vec<SignedRevocation>), String>, reply: RpcReplyPort<Result<String, String>> },
+    Joined {
+        token: JoinToken,
+        result: Result<(SignedCertificate, Vec<SignedRevocation>), String>,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
     /// Revoke a device by name or peer id (owner only).
     Revoke { device: String, reply: RpcReplyPort<Result<PeerId, String>> },
     /// A revocation learned from the mesh: keep it.
@@ -64,7 +68,12 @@ impl Actor for TrustActor {
         Ok(TrustState { args, owner, invites: HashMap::new(), register })
     }
 
-    async fn handle(&self, myself: ActorRef<TrustMsg>, msg: TrustMsg, state: &mut TrustState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<TrustMsg>,
+        msg: TrustMsg,
+        state: &mut TrustState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             TrustMsg::Invite { ttl, addrs, reply } => {
                 let _ = reply.send(state.invite(ttl, addrs));
@@ -79,11 +88,15 @@ impl Actor for TrustActor {
             }
             TrustMsg::Join { token, name, reply } => {
                 if token.expires < now() {
-                    let _ = reply.send(Err("the join token has expired; ask the owner for a new one (`llnode mesh invite`)".into()));
+                    let _ = reply.send(Err(
+                        "the join token has expired; ask the owner for a new one (`llnode mesh invite`)".into(),
+                    ));
                     return Ok(());
                 }
                 let Some(owner_peer) = token.owner_peer() else {
-                    let _ = reply.send(Err("the join token is damaged; copy the whole line `llnode mesh invite` printed".into()));
+                    let _ = reply.send(Err(
+                        "the join token is damaged; copy the whole line `llnode mesh invite` printed".into(),
+                    ));
                     return Ok(());
                 };
                 let addrs: Vec<Multiaddr> = token.addrs.iter().filter_map(|a| a.parse().ok()).collect();
@@ -147,8 +160,14 @@ impl TrustState {
         let now = now();
         // One use: the invite is gone whether or not it was still valid.
         match self.invites.remove(&JoinToken::secret_hash(secret)) {
-            None => return Err("unknown or already used join token; ask the owner for a new one (`llnode mesh invite`)".into()),
-            Some(expires) if expires < now => return Err("the join token has expired; ask the owner for a new one".into()),
+            None => {
+                return Err(
+                    "unknown or already used join token; ask the owner for a new one (`llnode mesh invite`)".into()
+                );
+            }
+            Some(expires) if expires < now => {
+                return Err("the join token has expired; ask the owner for a new one".into());
+            }
             Some(_) => {}
         }
         let key = identity::key_of(peer).ok_or("the peer's id is not an ed25519 key")?;
@@ -158,10 +177,21 @@ impl TrustState {
         Ok(certificate)
     }
 
-    async fn joined(&mut self, token: &JoinToken, result: Result<(SignedCertificate, Vec<SignedRevocation>), String>) -> Result<String, String> {
+    async fn joined(
+        &mut self,
+        token: &JoinToken,
+        result: Result<(SignedCertificate, Vec<SignedRevocation>), String>,
+    ) -> Result<String, String> {
         let (certificate, revocations) = result?;
         let args = &mut self.args;
-        let cert = accept_certificate(&mut args.trust, &args.me, &args.data_dir, token, certificate.clone(), revocations.clone())?;
+        let cert = accept_certificate(
+            &mut args.trust,
+            &args.me,
+            &args.data_dir,
+            token,
+            certificate.clone(),
+            revocations.clone(),
+        )?;
         for r in revocations {
             args.client.revoke(r);
         }

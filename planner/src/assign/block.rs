@@ -30,13 +30,7 @@ pub(crate) fn blocks(instance: &Instance) -> Vec<Range<usize>> {
         }
     }
     runs.into_iter()
-        .flat_map(|run| {
-            if run.len() >= SHORTEST_BLOCK {
-                vec![run]
-            } else {
-                run.map(|u| u..u + 1).collect()
-            }
-        })
+        .flat_map(|run| if run.len() >= SHORTEST_BLOCK { vec![run] } else { run.map(|u| u..u + 1).collect() })
         .collect()
 }
 
@@ -54,10 +48,7 @@ pub(crate) fn smooth(instance: &Instance, tolerance: f64) -> Instance {
     let mut start = 0;
     while start < units {
         let mut end = start + 1;
-        while end < units
-            && alike_but_time(instance, end - 1, end)
-            && within(instance, start..end + 1, tolerance)
-        {
+        while end < units && alike_but_time(instance, end - 1, end) && within(instance, start..end + 1, tolerance) {
             end += 1;
         }
         for (row, times) in compute.iter_mut().zip(&instance.compute) {
@@ -79,19 +70,13 @@ fn within(instance: &Instance, run: Range<usize>, tolerance: f64) -> bool {
     instance.compute.iter().all(|times| {
         let slice = &times[run.clone()];
         let mean = slice.iter().sum::<f64>() / slice.len() as f64;
-        let (low, high) = slice
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(l, h), t| (l.min(*t), h.max(*t)));
+        let (low, high) = slice.iter().fold((f64::INFINITY, 0.0f64), |(l, h), t| (l.min(*t), h.max(*t)));
         high - low <= tolerance * mean
     })
 }
 
 fn alike(instance: &Instance, a: usize, b: usize) -> bool {
-    alike_but_time(instance, a, b)
-        && instance
-            .compute
-            .iter()
-            .all(|row| row[a].to_bits() == row[b].to_bits())
+    alike_but_time(instance, a, b) && instance.compute.iter().all(|row| row[a].to_bits() == row[b].to_bits())
 }
 
 fn alike_but_time(instance: &Instance, a: usize, b: usize) -> bool {
@@ -124,10 +109,7 @@ mod tests {
 
     #[test]
     fn short_runs_stay_single_units() {
-        let model = ModelCost::transformer(&TransformerShape {
-            layers: 3,
-            ..TransformerShape::tiny_llama()
-        });
+        let model = ModelCost::transformer(&TransformerShape { layers: 3, ..TransformerShape::tiny_llama() });
         let devices = phone::mesh(&[phone::PIXEL_7]);
         let instance = Instance::new(&model, &devices, &Config::default()).unwrap();
         assert_eq!(blocks(&instance), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
@@ -137,9 +119,7 @@ mod tests {
     fn a_measured_difference_splits_a_block() {
         let model = ModelCost::transformer(&TransformerShape::tiny_llama());
         let mut devices = phone::mesh(&[phone::PIXEL_7, phone::REDMI_9A]);
-        let mut times: Vec<f64> = (0..24)
-            .map(|u| devices[0].compute_s(u, &model.units[u]))
-            .collect();
+        let mut times: Vec<f64> = (0..24).map(|u| devices[0].compute_s(u, &model.units[u])).collect();
         times[10] *= 1.5;
         devices[0].unit_time_s = Some(times);
         let instance = Instance::new(&model, &devices, &Config::default()).unwrap();

@@ -41,17 +41,11 @@ pub(crate) struct Bound {
 /// First a bisection on the relaxation; then a bisection between that and
 /// `cutoff` with the exact search over orders (`Walk`), which finds plans
 /// and, where it covers every order within its budget, raises the bound.
-pub(crate) fn lower_bound(
-    instance: &Instance,
-    blocks: &[Range<usize>],
-    cutoff: f64,
-) -> Option<Bound> {
+pub(crate) fn lower_bound(instance: &Instance, blocks: &[Range<usize>], cutoff: f64) -> Option<Bound> {
     let units = instance.units;
     let three = blocks.len() == 3 && blocks[1] == (1..units - 1);
-    let skips_from_first = instance
-        .skips
-        .iter()
-        .all(|s| s.producer == 0 && s.consumers.iter().all(|c| (1..units - 1).contains(c)));
+    let skips_from_first =
+        instance.skips.iter().all(|s| s.producer == 0 && s.consumers.iter().all(|c| (1..units - 1).contains(c)));
     if !three || !skips_from_first || instance.pin.is_some() || !cutoff.is_finite() {
         return None;
     }
@@ -92,10 +86,7 @@ pub(crate) fn lower_bound(
         }
         limit = 0.5 * (low + top);
     }
-    Some(Bound {
-        seconds: low,
-        plan: plan.map(|(_, stages)| stages),
-    })
+    Some(Bound { seconds: low, plan: plan.map(|(_, stages)| stages) })
 }
 
 /// What the exact search says of a limit.
@@ -134,20 +125,10 @@ impl<'a> Relaxation<'a> {
                 .fold(f64::INFINITY, f64::min)
         };
         let hop = (0..devices).map(|d| least(d, &[instance.out[1]])).collect();
-        let first_hop = (0..devices)
-            .map(|d| least(d, &[instance.out[0], instance.out[1]]))
-            .collect();
+        let first_hop = (0..devices).map(|d| least(d, &[instance.out[0], instance.out[1]])).collect();
         let skip = (0..devices)
             .map(|p| {
-                (0..devices)
-                    .map(|v| {
-                        instance
-                            .skips
-                            .iter()
-                            .map(|s| instance.transfer(p, v, s.bytes))
-                            .sum()
-                    })
-                    .collect()
+                (0..devices).map(|v| instance.skips.iter().map(|s| instance.transfer(p, v, s.bytes)).sum()).collect()
             })
             .collect();
         let mut classes: Vec<Vec<usize>> = (0..devices).map(|d| vec![d]).collect();
@@ -159,14 +140,7 @@ impl<'a> Relaxation<'a> {
             }
         }
         classes.retain(|c| !c.is_empty());
-        Relaxation {
-            instance,
-            middle: units - 2,
-            classes,
-            hop,
-            first_hop,
-            skip,
-        }
+        Relaxation { instance, middle: units - 2, classes, hop, first_hop, skip }
     }
 
     /// Middle units device `d` can run in `budget` seconds with `room`
@@ -192,8 +166,7 @@ impl<'a> Relaxation<'a> {
     fn alone(&self, limit: f64) -> Option<usize> {
         let instance = self.instance;
         let whole = 0..instance.units;
-        (0..instance.devices())
-            .find(|&d| instance.fits(d, &whole) && instance.range_compute(d, &whole) <= limit)
+        (0..instance.devices()).find(|&d| instance.fits(d, &whole) && instance.range_compute(d, &whole) <= limit)
     }
 
     /// Whether some choice of devices meets `limit` in the relaxation.
@@ -264,14 +237,7 @@ impl<'a> Relaxation<'a> {
     /// each adds, skip tensors each costs the first device), with the first
     /// device filling what its budget left after the skip tensors allows,
     /// gives every middle unit a place.
-    fn choose(
-        &self,
-        groups: &[(usize, usize, f64)],
-        p: usize,
-        budget: f64,
-        room: u64,
-        base: usize,
-    ) -> bool {
+    fn choose(&self, groups: &[(usize, usize, f64)], p: usize, budget: f64, room: u64, base: usize) -> bool {
         let mut counts = vec![0usize; groups.len()];
         loop {
             let mut placed = base;
@@ -280,10 +246,7 @@ impl<'a> Relaxation<'a> {
                 placed += g.1 * n;
                 spent += g.2 * n as f64;
             }
-            if self
-                .fit(p, budget - spent, room)
-                .is_some_and(|own| placed + own >= self.middle)
-            {
+            if self.fit(p, budget - spent, room).is_some_and(|own| placed + own >= self.middle) {
                 return true;
             }
             // Next combination.
@@ -311,12 +274,8 @@ impl<'a> Relaxation<'a> {
         if let Some(d) = self.alone(limit) {
             return Search::Found(vec![(d, 0..instance.units)]);
         }
-        let best: Vec<usize> = (0..instance.devices())
-            .map(|d| {
-                self.fit(d, limit - self.hop[d], instance.cap[d])
-                    .unwrap_or(0)
-            })
-            .collect();
+        let best: Vec<usize> =
+            (0..instance.devices()).map(|d| self.fit(d, limit - self.hop[d], instance.cap[d]).unwrap_or(0)).collect();
         let mut complete = true;
         for class in &self.classes {
             let p = class[0];
@@ -355,11 +314,7 @@ impl<'a> Relaxation<'a> {
                 complete &= walk.complete;
             }
         }
-        if complete {
-            Search::Exhausted
-        } else {
-            Search::Unknown
-        }
+        if complete { Search::Exhausted } else { Search::Unknown }
     }
 }
 
@@ -455,9 +410,7 @@ impl Walk<'_> {
                 return Some(0);
             }
             let hop = instance.transfer(tail, e, instance.out[1]);
-            relaxation
-                .fit(tail, limit - hop, instance.cap[tail])
-                .filter(|&n| n > 0)
+            relaxation.fit(tail, limit - hop, instance.cap[tail]).filter(|&n| n > 0)
         };
         // End here: `l` follows.
         if let Some(t) = tail_units(l) {
@@ -469,11 +422,7 @@ impl Walk<'_> {
                 if l_reads && self.l_most == 0 {
                     continue;
                 }
-                let (l_units, l_skip) = if l_reads {
-                    (self.l_most, relaxation.skip[p][l])
-                } else {
-                    (0, 0.0)
-                };
+                let (l_units, l_skip) = if l_reads { (self.l_most, relaxation.skip[p][l]) } else { (0, 0.0) };
                 let Some(own) = self.first_units(first_next, skip + l_skip) else {
                     continue;
                 };
@@ -579,10 +528,7 @@ mod tests {
         skips: &[u64],
     ) -> ModelCost {
         let mut units = vec![first.clone()];
-        units.extend((0..middle).map(|i| UnitCost {
-            name: format!("layer {i}"),
-            ..layer.clone()
-        }));
+        units.extend((0..middle).map(|i| UnitCost { name: format!("layer {i}"), ..layer.clone() }));
         units.push(last.clone());
         let mut kv_bytes_per_token = vec![kv; middle + 2];
         kv_bytes_per_token[0] = 0;
@@ -604,20 +550,11 @@ mod tests {
     }
 
     fn unit(name: &str, flops: u64, out: u64) -> UnitCost {
-        UnitCost {
-            name: name.into(),
-            weight_bytes: 1_000,
-            flops_per_token: flops,
-            out_bytes_per_token: out,
-        }
+        UnitCost { name: name.into(), weight_bytes: 1_000, flops_per_token: flops, out_bytes_per_token: out }
     }
 
     fn throughput() -> Config {
-        Config {
-            objective: Objective::Throughput,
-            interchangeable: 0.0,
-            ..Config::default()
-        }
+        Config { objective: Objective::Throughput, interchangeable: 0.0, ..Config::default() }
     }
 
     /// Six layers of 1 s on three identical devices, nothing else to compute;
@@ -637,17 +574,9 @@ mod tests {
             0,
             &[200],
         );
-        let mut devices: Vec<DeviceProfile> = ["a", "b", "c"]
-            .iter()
-            .map(|id| DeviceProfile::new(id, id, 1_000_000, 1e9))
-            .collect();
-        connect_all(
-            &mut devices,
-            Link {
-                bandwidth_bytes_per_s: 1_000.0,
-                rtt_s: 0.0,
-            },
-        );
+        let mut devices: Vec<DeviceProfile> =
+            ["a", "b", "c"].iter().map(|id| DeviceProfile::new(id, id, 1_000_000, 1e9)).collect();
+        connect_all(&mut devices, Link { bandwidth_bytes_per_s: 1_000.0, rtt_s: 0.0 });
         let instance = Instance::new(&model, &devices, &throughput()).unwrap();
         let blocks = block::blocks(&instance);
         assert_eq!(blocks, vec![0..1, 1..7, 7..8]);
@@ -690,10 +619,7 @@ mod tests {
         assert!(close(mip.objective_s, 3.1), "{}", mip.objective_s);
 
         // Not the shape the bound knows: none.
-        let private = Config {
-            privacy: Some("a".into()),
-            ..throughput()
-        };
+        let private = Config { privacy: Some("a".into()), ..throughput() };
         let instance = Instance::new(&model, &devices, &private).unwrap();
         assert!(lower_bound(&instance, &block::blocks(&instance), 10.0).is_none());
         let mut late = model.clone();
@@ -737,14 +663,8 @@ mod tests {
             out_bytes_per_token: rng.range(1, 100) * 10_000,
         };
         let (first, layer, last) = (unit("prologue", 0), unit("layer", 1), unit("epilogue", 0));
-        let kv = if rng.chance(50) {
-            0
-        } else {
-            rng.range(1, 10) * 1_000
-        };
-        let skips: Vec<u64> = (0..rng.below(3))
-            .map(|_| rng.range(1, 50) * 1_000)
-            .collect();
+        let kv = if rng.chance(50) { 0 } else { rng.range(1, 10) * 1_000 };
+        let skips: Vec<u64> = (0..rng.below(3)).map(|_| rng.range(1, 50) * 1_000).collect();
         let model = three_blocks(&first, &layer, &last, middle, kv, &skips);
         let context = rng.range(0, 2048);
         let need = model.total_memory(context);
@@ -759,12 +679,8 @@ mod tests {
                 continue;
             }
             let mem = need * rng.range(25, 130) / 100 + 1;
-            let mut device = DeviceProfile::new(
-                &format!("d{d}"),
-                &format!("Device {d}"),
-                mem,
-                rng.range(1, 20) as f64 * 1e9,
-            );
+            let mut device =
+                DeviceProfile::new(&format!("d{d}"), &format!("Device {d}"), mem, rng.range(1, 20) as f64 * 1e9);
             if rng.chance(25) {
                 let per_layer = rng.range(1, 100) as f64 * 1e-3;
                 let mut times = vec![per_layer; middle + 2];
@@ -783,10 +699,7 @@ mod tests {
         let asymmetric = rng.chance(25);
         connect_by(&mut profiles, |a, b| {
             if asymmetric {
-                Link {
-                    bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6,
-                    rtt_s: rng.range(0, 20) as f64 * 1e-3,
-                }
+                Link { bandwidth_bytes_per_s: rng.range(1, 50) as f64 * 1e6, rtt_s: rng.range(0, 20) as f64 * 1e-3 }
             } else {
                 radios[a].slower_of(radios[b])
             }
@@ -802,8 +715,7 @@ mod tests {
 
     fn holds(seed: u64, devices: usize, middle: usize) -> Result<(), TestCaseError> {
         let (model, devices, config) = case(seed, devices, middle);
-        let instance = Instance::new(&model, &devices, &config)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let instance = Instance::new(&model, &devices, &config).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let units = instance.units;
         let blocks = block::blocks(&instance);
         prop_assert_eq!(&blocks, &vec![0..1, 1..units - 1, units - 1..units]);
@@ -811,11 +723,7 @@ mod tests {
         let best = match exhaustive::solve(&instance) {
             Ok(best) => best,
             Err(PlanError::Infeasible { .. }) => {
-                prop_assert!(
-                    matches!(mip, Err(PlanError::Infeasible { .. })),
-                    "{:?}",
-                    mip.map(|p| p.objective_s)
-                );
+                prop_assert!(matches!(mip, Err(PlanError::Infeasible { .. })), "{:?}", mip.map(|p| p.objective_s));
                 return Err(TestCaseError::reject("no plan fits"));
             }
             Err(e) => return Err(TestCaseError::fail(e.to_string())),
@@ -848,16 +756,8 @@ mod tests {
             if let Some(plan) = &bound.plan {
                 prop_assert!(instance.admissible(plan));
                 let value = instance.objective_of(&instance.evaluate(plan));
-                prop_assert!(
-                    value >= optimum * (1.0 - 1e-9),
-                    "{:?} beats the optimum",
-                    plan
-                );
-                prop_assert!(
-                    value <= cutoff * (1.0 + 1e-9),
-                    "{:?} misses the cutoff",
-                    plan
-                );
+                prop_assert!(value >= optimum * (1.0 - 1e-9), "{:?} beats the optimum", plan);
+                prop_assert!(value <= cutoff * (1.0 + 1e-9), "{:?} misses the cutoff", plan);
                 best_known = best_known.min(value);
             }
             // On instances this small the exact search never runs out of
@@ -872,8 +772,7 @@ mod tests {
             );
         }
         let mip = mip.map_err(|e| TestCaseError::fail(format!("the MIP fails: {e}")))?;
-        mip.check(&model, &devices)
-            .map_err(|e| TestCaseError::fail(format!("MIP plan fails its check: {e}")))?;
+        mip.check(&model, &devices).map_err(|e| TestCaseError::fail(format!("MIP plan fails its check: {e}")))?;
         prop_assert!(
             (mip.objective_s - optimum).abs() <= 1e-6 * optimum.max(1e-9),
             "MIP {} s ({:?}) vs exhaustive {} s ({:?})",
@@ -882,17 +781,7 @@ mod tests {
             optimum,
             stages(&best)
         );
-        prop_assert!(
-            matches!(
-                mip.method,
-                Method::Mip {
-                    proven_optimal: true,
-                    ..
-                }
-            ),
-            "{:?}",
-            mip.method
-        );
+        prop_assert!(matches!(mip.method, Method::Mip { proven_optimal: true, .. }), "{:?}", mip.method);
         Ok(())
     }
 

@@ -90,16 +90,10 @@ impl Builder<'_> {
 
     /// Seconds to send `bytes` between virtual devices.
     fn hop(&self, from: usize, to: usize, bytes: u64) -> f64 {
-        self.instance
-            .transfer(self.phys[from], self.phys[to], bytes)
+        self.instance.transfer(self.phys[from], self.phys[to], bytes)
     }
 
-    fn row(
-        &mut self,
-        terms: impl IntoIterator<Item = (Variable, f64)>,
-        op: ComparisonOp,
-        rhs: f64,
-    ) {
+    fn row(&mut self, terms: impl IntoIterator<Item = (Variable, f64)>, op: ComparisonOp, rhs: f64) {
         let mut e = LinearExpr::empty();
         let mut any = false;
         for (v, c) in terms {
@@ -165,9 +159,7 @@ pub(crate) fn build(
             // The most units of this block the device's memory holds, and
             // that it runs within the cutoff.
             let need = instance.need[block.start];
-            let mut most = instance.cap[phys[v]]
-                .checked_div(need)
-                .map_or(len, |fit| len.min(fit as usize));
+            let mut most = instance.cap[phys[v]].checked_div(need).map_or(len, |fit| len.min(fit as usize));
             if let Some(cutoff) = cutoff
                 && per_unit > 0.0
             {
@@ -234,19 +226,11 @@ pub(crate) fn build(
             let Some(wv) = *wv else { continue };
             if k > 0 {
                 let into = inside[k].iter().chain(&across[k - 1]).filter(|a| a.to == v);
-                b.row(
-                    into.map(|a| (a.var, 1.0)).chain([(wv, -1.0)]),
-                    ComparisonOp::Eq,
-                    0.0,
-                );
+                b.row(into.map(|a| (a.var, 1.0)).chain([(wv, -1.0)]), ComparisonOp::Eq, 0.0);
             }
             if k + 1 < nb {
                 let out = inside[k].iter().chain(&across[k]).filter(|a| a.from == v);
-                b.row(
-                    out.map(|a| (a.var, 1.0)).chain([(wv, -1.0)]),
-                    ComparisonOp::Eq,
-                    0.0,
-                );
+                b.row(out.map(|a| (a.var, 1.0)).chain([(wv, -1.0)]), ComparisonOp::Eq, 0.0);
             }
         }
     }
@@ -264,11 +248,7 @@ pub(crate) fn build(
         }
         for arc in &inside[k] {
             if let (Some(from), Some(to)) = (order[k][arc.from], order[k][arc.to]) {
-                b.row(
-                    [(to, 1.0), (from, -1.0), (arc.var, -big)],
-                    ComparisonOp::Ge,
-                    1.0 - big,
-                );
+                b.row([(to, 1.0), (from, -1.0), (arc.var, -big)], ComparisonOp::Ge, 1.0 - big);
             }
         }
     }
@@ -277,11 +257,7 @@ pub(crate) fn build(
     let entries = |v: usize| -> Vec<(Variable, f64)> {
         let mut terms: Vec<(Variable, f64)> = w[0][v].map(|wv| (wv, 1.0)).into_iter().collect();
         for arcs in inside.iter().chain(&across) {
-            terms.extend(
-                arcs.iter()
-                    .filter(|a| a.to == v && a.from != v)
-                    .map(|a| (a.var, 1.0)),
-            );
+            terms.extend(arcs.iter().filter(|a| a.to == v && a.from != v).map(|a| (a.var, 1.0)));
         }
         terms
     };
@@ -314,11 +290,7 @@ pub(crate) fn build(
         let mut terms = Vec::new();
         for (k, block) in blocks.iter().enumerate() {
             let need = instance.need[block.start];
-            let share = if need == 0 {
-                0.0
-            } else {
-                (need as f64 / cap).max(1e-6)
-            };
+            let share = if need == 0 { 0.0 } else { (need as f64 / cap).max(1e-6) };
             for v in (0..n).filter(|&v| phys[v] == p) {
                 if let Some(count) = x[k][v].or(w[k][v])
                     && share > 0.0
@@ -350,12 +322,7 @@ pub(crate) fn build(
         for from in 0..n {
             for to in 0..n {
                 if w[nb - 1][from].is_some() && w[0][to].is_some() && (from != to || whole(from)) {
-                    let r = b.var(
-                        Kind::Fraction,
-                        b.hop(from, to, bytes),
-                        phys[from],
-                        Some(nb - 1),
-                    );
+                    let r = b.var(Kind::Fraction, b.hop(from, to, bytes), phys[from], Some(nb - 1));
                     out[from].push((r, 1.0));
                     into[to].push((r, 1.0));
                 }
@@ -363,18 +330,10 @@ pub(crate) fn build(
         }
         for v in 0..n {
             if let Some(wv) = w[nb - 1][v] {
-                b.row(
-                    out[v].iter().copied().chain([(wv, -1.0)]),
-                    ComparisonOp::Eq,
-                    0.0,
-                );
+                b.row(out[v].iter().copied().chain([(wv, -1.0)]), ComparisonOp::Eq, 0.0);
             }
             if let Some(wv) = w[0][v] {
-                b.row(
-                    into[v].iter().copied().chain([(wv, -1.0)]),
-                    ComparisonOp::Eq,
-                    0.0,
-                );
+                b.row(into[v].iter().copied().chain([(wv, -1.0)]), ComparisonOp::Eq, 0.0);
             }
         }
     }
@@ -413,37 +372,19 @@ pub(crate) fn build(
                 // v runs a consumer of the run iff it runs the run's first
                 // block or enters the path inside the run.
                 if let Some(first) = w[run.start][v] {
-                    b.row(
-                        receive.iter().copied().chain([(first, -1.0)]),
-                        ComparisonOp::Ge,
-                        0.0,
-                    );
+                    b.row(receive.iter().copied().chain([(first, -1.0)]), ComparisonOp::Ge, 0.0);
                 }
                 let mut entering: Vec<(Variable, f64)> = Vec::new();
                 for k in run.start..run.end {
                     if k > run.start {
-                        entering.extend(
-                            inside[k]
-                                .iter()
-                                .filter(|a| a.to == v)
-                                .map(|a| (a.var, -1.0)),
-                        );
+                        entering.extend(inside[k].iter().filter(|a| a.to == v).map(|a| (a.var, -1.0)));
                     }
                     if k + 1 < run.end {
-                        entering.extend(
-                            across[k]
-                                .iter()
-                                .filter(|a| a.to == v && a.from != v)
-                                .map(|a| (a.var, -1.0)),
-                        );
+                        entering.extend(across[k].iter().filter(|a| a.to == v && a.from != v).map(|a| (a.var, -1.0)));
                     }
                 }
                 if !entering.is_empty() {
-                    b.row(
-                        receive.iter().copied().chain(entering),
-                        ComparisonOp::Ge,
-                        0.0,
-                    );
+                    b.row(receive.iter().copied().chain(entering), ComparisonOp::Ge, 0.0);
                 }
             }
         }
@@ -467,11 +408,7 @@ pub(crate) fn build(
             let earlier = (0..=k).filter_map(|k2| w[k2][i]).map(|wi| (wi, -1.0));
             b.row(earlier.chain([(wj, 1.0)]), ComparisonOp::Le, 0.0);
             if let (Some(oi), Some(oj), Some(wi)) = (order[k][i], order[k][j], w[k][i]) {
-                b.row(
-                    [(oi, 1.0), (oj, -1.0), (wi, big), (wj, big)],
-                    ComparisonOp::Le,
-                    2.0 * big - 1.0,
-                );
+                b.row([(oi, 1.0), (oj, -1.0), (wi, big), (wj, big)], ComparisonOp::Le, 2.0 * big - 1.0);
             }
         }
     }
@@ -492,16 +429,7 @@ pub(crate) fn build(
             }
         }
     }
-    Program {
-        problem: b.problem,
-        blocks,
-        phys,
-        w,
-        x,
-        inside,
-        across,
-        classes,
-    }
+    Program { problem: b.problem, blocks, phys, w, x, inside, across, classes }
 }
 
 /// Maximal runs of consecutive numbers in a sorted list.
@@ -528,14 +456,10 @@ pub(crate) fn twins(instance: &Instance) -> Vec<(usize, usize)> {
         instance.pin != Some(i)
             && instance.pin != Some(j)
             && instance.cap[i] == instance.cap[j]
-            && instance.compute[i]
-                .iter()
-                .zip(&instance.compute[j])
-                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && instance.compute[i].iter().zip(&instance.compute[j]).all(|(a, b)| a.to_bits() == b.to_bits())
             && link_eq(instance.link[i][j], instance.link[j][i])
             && (0..devices).filter(|&k| k != i && k != j).all(|k| {
-                link_eq(instance.link[i][k], instance.link[j][k])
-                    && link_eq(instance.link[k][i], instance.link[k][j])
+                link_eq(instance.link[i][k], instance.link[j][k]) && link_eq(instance.link[k][i], instance.link[k][j])
             })
     };
     let mut pairs = Vec::new();

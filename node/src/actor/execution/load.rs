@@ -24,7 +24,8 @@ impl Ready {
         let Some(manifest) = args.store.manifest(&doc.model).filter(|_| spares != self.spares) else { return false };
         self.spare_files = spare_files(&manifest, &spares, &self.files);
         // Runners of spares no longer given are freed once no plan uses them.
-        let own: Vec<Range<usize>> = self.runners.keys().filter_map(|&s| doc.plan.stages.get(s)).map(|s| s.units.clone()).collect();
+        let own: Vec<Range<usize>> =
+            self.runners.keys().filter_map(|&s| doc.plan.stages.get(s)).map(|s| s.units.clone()).collect();
         self.held.retain(|r| own.iter().chain(&spares).any(|x| inside(&r.units(), x)));
         self.spares = spares;
         true
@@ -37,7 +38,11 @@ pub(super) fn spares_of(doc: &PlanDoc, me: &str) -> Vec<Range<usize>> {
 }
 
 /// The files of `spares` not among `files` (those of the device's own segments).
-pub(super) fn spare_files(manifest: &llnode_models::package::Manifest, spares: &[Range<usize>], files: &BTreeSet<String>) -> BTreeSet<String> {
+pub(super) fn spare_files(
+    manifest: &llnode_models::package::Manifest,
+    spares: &[Range<usize>],
+    files: &BTreeSet<String>,
+) -> BTreeSet<String> {
     spares.iter().flat_map(|r| manifest.unit_files(r.clone())).filter(|f| !files.contains(f)).collect()
 }
 
@@ -64,7 +69,8 @@ pub(super) fn cover(range: Range<usize>, held: &[Arc<SegmentRunner>]) -> Vec<Res
                 parts.push(Ok(Arc::clone(runner)));
             }
             None => {
-                let next = within.iter().map(|r| r.units().start).filter(|&start| start > at).min().unwrap_or(range.end);
+                let next =
+                    within.iter().map(|r| r.units().start).filter(|&start| start > at).min().unwrap_or(range.end);
                 parts.push(Err(at..next));
                 at = next;
             }
@@ -78,11 +84,18 @@ pub(super) fn cover(range: Range<usize>, held: &[Arc<SegmentRunner>]) -> Vec<Res
 /// units are fetched, and runners for the spare units it does not hold
 /// are loaded (`SparesLoaded` under load number `load`), so that a move
 /// onto them is at once.
-pub(super) fn hold_spares(args: &ExecutionArgs, ready: &Ready, model: &str, load: u64, myself: &ActorRef<ExecutionMsg>) {
+pub(super) fn hold_spares(
+    args: &ExecutionArgs,
+    ready: &Ready,
+    model: &str,
+    load: u64,
+    myself: &ActorRef<ExecutionMsg>,
+) {
     let (store, model) = (args.store.clone(), model.to_string());
     let keep: BTreeSet<String> = ready.files.union(&ready.spare_files).cloned().collect();
     let (spare, client) = (ready.spare_files.clone(), args.client.clone());
-    let gaps: Vec<Range<usize>> = ready.spares.iter().flat_map(|r| cover(r.clone(), &ready.held)).filter_map(Result::err).collect();
+    let gaps: Vec<Range<usize>> =
+        ready.spares.iter().flat_map(|r| cover(r.clone(), &ready.held)).filter_map(Result::err).collect();
     let myself = myself.clone();
     tokio::spawn(async move {
         let (retained, id) = (store.clone(), model.clone());
@@ -91,13 +104,21 @@ pub(super) fn hold_spares(args: &ExecutionArgs, ready: &Ready, model: &str, load
             return;
         }
         let loaded = match store.ensure(&client, &model, &spare).await {
-            Ok(dir) => tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps)).await.map_err(|e| e.to_string()).and_then(|r| r),
+            Ok(dir) => tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
             Err(e) => Err(e),
         };
         match loaded {
             Ok(runners) => {
-                tracing::info!("holding {} spare file(s) for failover, {} spare unit(s) loaded", spare.len(), runners.values().map(Vec::len).sum::<usize>());
-                let _ = myself.cast(ExecutionMsg::SparesLoaded { load, runners: runners.into_values().flatten().collect() });
+                tracing::info!(
+                    "holding {} spare file(s) for failover, {} spare unit(s) loaded",
+                    spare.len(),
+                    runners.values().map(Vec::len).sum::<usize>()
+                );
+                let _ = myself
+                    .cast(ExecutionMsg::SparesLoaded { load, runners: runners.into_values().flatten().collect() });
             }
             Err(e) => tracing::warn!("cannot get the spare units the plan gives this device: {e}"),
         }
@@ -110,7 +131,10 @@ pub(super) fn hold_spares(args: &ExecutionArgs, ready: &Ready, model: &str, load
 /// with its weights in it), not a whole segment's. Small graphs also
 /// optimise faster: the built-in bench model loads in 1.1 s as 14 runners
 /// against 2.5 s as one.
-pub(super) fn load_ranges(dir: &std::path::Path, ranges: &[Range<usize>]) -> Result<HashMap<Range<usize>, Vec<Arc<SegmentRunner>>>, String> {
+pub(super) fn load_ranges(
+    dir: &std::path::Path,
+    ranges: &[Range<usize>],
+) -> Result<HashMap<Range<usize>, Vec<Arc<SegmentRunner>>>, String> {
     // The weights get huge-page mappings of their own (src/alloc.rs).
     crate::alloc::loading(|| {
         if ranges.is_empty() {
@@ -151,26 +175,36 @@ pub(super) async fn prepare(
     let manifest = store.ensure_manifest(client, model).await?;
     let specs: Vec<_> = manifest.units.iter().map(|u| u.spec.clone()).collect();
     let map = TransmissionMap::new(&specs, &segments).map_err(|e| format!("the plan does not fit the package: {e}"))?;
-    let cache_units = specs.iter().enumerate().flat_map(|(u, spec)| spec.inputs.iter().filter(|n| is_past(n)).map(move |n| (n.clone(), u))).collect();
+    let cache_units = specs
+        .iter()
+        .enumerate()
+        .flat_map(|(u, spec)| spec.inputs.iter().filter(|n| is_past(n)).map(move |n| (n.clone(), u)))
+        .collect();
     let files: BTreeSet<String> = mine.iter().flat_map(|&s| manifest.unit_files(segments[s].clone())).collect();
     let spare_files = spare_files(&manifest, &spares, &files);
     let covers: Vec<(usize, Vec<_>)> = mine.iter().map(|&s| (s, cover(segments[s].clone(), &reuse))).collect();
     // Held runners the new plan neither runs nor keeps spare are let go
     // before anything loads: a device holds old and new units at once only
     // while a plan it still serves keeps the old ones.
-    let covering = |r: &Arc<SegmentRunner>| covers.iter().flat_map(|(_, parts)| parts.iter().flatten()).any(|h| Arc::ptr_eq(h, r));
-    let reuse: Vec<Arc<SegmentRunner>> = reuse.into_iter().filter(|r| covering(r) || spares.iter().any(|s| inside(&r.units(), s))).collect();
-    let gaps: Vec<Range<usize>> = covers.iter().flat_map(|(_, parts)| parts.iter().filter_map(|p| p.clone().err())).collect();
+    let covering =
+        |r: &Arc<SegmentRunner>| covers.iter().flat_map(|(_, parts)| parts.iter().flatten()).any(|h| Arc::ptr_eq(h, r));
+    let reuse: Vec<Arc<SegmentRunner>> =
+        reuse.into_iter().filter(|r| covering(r) || spares.iter().any(|s| inside(&r.units(), s))).collect();
+    let gaps: Vec<Range<usize>> =
+        covers.iter().flat_map(|(_, parts)| parts.iter().filter_map(|p| p.clone().err())).collect();
     let fresh = gaps.iter().map(ExactSizeIterator::len).sum();
     let mut loaded = HashMap::new();
     if !gaps.is_empty() {
         let dir = store.ensure(client, model, &files).await?;
-        loaded = tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps)).await.map_err(|e| format!("loading failed: {e}"))??;
+        loaded = tokio::task::spawn_blocking(move || load_ranges(&dir, &gaps))
+            .await
+            .map_err(|e| format!("loading failed: {e}"))??;
     }
     let mut runners = HashMap::new();
     let mut held: Vec<Arc<SegmentRunner>> = Vec::new();
     for (s, parts) in covers {
-        let parts: Vec<Arc<SegmentRunner>> = parts.into_iter().flat_map(|p| p.map_or_else(|gap| loaded[&gap].clone(), |held| vec![held])).collect();
+        let parts: Vec<Arc<SegmentRunner>> =
+            parts.into_iter().flat_map(|p| p.map_or_else(|gap| loaded[&gap].clone(), |held| vec![held])).collect();
         held.extend(parts.iter().cloned());
         runners.insert(s, Arc::new(Chain::new(parts)));
     }

@@ -40,7 +40,10 @@ impl ExecutionState {
                         let (client, traffic) = (client.clone(), traffic.clone());
                         async move {
                             let bytes = tensor.data.len();
-                            client.send_tensor(device, tensor).await.map_err(|e| format!("cannot hand a cache to {device}: {e}"))?;
+                            client
+                                .send_tensor(device, tensor)
+                                .await
+                                .map_err(|e| format!("cannot hand a cache to {device}: {e}"))?;
                             traffic.record(&device, bytes);
                             Ok::<(), String>(())
                         }
@@ -68,11 +71,16 @@ impl ExecutionState {
         past: u64,
         stages: &[(String, Range<usize>)],
     ) -> Result<Vec<(PeerId, Delivery)>, String> {
-        let session = self.sessions.get(&from).ok_or("this device holds no such session (it may have restarted); replay it")?;
+        let session =
+            self.sessions.get(&from).ok_or("this device holds no such session (it may have restarted); replay it")?;
         if session.initiator != asker {
             return Err("only a session's initiator can move it".into());
         }
-        let ready = self.plans.of(session.epoch).and_then(Current::ready).ok_or("this device no longer runs the session's plan; replay it")?;
+        let ready = self
+            .plans
+            .of(session.epoch)
+            .and_then(Current::ready)
+            .ok_or("this device no longer runs the session's plan; replay it")?;
         let mut handed = Vec::new();
         for (s, state) in &session.states {
             let state = state.as_ref().ok_or_else(|| format!("segment {s} is still running a step of the session"))?;
@@ -81,11 +89,26 @@ impl ExecutionState {
             }
             for (name, value) in state.caches() {
                 let unit = ready.cache_units.get(name).ok_or_else(|| format!("no unit reads {name}"))?;
-                let (device, _) = stages.iter().find(|(_, units)| units.contains(unit)).ok_or_else(|| format!("the new plan runs no unit {unit}"))?;
+                let (device, _) = stages
+                    .iter()
+                    .find(|(_, units)| units.contains(unit))
+                    .ok_or_else(|| format!("the new plan runs no unit {unit}"))?;
                 let device: PeerId = device.parse().map_err(|_| format!("{device} is not a peer id"))?;
                 let value = raw::to_raw(value).map_err(|e| e.to_string())?;
                 let name = format!("{CACHE}{name}");
-                handed.push((device, Delivery { session: to, epoch, initiator: asker, step: 0, tokens: past as u32, name, value, top_logits: 0 }));
+                handed.push((
+                    device,
+                    Delivery {
+                        session: to,
+                        epoch,
+                        initiator: asker,
+                        step: 0,
+                        tokens: past as u32,
+                        name,
+                        value,
+                        top_logits: 0,
+                    },
+                ));
             }
         }
         self.sessions.remove(&from);
@@ -101,7 +124,11 @@ impl ExecutionState {
             return Err(busy_sessions(self.args.max_sessions));
         }
         let heard = std::time::Instant::now();
-        let import = self.imports.entry(d.session).or_insert_with(|| Import { initiator: d.initiator, caches: HashMap::new(), heard });
+        let import = self.imports.entry(d.session).or_insert_with(|| Import {
+            initiator: d.initiator,
+            caches: HashMap::new(),
+            heard,
+        });
         import.heard = heard;
         if import.initiator != d.initiator {
             return Err("this session belongs to another initiator".into());
@@ -114,9 +141,16 @@ impl ExecutionState {
     /// Starts session `session` of plan `epoch` here, `past` tokens in, from
     /// the caches handed over: every segment of it here must have all of its own.
     pub(super) fn seal(&mut self, asker: PeerId, session: u64, epoch: u64, past: usize) -> Result<(), String> {
-        let ready = self.plans.of(epoch).and_then(Current::ready).ok_or_else(|| format!("this device does not run plan epoch {epoch} (any more)"))?;
-        let mut import =
-            self.imports.remove(&session).unwrap_or(Import { initiator: asker, caches: HashMap::new(), heard: std::time::Instant::now() });
+        let ready = self
+            .plans
+            .of(epoch)
+            .and_then(Current::ready)
+            .ok_or_else(|| format!("this device does not run plan epoch {epoch} (any more)"))?;
+        let mut import = self.imports.remove(&session).unwrap_or(Import {
+            initiator: asker,
+            caches: HashMap::new(),
+            heard: std::time::Instant::now(),
+        });
         if import.initiator != asker {
             return Err("this session belongs to another initiator".into());
         }
@@ -129,13 +163,17 @@ impl ExecutionState {
                 let (tokens, raw) = import.caches.remove(name)?;
                 (tokens as usize == past).then(|| raw::from_raw(&raw).ok()).flatten()
             };
-            let state = runner.resume(past, &mut take).map_err(|e| format!("segment {s} cannot resume the session: {e}"))?;
+            let state =
+                runner.resume(past, &mut take).map_err(|e| format!("segment {s} cannot resume the session: {e}"))?;
             states.insert(s, Some(state));
         }
         // The session's next tensors say how many logits its initiator reads.
         let top_logits = 0;
         let heard = std::time::Instant::now();
-        self.sessions.insert(session, Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new(), top_logits, heard });
+        self.sessions.insert(
+            session,
+            Session { initiator: asker, epoch, states, next: HashMap::new(), inbox: HashMap::new(), top_logits, heard },
+        );
         Ok(())
     }
 }

@@ -15,8 +15,8 @@ use llnode_models::transmission::Endpoint;
 use ractor::ActorRef;
 
 use super::{
-    Current, Delivery, ExecutionMsg, ExecutionState, Import, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail, busy_sessions, logits_tensor, read_logits,
-    wire_tensor,
+    Current, Delivery, ExecutionMsg, ExecutionState, Import, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail,
+    busy_sessions, logits_tensor, read_logits, wire_tensor,
 };
 use crate::protocol::NodeMessage;
 
@@ -138,8 +138,11 @@ impl ExecutionState {
             let started = std::time::Instant::now();
             // A panic in tract fails the step, not the thread: on the
             // actor's own thread it would stop the actor.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(cache, tokens as usize, &acts)))
-                .unwrap_or_else(|panic| Err(RunError::Run { units: runner.units(), reason: panic_message(&*panic) }));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(cache, tokens as usize, &acts)))
+                    .unwrap_or_else(|panic| {
+                        Err(RunError::Run { units: runner.units(), reason: panic_message(&*panic) })
+                    });
             throttle.stretch(started.elapsed());
             (started.elapsed().as_secs_f64(), result)
         };
@@ -172,7 +175,14 @@ impl ExecutionState {
 
     /// A step of `segment` has run: its cache goes back, its outputs go on,
     /// and the segment's next step runs if its inputs are in.
-    pub(super) fn step_done(&mut self, done: Step, secs: f64, cache: ChainState, result: Result<Activations, RunError>, myself: &ActorRef<ExecutionMsg>) {
+    pub(super) fn step_done(
+        &mut self,
+        done: Step,
+        secs: f64,
+        cache: ChainState,
+        result: Result<Activations, RunError>,
+        myself: &ActorRef<ExecutionMsg>,
+    ) {
         let Step { session, segment, step, tokens } = done;
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
@@ -202,7 +212,16 @@ impl ExecutionState {
 
     /// Sends segment `s`'s outputs where the transmission map says.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward(&mut self, session: u64, initiator: PeerId, s: usize, step: u64, tokens: u32, outputs: Activations, myself: &ActorRef<ExecutionMsg>) {
+    pub(super) fn forward(
+        &mut self,
+        session: u64,
+        initiator: PeerId,
+        s: usize,
+        step: u64,
+        tokens: u32,
+        outputs: Activations,
+        myself: &ActorRef<ExecutionMsg>,
+    ) {
         let Some((epoch, top_logits)) = self.sessions.get(&session).map(|sess| (sess.epoch, sess.top_logits)) else {
             return;
         };
@@ -219,8 +238,12 @@ impl ExecutionState {
                 continue;
             };
             let converted = match t.to {
-                Endpoint::Initiator => last_logits(value).map(|logits| (initiator, s, logits_tensor(&logits, top_logits))),
-                Endpoint::Segment(d) => raw::to_raw(value).map(|raw| (devices[d], d, raw)).map_err(|e| RunError::Remote(e.to_string())),
+                Endpoint::Initiator => {
+                    last_logits(value).map(|logits| (initiator, s, logits_tensor(&logits, top_logits)))
+                }
+                Endpoint::Segment(d) => {
+                    raw::to_raw(value).map(|raw| (devices[d], d, raw)).map_err(|e| RunError::Remote(e.to_string()))
+                }
             };
             let (to, feeds, raw) = match converted {
                 Ok(sent) => sent,
@@ -229,7 +252,8 @@ impl ExecutionState {
                     return;
                 }
             };
-            let d = Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw, top_logits };
+            let d =
+                Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw, top_logits };
             if to == me {
                 local.push(d);
             } else {
@@ -291,7 +315,11 @@ impl ExecutionState {
 
 /// Drops the sessions and handed-over caches nothing has come for in
 /// [`SESSION_IDLE`] by `now`, but not a session whose step is running; how many.
-pub(super) fn sweep(sessions: &mut HashMap<u64, Session>, imports: &mut HashMap<u64, Import>, now: std::time::Instant) -> usize {
+pub(super) fn sweep(
+    sessions: &mut HashMap<u64, Session>,
+    imports: &mut HashMap<u64, Import>,
+    now: std::time::Instant,
+) -> usize {
     let before = sessions.len() + imports.len();
     let quiet = |heard: std::time::Instant| now.saturating_duration_since(heard) >= SESSION_IDLE;
     sessions.retain(|_, s| !quiet(s.heard) || s.states.values().any(Option::is_none));
@@ -323,7 +351,8 @@ mod tests {
             heard,
         };
         let later = start + std::time::Duration::from_secs(60);
-        let mut sessions = HashMap::from([(1, session(start, false)), (2, session(later, false)), (3, session(start, true))]);
+        let mut sessions =
+            HashMap::from([(1, session(start, false)), (2, session(later, false)), (3, session(start, true))]);
         let mut imports = HashMap::from([
             (4, Import { initiator: PeerId::random(), caches: HashMap::new(), heard: start }),
             (5, Import { initiator: PeerId::random(), caches: HashMap::new(), heard: later }),

@@ -10,7 +10,12 @@ use crate::protocol::{NodeMessage, Readiness, SignedPlan};
 
 impl PlanningState {
     /// A message from `peer`, which the mesh's gate has already found trusted.
-    pub(super) fn inbound(&mut self, peer: PeerId, message: NodeMessage, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
+    pub(super) fn inbound(
+        &mut self,
+        peer: PeerId,
+        message: NodeMessage,
+        myself: &ActorRef<PlanningMsg>,
+    ) -> Result<(), String> {
         match message {
             NodeMessage::Leader(leadership) => {
                 let was_leader = self.election.is_leader();
@@ -49,7 +54,12 @@ impl PlanningState {
             NodeMessage::StepFailed { session, step, reason, moved } => {
                 use crate::actor::execution::StepFail;
                 let why = if moved { StepFail::Moved(reason) } else { StepFail::Failed(reason) };
-                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed { from: peer, session, step, why });
+                let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed {
+                    from: peer,
+                    session,
+                    step,
+                    why,
+                });
                 Ok(())
             }
             NodeMessage::Have { models } => {
@@ -68,12 +78,15 @@ impl PlanningState {
                 self.paces.insert(peer.to_base58(), pace);
                 Ok(())
             }
-            NodeMessage::Private | NodeMessage::UseModel { .. } => Err("this node does not lead; ask the leader".into()),
+            NodeMessage::Private | NodeMessage::UseModel { .. } => {
+                Err("this node does not lead; ask the leader".into())
+            }
             NodeMessage::Readiness { epoch, state } => {
                 let id = peer.to_base58();
                 // Messages travel on streams of their own and may overtake each other: a
                 // device ready for an epoch stays so, whatever "loading" line comes after.
-                let stale = |(held, said): &(u64, Readiness)| *held > epoch || (*held == epoch && *said == Readiness::Ready);
+                let stale =
+                    |(held, said): &(u64, Readiness)| *held > epoch || (*held == epoch && *said == Readiness::Ready);
                 if !self.readiness.get(&id).is_some_and(stale) {
                     self.readiness.insert(id, (epoch, state));
                 }
@@ -104,14 +117,22 @@ impl PlanningState {
         self.learning = true;
         let (store, client, myself) = (self.args.store.clone(), self.args.client.clone(), myself.clone());
         tokio::spawn(async move {
-            let result = store.ensure_manifest(&client, &model).await.map(|m| (model, crate::profile::model_cost(&m.cost)));
+            let result =
+                store.ensure_manifest(&client, &model).await.map(|m| (model, crate::profile::model_cost(&m.cost)));
             let _ = myself.cast(PlanningMsg::ModelLearnt(result));
         });
     }
 
-    pub(super) fn receive_plan(&mut self, from: &PeerId, signed: SignedPlan, myself: &ActorRef<PlanningMsg>) -> Result<(), String> {
+    pub(super) fn receive_plan(
+        &mut self,
+        from: &PeerId,
+        signed: SignedPlan,
+        myself: &ActorRef<PlanningMsg>,
+    ) -> Result<(), String> {
         let doc = signed.open()?;
-        let signer_live = doc.leader == self.me || doc.leader == from.to_base58() || self.members.iter().any(|p| p.to_base58() == doc.leader);
+        let signer_live = doc.leader == self.me
+            || doc.leader == from.to_base58()
+            || self.members.iter().any(|p| p.to_base58() == doc.leader);
         if !signer_live {
             return Err("the plan is signed by a device that is not a live member".into());
         }
@@ -120,9 +141,16 @@ impl PlanningState {
         {
             return Err(format!("plan epoch {} is not newer than the held epoch {}", doc.epoch, held.epoch));
         }
-        self.note(format!("epoch {}: plan from {} ({} stages)", doc.epoch, self.name_of(&doc.leader), doc.plan.stages.len()));
+        self.note(format!(
+            "epoch {}: plan from {} ({} stages)",
+            doc.epoch,
+            self.name_of(&doc.leader),
+            doc.plan.stages.len()
+        ));
         // Should this node lead later, it plans the model the mesh runs.
-        if self.args.model.as_ref().is_some_and(|(id, _)| *id != doc.model) && self.wanted_model.as_ref() != Some(&doc.model) {
+        if self.args.model.as_ref().is_some_and(|(id, _)| *id != doc.model)
+            && self.wanted_model.as_ref() != Some(&doc.model)
+        {
             self.wanted_model = Some(doc.model.clone());
             self.learn(doc.model.clone(), myself);
         }

@@ -23,20 +23,24 @@ impl PlanningState {
             self.problem = Some("the leader has no model to plan for; start it with --model <package>".into());
             return;
         };
-        let live: Vec<String> = std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect();
+        let live: Vec<String> =
+            std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect();
         let missing: Vec<String> = live.iter().filter(|id| !self.profiles.contains_key(*id)).cloned().collect();
         if !missing.is_empty() {
             let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() < PROFILE_WAIT {
-                self.problem =
-                    Some(format!("waiting for the profiles of {}", missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")));
+                self.problem = Some(format!(
+                    "waiting for the profiles of {}",
+                    missing.iter().map(|m| self.name_of(m)).collect::<Vec<_>>().join(", ")
+                ));
                 self.replan_queued = true;
                 myself.send_after(DEBOUNCE, || PlanningMsg::Replan);
                 return;
             }
         }
         self.waiting_since = None;
-        let devices: Vec<DeviceProfile> = live.iter().filter_map(|id| self.profiles.get(id)).map(|p| for_model(p, &model_id)).collect();
+        let devices: Vec<DeviceProfile> =
+            live.iter().filter_map(|id| self.profiles.get(id)).map(|p| for_model(p, &model_id)).collect();
         let config = Config {
             objective: self.args.objective,
             context_tokens: 1024,
@@ -64,14 +68,22 @@ impl PlanningState {
             // idle devices keep spares of what a failover would give them.
             let running = held.as_deref().unwrap_or_default();
             let result = llnode_planner::assign::plan(&cost, &devices, &config)
-                .map(|plan| llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON))
+                .map(|plan| {
+                    llnode_planner::assign::settle(&cost, &devices, &config, plan, running, &loaded, SETTLE_HORIZON)
+                })
                 .map(|plan| llnode_planner::assign::failover_spares(&cost, &devices, &config, plan, SETTLE_HORIZON));
-            let held_now = held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
+            let held_now =
+                held.and_then(|stages| llnode_planner::assign::objective_of(&cost, &devices, &config, &stages));
             let _ = myself.cast(PlanningMsg::Solved { generation, result, held_now });
         });
     }
 
-    pub(super) fn publish(&mut self, result: Result<Plan, PlanError>, held_now: Option<f64>, myself: &ActorRef<PlanningMsg>) {
+    pub(super) fn publish(
+        &mut self,
+        result: Result<Plan, PlanError>,
+        held_now: Option<f64>,
+        myself: &ActorRef<PlanningMsg>,
+    ) {
         if !self.election.is_leader() {
             return;
         }
@@ -132,7 +144,8 @@ impl PlanningState {
             // clear gain over the held assignment costed on today's profiles:
             // generations under way must replay their tokens to switch.
             let held_devices: BTreeSet<&str> = held.plan.stages.iter().map(|s| s.device.as_str()).collect();
-            let all_live = held_devices.iter().all(|d| *d == self.me || self.members.iter().any(|m| m.to_base58() == *d));
+            let all_live =
+                held_devices.iter().all(|d| *d == self.me || self.members.iter().any(|m| m.to_base58() == *d));
             if held.leader == self.me
                 && held.term == term
                 && held.plan.objective == plan.objective
@@ -150,17 +163,21 @@ impl PlanningState {
             let moved = moves(&held.plan, &plan);
             if !moved.is_empty() {
                 let why = if reasons.is_empty() { String::new() } else { format!(" because {}", reasons.join(", ")) };
-                let gain = held_now.map_or(String::new(), |now| format!(" ({:.2} → {:.2} ms/token)", now * 1e3, plan.objective_s * 1e3));
+                let gain = held_now.map_or(String::new(), |now| {
+                    format!(" ({:.2} → {:.2} ms/token)", now * 1e3, plan.objective_s * 1e3)
+                });
                 self.note(format!("epoch {epoch}: moving units{why}: {}{gain}", moved.join("; ")));
             }
         }
         self.planned_for = self.members.len() + 1;
         let private = self.private.clone();
         let held_model = model.clone();
-        let doc = PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now(), private };
+        let doc =
+            PlanDoc { epoch, term, leader: self.me.clone(), model, plan, issued_at: llnode_mesh::cert::now(), private };
         let signed = SignedPlan::sign(&doc, &self.args.key);
-        let privacy =
-            doc.private.as_ref().map_or(String::new(), |id| format!(", keeping the first and last units on {} (privacy mode)", self.name_of(id)));
+        let privacy = doc.private.as_ref().map_or(String::new(), |id| {
+            format!(", keeping the first and last units on {} (privacy mode)", self.name_of(id))
+        });
         self.note(format!(
             "epoch {epoch}: published a plan with {} stages, {:.2} ms/token{privacy}",
             doc.plan.stages.len(),
@@ -177,7 +194,8 @@ impl PlanningState {
 /// What changed between two plans, per device ("b: 0..4 → 0..2").
 pub(super) fn moves(old: &Plan, new: &Plan) -> Vec<String> {
     let units = |plan: &Plan, device: &str| -> String {
-        let held: Vec<String> = plan.stages.iter().filter(|s| s.device == device).map(|s| format!("{:?}", s.units)).collect();
+        let held: Vec<String> =
+            plan.stages.iter().filter(|s| s.device == device).map(|s| format!("{:?}", s.units)).collect();
         if held.is_empty() { "nothing".into() } else { held.join("+") }
     };
     let mut devices: Vec<(&str, &str)> = Vec::new();
@@ -207,6 +225,6 @@ pub(super) fn for_model(profile: &DeviceProfile, model: &str) -> DeviceProfile {
 
 /// Same devices running the same units, in the same order.
 pub fn same_assignment(a: &Plan, b: &Plan) -> bool {
-    a.stages.len() == b.stages.len() && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
+    a.stages.len() == b.stages.len()
+        && a.stages.iter().zip(&b.stages).all(|(x, y)| x.device == y.device && x.units == y.units)
 }
-
