@@ -454,6 +454,15 @@ impl EventLoop {
     }
 }
 
+/// What a tensor's acknowledgement means for its sender.
+fn acked(ack: TensorAck) -> Result<(), MeshError> {
+    match ack {
+        TensorAck::Received => Ok(()),
+        TensorAck::Refused { reason } => Err(MeshError::Refused(reason)),
+        TensorAck::Busy { reason } => Err(MeshError::Busy(reason)),
+    }
+}
+
 pub(crate) fn short(peer: &PeerId) -> String {
     let s = peer.to_base58();
     s[s.len().saturating_sub(8)..].to_string()

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::cert::{SignedCertificate, SignedRevocation};
 
 /// Bumped when a message changes incompatibly; peers on another version are refused.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 pub const GATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/gate/1");
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/llnode/control/1");
@@ -165,7 +165,14 @@ pub struct Tensor {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TensorAck {
     Received,
-    Refused { reason: String },
+    /// Not taken, and not worth sending again: the sender should think again.
+    Refused {
+        reason: String,
+    },
+    /// Not taken for want of room just now (sessions, queues): the sender may retry later.
+    Busy {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

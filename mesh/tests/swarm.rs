@@ -157,18 +157,27 @@ async fn members_exchange_messages_and_tensors_intact() {
         b.client.ack_tensor(id, TensorAck::Received);
         send.await.unwrap().unwrap();
     }
-    let tensor = tensor_of(15);
-
-    // A refusal comes back as an error, not a hang.
-    let sender = a.client.clone();
-    let refused = tokio::spawn(async move { sender.send_tensor(b_id, tensor).await });
-    let id = next(&mut b, |e| match e {
-        MeshEvent::Tensor { id, .. } => Some(id),
-        _ => None,
-    })
-    .await;
-    b.client.ack_tensor(id, TensorAck::Refused { reason: "no segment here".into() });
-    assert!(matches!(refused.await.unwrap(), Err(MeshError::Refused(r)) if r.contains("no segment")));
+    // A refusal, and a refusal for want of room, come back as errors of
+    // their kinds, not a hang: on the stream and on a substream.
+    for elements in [15, large] {
+        for busy in [false, true] {
+            let sender = a.client.clone();
+            let tensor = tensor_of(elements);
+            let refused = tokio::spawn(async move { sender.send_tensor(b_id, tensor).await });
+            let id = next(&mut b, |e| match e {
+                MeshEvent::Tensor { id, .. } => Some(id),
+                _ => None,
+            })
+            .await;
+            let reason = "no segment here".to_string();
+            b.client.ack_tensor(id, if busy { TensorAck::Busy { reason } } else { TensorAck::Refused { reason } });
+            match refused.await.unwrap() {
+                Err(MeshError::Busy(r)) if busy => assert_eq!(r, "no segment here"),
+                Err(MeshError::Refused(r)) if !busy => assert_eq!(r, "no segment here"),
+                other => panic!("{elements} elements, busy {busy}: {other:?}"),
+            }
+        }
+    }
     shutdown.cancel();
 }
 

@@ -110,7 +110,8 @@ proptest! {
         let back = block_on(wire::read_tensor(&mut bytes.as_slice())).unwrap();
         prop_assert_eq!(back.id, id);
         prop_assert_eq!(back.body, t);
-        round_trip(id, TensorAck::Refused { reason });
+        round_trip(id, TensorAck::Refused { reason: reason.clone() });
+        round_trip(id, TensorAck::Busy { reason });
         round_trip(id, TensorAck::Received);
     }
 

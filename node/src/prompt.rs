@@ -32,7 +32,7 @@ use ractor::{ActorRef, RpcReplyPort, call_t};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::execution::{BUSY, Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
+use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
 use crate::actor::planning::PlanningMsg;
 use crate::protocol::{CacheMove, NodeMessage};
 
@@ -158,7 +158,7 @@ pub async fn run(
     request.sampling.validate()?;
     let _slot = initiator.slots.clone().try_acquire_owned().map_err(|_| {
         format!(
-            "{BUSY} this node already runs {} prompt(s) at once; retry in a moment or ask another member",
+            "busy: this node already runs {} prompt(s) at once; retry in a moment or ask another member",
             initiator.max_prompts
         )
     })?;
@@ -477,13 +477,13 @@ impl Forward for MeshForward {
         let mut moved: Option<(String, std::time::Instant)> = match self.switch_if_ready() {
             Ok(()) => None,
             Err(StepFail::Moved(why)) => Some((why, std::time::Instant::now())),
-            Err(StepFail::Failed(e)) => return Err(RunError::Remote(e)),
+            Err(StepFail::Failed(e) | StepFail::Busy(e)) => return Err(RunError::Remote(e)),
         };
         for _ in 0..=MAX_MOVES {
             if let Some((why, since)) = &moved {
                 match self.move_on(why) {
                     Ok(()) => {}
-                    Err(StepFail::Failed(e)) => return Err(RunError::Remote(e)),
+                    Err(StepFail::Failed(e) | StepFail::Busy(e)) => return Err(RunError::Remote(e)),
                     // The plan moved again during the replay: move again.
                     Err(StepFail::Moved(again)) => {
                         moved = Some((again, *since));
@@ -508,7 +508,7 @@ impl Forward for MeshForward {
                     self.token_ms.push(self.started.elapsed().as_secs_f64() * 1e3);
                     return Ok(logits);
                 }
-                Err(StepFail::Failed(why)) => return Err(RunError::Remote(why)),
+                Err(StepFail::Failed(why) | StepFail::Busy(why)) => return Err(RunError::Remote(why)),
                 Err(StepFail::Moved(why)) => {
                     tracing::info!(session = self.session, "{why}: moving the generation to the next plan");
                     // Said once, and only once text has started to come.

@@ -26,9 +26,9 @@ pub enum NodeMessage {
     Replan { objective: Objective },
     /// The initiator is done with a session: free its KV caches.
     EndSession { session: u64 },
-    /// To a session's initiator: step `step` failed on the sender (`moved`:
-    /// because the plan changed, and the generation can go on on the next one).
-    StepFailed { session: u64, step: u64, reason: String, moved: bool },
+    /// To a session's initiator: step `step` failed on the sender, and why
+    /// (whether the generation can go on on the next plan, ends busy, or fails).
+    StepFailed { session: u64, step: u64, why: crate::actor::execution::StepFail },
     /// The packages the sender can serve files of (sent when trust becomes mutual).
     Have { models: Vec<String> },
     /// Asks for bytes `offset..offset+len` of a package file, answered with a
@@ -187,5 +187,17 @@ mod tests {
         let message = NodeMessage::Plan(signed);
         assert!(matches!(NodeMessage::decode(&message.encode()), Ok(NodeMessage::Plan(_))));
         assert!(NodeMessage::decode(b"junk").is_err());
+    }
+
+    #[test]
+    fn a_failed_step_keeps_its_kind_on_the_way_to_the_initiator() {
+        use crate::actor::execution::StepFail;
+        for why in [StepFail::Moved("m".into()), StepFail::Busy("busy: b".into()), StepFail::Failed("f".into())] {
+            let message = NodeMessage::StepFailed { session: 7, step: 3, why: why.clone() };
+            match NodeMessage::decode(&message.encode()) {
+                Ok(NodeMessage::StepFailed { session: 7, step: 3, why: back }) => assert_eq!(back, why),
+                other => panic!("{why:?} came back as {other:?}"),
+            }
+        }
     }
 }

@@ -24,6 +24,9 @@ pub enum MeshError {
     Unreachable { peer: PeerId, why: String },
     #[error("refused: {0}")]
     Refused(String),
+    /// The peer has no room for it just now ([`TensorAck::Busy`]); the reason says what to do.
+    #[error("{0}")]
+    Busy(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("{0}")]

@@ -292,8 +292,7 @@ impl EventLoop {
                         _ if response.id != wire_id => {
                             Err(MeshError::Protocol(format!("ack id {} for tensor {wire_id}", response.id)))
                         }
-                        TensorAck::Received => Ok(()),
-                        TensorAck::Refused { reason } => Err(MeshError::Refused(reason)),
+                        ack => super::acked(ack),
                     };
                     let _ = reply.send(result);
                 }

@@ -348,13 +348,7 @@ async fn read_acks(mut reader: ReadHalf<Stream>, link: Arc<Link>, peer: PeerId) 
             _ = link.connection.cancelled() => break,
         };
         match read {
-            Ok(frame) => link.answer(
-                frame.id,
-                match frame.body {
-                    TensorAck::Received => Ok(()),
-                    TensorAck::Refused { reason } => Err(MeshError::Refused(reason)),
-                },
-            ),
+            Ok(frame) => link.answer(frame.id, super::acked(frame.body)),
             Err(e) => {
                 tracing::debug!(peer = %short(&peer), "tensor stream closed: {e}");
                 break;

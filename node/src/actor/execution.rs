@@ -70,12 +70,8 @@ const CACHE: &str = "cache:";
 
 /// Why a session is refused when this device holds `max` (`--max-sessions`).
 fn busy_sessions(max: usize) -> String {
-    format!("{BUSY} this device holds {max} session(s) at once; retry in a moment")
+    format!("busy: this device holds {max} session(s) at once; retry in a moment")
 }
-
-/// How a refusal for want of room starts: the initiator ends the generation
-/// with it, rather than wait for a plan without the device.
-pub const BUSY: &str = "busy:";
 
 /// Whether units `inner` lie inside `outer`.
 fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
@@ -85,12 +81,16 @@ fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
 /// Where an initiator's step gets its logits, or why they will not come.
 type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
 
-/// Why a step's logits will not come.
-#[derive(Debug)]
+/// Why a step's logits will not come (to a remote initiator in [`NodeMessage::StepFailed`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum StepFail {
     /// The plan changed under it (a device left, the balancer moved units):
     /// the initiator can replay the generation on the next plan.
     Moved(String),
+    /// A device has no room for it just now (sessions, a plan still
+    /// loading): the generation ends with this, to be asked again, rather
+    /// than wait for a plan without the device. Sent as [`TensorAck::Busy`].
+    Busy(String),
     /// The step itself failed.
     Failed(String),
 }
@@ -98,17 +98,25 @@ pub enum StepFail {
 impl StepFail {
     /// A step's tensors for segment `s` did not reach its device: one that
     /// cannot be reached or refuses is on its way out of the plan, unless it
-    /// is busy; then the generation ends, to be retried.
+    /// is busy.
     pub fn not_taken(s: usize, e: llnode_mesh::MeshError) -> StepFail {
         match e {
-            llnode_mesh::MeshError::Refused(reason) if reason.starts_with(BUSY) => StepFail::Failed(reason),
+            llnode_mesh::MeshError::Busy(reason) => StepFail::Busy(reason),
             e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
         }
     }
 
-    fn text(&self) -> &str {
+    pub fn text(&self) -> &str {
         match self {
-            StepFail::Moved(why) | StepFail::Failed(why) => why,
+            StepFail::Moved(why) | StepFail::Busy(why) | StepFail::Failed(why) => why,
+        }
+    }
+
+    /// How a device that refuses a tensor for this reason acknowledges it.
+    fn ack(&self) -> TensorAck {
+        match self {
+            StepFail::Busy(reason) => TensorAck::Busy { reason: reason.clone() },
+            why => TensorAck::Refused { reason: why.text().to_string() },
         }
     }
 }
@@ -480,7 +488,7 @@ impl Actor for ExecutionActor {
                         match state.deliver(d, &myself) {
                             Ok(()) => TensorAck::Received,
                             Err(why) => {
-                                let ack = TensorAck::Refused { reason: why.text().to_string() };
+                                let ack = why.ack();
                                 // The sender hears it in the acknowledgement; an
                                 // initiator that did not send the tensor hears it too.
                                 if initiator != peer {

@@ -22,13 +22,15 @@ use crate::protocol::NodeMessage;
 
 impl ExecutionState {
     /// A tensor for segments on this device: file it with every local segment that reads it.
-    /// A plan that moved on is [`StepFail::Moved`]; anything else wrong, [`StepFail::Failed`].
+    /// A plan that moved on is [`StepFail::Moved`]; no room just now (early
+    /// tensors, sessions), [`StepFail::Busy`]; anything else wrong, [`StepFail::Failed`].
     pub(super) fn deliver(&mut self, d: Delivery, myself: &ActorRef<ExecutionMsg>) -> Result<(), StepFail> {
-        let failed = |why: &str| Err(StepFail::Failed(why.to_string()));
         let newer = self.plans.current.as_ref().is_none_or(|c| d.epoch > c.doc.epoch);
         if newer {
             if self.ahead.len() >= MAX_EARLY {
-                return failed("busy: this device has not received the plan it is asked to run yet; retry in a moment");
+                return Err(StepFail::Busy(
+                    "busy: this device has not received the plan it is asked to run yet; retry in a moment".into(),
+                ));
             }
             self.ahead.push(d);
             return Ok(());
@@ -42,7 +44,7 @@ impl ExecutionState {
         };
         let ready = match &current.ready {
             None if current.early.len() >= MAX_EARLY => {
-                return failed("busy: this device is still loading its units; retry in a moment");
+                return Err(StepFail::Busy("busy: this device is still loading its units; retry in a moment".into()));
             }
             None => {
                 current.early.push(d);
@@ -69,7 +71,7 @@ impl ExecutionState {
                 return Err(StepFail::Failed(format!("the initiator of this session, {}, left the mesh", d.initiator)));
             }
             if self.sessions.len() >= self.args.max_sessions {
-                return Err(StepFail::Failed(busy_sessions(self.args.max_sessions)));
+                return Err(StepFail::Busy(busy_sessions(self.args.max_sessions)));
             }
         }
         let value = raw::from_raw(&d.value).map_err(|e| StepFail::Failed(format!("bad tensor {}: {e}", d.name)))?;
@@ -299,8 +301,7 @@ impl ExecutionState {
     /// or by a message (it would otherwise wait for logits that never come).
     pub(super) fn fail(&mut self, session: u64, initiator: PeerId, step: u64, why: StepFail) {
         if initiator != self.args.me {
-            let moved = matches!(why, StepFail::Moved(_));
-            let message = NodeMessage::StepFailed { session, step, reason: why.text().to_string(), moved }.encode();
+            let message = NodeMessage::StepFailed { session, step, why }.encode();
             let client = self.args.client.clone();
             tokio::spawn(async move {
                 if let Err(e) = client.request(initiator, llnode_mesh::wire::ControlRequest::Node(message)).await {

@@ -51,9 +51,7 @@ impl PlanningState {
                 let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::EndSession { session });
                 Ok(())
             }
-            NodeMessage::StepFailed { session, step, reason, moved } => {
-                use crate::actor::execution::StepFail;
-                let why = if moved { StepFail::Moved(reason) } else { StepFail::Failed(reason) };
+            NodeMessage::StepFailed { session, step, why } => {
                 let _ = self.args.execution.cast(crate::actor::execution::ExecutionMsg::StepFailed {
                     from: peer,
                     session,
