@@ -12,7 +12,8 @@ use llnode_models::segment::is_past;
 use llnode_models::transmission::TransmissionMap;
 use ractor::ActorRef;
 
-use super::{ExecutionArgs, ExecutionMsg, Ready, inside};
+use super::plan::Ready;
+use super::{ExecutionArgs, ExecutionMsg, inside};
 use crate::protocol::{PlanDoc, Readiness};
 use crate::store::Store;
 
