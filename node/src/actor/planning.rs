@@ -12,7 +12,9 @@
 //! costed on the same new profiles, by [`MIN_GAIN`]. Generations under way
 //! move to the new plan at a token boundary ([`crate::prompt`]).
 //!
-//! Its parts: `inbound` (what members say), `publish` (the leader's solve and publication).
+//! Its parts: `inbound` (what members say), `ask` (what they ask of the
+//! leader), `measure` (links, power, pace against the profile), `publish`
+//! (the leader's solve and publication), `view` (what `llnode plan` shows).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -21,20 +23,24 @@ use llnode_mesh::wire::{ControlRequest, ControlResponse};
 use llnode_mesh::{DeviceKey, MeshClient, PeerId};
 use llnode_planner::config::Objective;
 use llnode_planner::cost::ModelCost;
-use llnode_planner::election::{Election, Leadership};
+use llnode_planner::election::Election;
 use llnode_planner::plan::{Plan, PlanError};
 use llnode_planner::profile::{Battery, DeviceProfile, Link, Thermal};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
 
 use crate::actor::Waiter;
 use crate::protocol::{NodeMessage, PlanDoc, Readiness, SignedPlan};
 
+mod ask;
 mod inbound;
+mod measure;
 mod publish;
+mod view;
 
-use publish::for_model;
+pub use measure::PROBE;
 pub use publish::same_assignment;
+pub use view::PlanView;
+use view::describe;
 
 /// Changes arriving within this time are planned for together.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -42,10 +48,6 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 const PROFILE_WAIT: Duration = Duration::from_secs(5);
 /// How often links to members are measured again.
 const LINK_INTERVAL: Duration = Duration::from_secs(30);
-/// Bytes of the bandwidth probe.
-const PROBE_BYTES: usize = 1 << 20;
-/// A link measurement that moves by more than this share is worth a new plan.
-const LINK_CHANGE: f64 = 0.5;
 /// A new assignment for the same devices must beat the held one by this share.
 const MIN_GAIN: f64 = 0.1;
 /// Tokens over which a plan's gain must make up for the time its units take
@@ -153,34 +155,6 @@ pub enum PlanningMsg {
 pub struct Expectation {
     pub secs_per_token: f64,
     pub token_s: f64,
-}
-
-/// What `llnode plan` shows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PlanView {
-    pub me: String,
-    pub leadership: Option<Leadership>,
-    pub leader_name: Option<String>,
-    pub members: Vec<String>,
-    pub epoch: Option<u64>,
-    pub model: Option<String>,
-    pub plan: Option<Plan>,
-    /// Why there is no plan (yet).
-    pub problem: Option<String>,
-    /// Recent planning events, oldest first.
-    pub history: Vec<String>,
-    /// This device's model fetch, in progress or last done.
-    pub fetch: Option<String>,
-    /// This device's last measured pace on its share of the plan.
-    #[serde(default)]
-    pub pace: Option<String>,
-    /// Every member's last measured pace (name: pace) on the plan held, slowest
-    /// first: the first is the bottleneck.
-    #[serde(default)]
-    pub paces: Vec<(String, String)>,
-    /// Activations this device sent, by member peer id.
-    #[serde(default)]
-    pub sent: BTreeMap<String, crate::traffic::Sent>,
 }
 
 pub struct PlanningState {
@@ -362,44 +336,9 @@ impl Actor for PlanningActor {
                 state.broadcast(NodeMessage::Profile(profile));
                 state.changed(&myself);
             }
-            PlanningMsg::MeasureLinks => {
-                let (client, peers, myself) = (state.args.client.clone(), state.members.clone(), myself.clone());
-                tokio::spawn(async move {
-                    let mut links = BTreeMap::new();
-                    for peer in peers {
-                        if let Some(link) = measure_link(&client, peer).await {
-                            links.insert(peer.to_base58(), link);
-                        }
-                    }
-                    let power = crate::profile::power_state(std::path::Path::new(crate::profile::SYS_CLASS));
-                    let _ = myself.cast(PlanningMsg::LinksMeasured(links, power));
-                });
-            }
+            PlanningMsg::MeasureLinks => state.measure_links(&myself),
             PlanningMsg::LinksMeasured(links, (battery, thermal)) => {
-                let mine = state.profiles.get(&state.me);
-                let power = mine.is_some_and(|p| crate::profile::power_changed(p, battery, thermal));
-                let changed = power
-                    || links.iter().any(|(peer, new)| match state.links.get(peer) {
-                        None => true,
-                        Some(old) => {
-                            let moved = |a: f64, b: f64, floor: f64| (a - b).abs() > (LINK_CHANGE * b).max(floor);
-                            // Sub-millisecond jitter on a fast link is not worth a new plan.
-                            moved(new.bandwidth_bytes_per_s, old.bandwidth_bytes_per_s, 1e6)
-                                || moved(new.rtt_s, old.rtt_s, 1e-3)
-                        }
-                    });
-                state.links.extend(links);
-                state.links.retain(|peer, _| state.members.iter().any(|m| m.to_base58() == *peer));
-                if changed && let Some(mut profile) = state.profiles.get(&state.me).cloned() {
-                    if power {
-                        state.note(format!("this device's power state: {}", power_text(battery, thermal)));
-                        (profile.battery, profile.thermal) = (battery, thermal);
-                    }
-                    profile.links = state.links.clone();
-                    state.profiles.insert(state.me.clone(), profile.clone());
-                    state.broadcast(NodeMessage::Profile(profile));
-                    state.changed(&myself);
-                }
+                state.links_measured(links, battery, thermal, &myself)
             }
             PlanningMsg::Alone => {
                 // Plans held by members met later are exchanged then, and the higher epoch wins.
@@ -515,65 +454,6 @@ impl Actor for PlanningActor {
 }
 
 impl PlanningState {
-    /// The members' paces measured on the plan held, slowest first.
-    fn stage_paces(&self) -> Vec<(String, String)> {
-        let Some((_, held)) = &self.held else { return Vec::new() };
-        let mut paces: Vec<(&String, &crate::pace::Pace)> = self
-            .paces
-            .iter()
-            .filter(|(id, pace)| {
-                held.plan
-                    .stages
-                    .iter()
-                    .filter(|s| s.device == **id)
-                    .map(|s| s.units.clone())
-                    .eq(pace.units.iter().cloned())
-            })
-            .collect();
-        paces.sort_by(|a, b| b.1.secs_per_token.total_cmp(&a.1.secs_per_token));
-        paces.into_iter().map(|(id, pace)| (self.name_of(id), pace.to_string())).collect()
-    }
-
-    /// Seconds per token of a generation on plan `epoch`: the members' last
-    /// paces on it, summed (a token passes every stage in turn).
-    fn token_s(&self, epoch: u64) -> f64 {
-        self.paces.values().filter(|p| p.epoch == epoch).map(|p| p.secs_per_token).sum()
-    }
-
-    /// Seconds per token this device's profile promises for `units`, if they
-    /// are its share of the held plan.
-    fn expected(&self, units: &[std::ops::Range<usize>]) -> Option<f64> {
-        let (model, cost) = self.args.model.as_ref()?;
-        let (_, held) = self.held.as_ref().filter(|(_, d)| d.model == *model)?;
-        let profile = for_model(self.profiles.get(&self.me)?, model);
-        let mine: Vec<std::ops::Range<usize>> =
-            held.plan.stages.iter().filter(|s| s.device == self.me).map(|s| s.units.clone()).collect();
-        if units != mine {
-            return None; // measured on an assignment no longer held
-        }
-        let expected: f64 =
-            mine.iter().flat_map(|r| r.clone()).filter_map(|u| Some(profile.compute_s(u, cost.units.get(u)?))).sum();
-        (expected > 0.0).then_some(expected)
-    }
-
-    /// The balancer measured this device `ratio` times slower than its
-    /// profile: scale the profile, tell every member, and let the leader re-plan.
-    fn reprofile(&mut self, ratio: f64, pace: crate::pace::Pace, expected: f64, myself: &ActorRef<PlanningMsg>) {
-        let Some(mut profile) = self.profiles.get(&self.me).cloned() else { return };
-        profile.slow_down(ratio);
-        self.note(format!(
-            "this device ran its units in {:.2} ms/token over {} tokens (queue depth {:.1}), {ratio:.2}× its profile's {:.2} ms; re-profiled",
-            pace.secs_per_token * 1e3,
-            pace.samples,
-            pace.queue,
-            expected * 1e3
-        ));
-        self.profiles.insert(self.me.clone(), profile.clone());
-        self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
-        self.broadcast(NodeMessage::Profile(profile));
-        self.reprofiled(myself);
-    }
-
     /// Something the next plan answers, kept by the leader only (members do not plan).
     fn reason(&mut self, why: String) {
         if self.election.is_leader() {
@@ -597,77 +477,6 @@ impl PlanningState {
                 tracing::debug!(%peer, "planning message not delivered: {e}");
             }
         });
-    }
-
-    /// Who leads: `None` when this node does, an error when nobody does yet.
-    fn leader(&self) -> Result<Option<PeerId>, String> {
-        match self.election.current() {
-            None => Err("the mesh has no leader yet; retry in a moment".into()),
-            Some(l) if l.leader == self.me => Ok(None),
-            Some(l) => l.leader.parse().map(Some).map_err(|_| "the leader's id is not a peer id".to_string()),
-        }
-    }
-
-    /// Sends the leader an ask it answers once the plan it wants is out.
-    fn ask_leader(&self, leader: PeerId, message: NodeMessage, reply: RpcReplyPort<Result<(), String>>) {
-        let client = self.args.client.clone();
-        tokio::spawn(async move {
-            let _ = reply.send(crate::actor::ask(&client, leader, "the leader", &message).await);
-        });
-    }
-
-    /// A member wants plans of `model`: plan for it (fetching its manifest
-    /// first), and answer `waiter` when such a plan is out.
-    fn want_model(&mut self, model: String, waiter: Waiter, myself: &ActorRef<PlanningMsg>) {
-        let runs = self.held.as_ref().is_some_and(|(_, d)| d.model == model);
-        if runs && self.args.model.as_ref().is_some_and(|(id, _)| *id == model) {
-            waiter.answer(&self.args.client, Ok(()));
-            return;
-        }
-        self.model_waiters.push((model.clone(), waiter));
-        self.reason(format!("a member asked for model {}", short(&model)));
-        if self.args.model.as_ref().is_some_and(|(id, _)| *id == model) {
-            self.changed(myself);
-        } else if self.wanted_model.as_ref() != Some(&model) || !self.learning {
-            self.wanted_model = Some(model.clone());
-            self.learn(model, myself);
-        }
-    }
-
-    /// Tells those waiting for plans of `model` how it went.
-    fn answer_model(&mut self, model: &str, result: Result<(), String>) {
-        let (now, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.model_waiters).into_iter().partition(|(m, _)| m == model);
-        self.model_waiters = later;
-        for (_, waiter) in now {
-            waiter.answer(&self.args.client, result.clone());
-        }
-    }
-
-    /// `device` wants privacy mode: plan again keeping the first and last
-    /// units on it, and answer `waiter` when that plan is out.
-    fn want_private(&mut self, device: String, waiter: Waiter, myself: &ActorRef<PlanningMsg>) {
-        if self.private.as_ref().is_some_and(|held| *held != device) {
-            let name = self.name_of(&device);
-            self.reason(format!("{name} asked for privacy mode"));
-        }
-        self.private = Some(device);
-        self.private_waiters.push(waiter);
-        self.changed(myself);
-    }
-
-    /// Tells those waiting for privacy mode how it went.
-    fn answer_private(&mut self, result: Result<(), String>) {
-        for waiter in self.private_waiters.drain(..) {
-            waiter.answer(&self.args.client, result.clone());
-        }
-    }
-
-    /// Tells everyone waiting for a plan that one is out (`model`'s).
-    fn answer_published(&mut self, model: &str) {
-        self.answer_private(Ok(()));
-        self.answer_model(model, Ok(()));
-        self.previous_model = None;
     }
 
     /// Records this device's readiness and tells the members when it changed; a
@@ -731,74 +540,6 @@ impl PlanningState {
             myself.send_after(delay, || PlanningMsg::Replan);
         }
     }
-
-    fn view(&self) -> PlanView {
-        let leadership = self.election.current().cloned();
-        PlanView {
-            me: self.me.clone(),
-            leader_name: leadership.as_ref().map(|l| self.name_of(&l.leader)),
-            leadership,
-            members: self.members.iter().map(|p| p.to_base58()).collect(),
-            epoch: self.held.as_ref().map(|(_, d)| d.epoch),
-            model: self.held.as_ref().map(|(_, d)| d.model.clone()),
-            plan: self.held.as_ref().map(|(_, d)| d.plan.clone()),
-            problem: self.problem.clone(),
-            history: self.history.clone(),
-            fetch: self.args.store.status(),
-            pace: self.paces.get(&self.me).map(|p| p.to_string()),
-            paces: self.stage_paces(),
-            sent: self.args.traffic.snapshot(),
-        }
-    }
-}
-
-/// Round trip (the best of a few small echoes) and bandwidth (a 1 MiB probe) to `peer`.
-async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
-    let mut rtt = f64::MAX;
-    for _ in 0..5 {
-        let started = std::time::Instant::now();
-        client.request(peer, ControlRequest::Echo(vec![0; 32])).await.ok()?;
-        rtt = rtt.min(started.elapsed().as_secs_f64());
-    }
-    let probe = llnode_mesh::wire::Tensor {
-        header: llnode_mesh::wire::TensorHeader {
-            session: 0,
-            step: 0,
-            tokens: 0,
-            epoch: 0,
-            name: PROBE.into(),
-            dtype: llnode_mesh::wire::DType::U8,
-            shape: vec![PROBE_BYTES as u64],
-            top_logits: 0,
-        },
-        data: vec![0; PROBE_BYTES],
-    };
-    let started = std::time::Instant::now();
-    client.send_tensor(peer, probe).await.ok()?;
-    let transfer = (started.elapsed().as_secs_f64() - rtt).max(1e-6);
-    Some(Link { bandwidth_bytes_per_s: PROBE_BYTES as f64 / transfer, rtt_s: rtt })
-}
-
-/// The name of bandwidth probes, which every node acknowledges and drops.
-pub const PROBE: &str = "llnode.probe";
-
-fn describe(p: &DeviceProfile) -> String {
-    let power = power_text(p.battery, p.thermal);
-    let load = p.load_bytes_per_s.map_or(String::new(), |r| format!(", loads {:.0} MB/s", r / 1e6));
-    format!(
-        "{:.1} GiB usable, {:.2} GFLOP/s{load}, {power}",
-        p.mem_bytes as f64 / (1u64 << 30) as f64,
-        p.flops_per_s / 1e9
-    )
-}
-
-fn power_text(battery: Option<Battery>, thermal: Option<Thermal>) -> String {
-    let battery = match battery {
-        Some(b) => format!("battery {:.0}%{}", b.level * 100.0, if b.charging { " charging" } else { "" }),
-        None => "no battery".into(),
-    };
-    let thermal = thermal.map_or("thermal state unknown".into(), |t| format!("thermal {t:?}"));
-    format!("{battery}, {thermal}")
 }
 
 fn short(id: &str) -> String {
