@@ -1,7 +1,7 @@
 //! Failover and balancing across meshes of real processes: a stage killed
-//! with SIGKILL mid-generation, a device throttled mid-generation, a device
-//! that comes back. The answer is always exactly what `llnode run` prints in
-//! one process; only the stream pauses.
+//! with SIGKILL mid-generation or before the first token, a device throttled
+//! mid-generation, a device that comes back. The answer is always exactly
+//! what `llnode run` prints in one process; only the stream pauses.
 
 #[path = "support.rs"]
 mod support;
@@ -97,6 +97,39 @@ fn a_frozen_stage_is_dropped_and_the_answer_is_unchanged() {
     assert_eq!(out.stdout, reference, "{}", out.stderr);
     assert!(out.stderr.contains("resumed on plan epoch"), "{}", out.stderr);
     assert!(took < Duration::from_secs(45), "the frozen stage was dropped only after {took:?}");
+}
+
+/// A stage that vanishes before the first token: it freezes (SIGSTOP) before
+/// the prompt, so the prompt's first step reaches it and nothing comes back,
+/// and is killed once the asking node has started generating. The answer
+/// goes on on the plan made without it, unchanged.
+#[test]
+fn a_stage_lost_before_the_first_token_changes_nothing_in_the_answer() {
+    let root = tempfile::tempdir().unwrap();
+    let package = built_in(root.path());
+    let tokens = "48";
+    let reference = reference(&package, tokens);
+    // Any two devices can hold the model; the balancer is off, so the plan stays put.
+    let mut mesh = Mesh::with_args(&package, 3, 3, &share_of(&package, 0.55), &["--no-rebalance"]);
+    let asking = 0;
+    let view = mesh.view(asking);
+    let victim = mesh.busiest_besides(asking);
+    assert!(units_of(&view, &mesh.nodes[victim].peer_id) > 0, "{}", view["plan"]["stages"]);
+    mesh.nodes[victim].signal("STOP");
+    let mut prompt = Streaming::start(&mesh.nodes[asking].dir, &["--max-tokens", tokens, "--ignore-eos", PROMPT]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mesh.nodes[asking].log().contains("generating on plan epoch") {
+        assert!(Instant::now() < deadline, "the prompt never started: {}", prompt.err_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(prompt.so_far().is_empty(), "a token came without the frozen stage");
+    let killed = Instant::now();
+    mesh.nodes[victim].kill();
+    let out = prompt.finish();
+    assert!(out.ok, "{}\n{}", out.stderr, mesh.nodes[asking].log());
+    assert_eq!(out.stdout, reference, "{}", out.stderr);
+    assert!(out.stderr.contains("resumed on plan epoch"), "{}", out.stderr);
+    assert!(killed.elapsed() < Duration::from_secs(45), "took {:?}", killed.elapsed());
 }
 
 /// When the devices left cannot hold the model, the asking member gets one

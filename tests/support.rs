@@ -426,6 +426,12 @@ impl Streaming {
         self.err.lock().unwrap().clone()
     }
 
+    /// The answer so far, without waiting.
+    pub fn so_far(&mut self) -> &[u8] {
+        self.out.extend(self.chunks.try_iter().flatten());
+        &self.out
+    }
+
     /// Waits until at least `n` bytes of the answer have come (or the answer ends).
     pub fn read_at_least(&mut self, n: usize) {
         while self.out.len() < n {

@@ -201,6 +201,12 @@ pub async fn run(
             token_ms: Vec::new(),
         };
         forward.sessions.push((forward.session, forward.route.devices.clone()));
+        tracing::info!(
+            session = forward.session,
+            "a prompt of {} token(s): generating on plan epoch {}",
+            ids.len(),
+            forward.route.epoch
+        );
         let generation = generate(&mut forward, &tokenizer, &ids, &options, &mut |text| {
             let _ = events.send(PromptEvent::Text(text.to_string()));
         });
