@@ -165,7 +165,8 @@ pub struct Tensor {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TensorAck {
     Received,
-    /// Not taken, and not worth sending again: the sender should think again.
+    /// Not taken: the reason says why (a plan that moved on, a tensor that
+    /// does not belong, a sender that is not trusted).
     Refused {
         reason: String,
     },

@@ -71,9 +71,14 @@ const SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// Names of handed-over KV caches on the wire start with this.
 const CACHE: &str = "cache:";
 
+/// A refusal for want of room: what is full; a retry may find room.
+fn busy(what: &str) -> String {
+    format!("busy: {what}; retry in a moment")
+}
+
 /// Why a session is refused when this device holds `max` (`--max-sessions`).
 fn busy_sessions(max: usize) -> String {
-    format!("busy: this device holds {max} session(s) at once; retry in a moment")
+    busy(&format!("this device holds {max} session(s) at once"))
 }
 
 /// Whether units `inner` lie inside `outer`.

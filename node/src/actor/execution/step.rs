@@ -15,7 +15,7 @@ use llnode_models::transmission::Endpoint;
 use ractor::ActorRef;
 
 use super::{
-    Current, Delivery, ExecutionMsg, ExecutionState, Import, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail,
+    Current, Delivery, ExecutionMsg, ExecutionState, Import, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail, busy,
     busy_sessions, logits_tensor, read_logits, wire_tensor,
 };
 use crate::protocol::NodeMessage;
@@ -28,9 +28,7 @@ impl ExecutionState {
         let newer = self.plans.current.as_ref().is_none_or(|c| d.epoch > c.doc.epoch);
         if newer {
             if self.ahead.len() >= MAX_EARLY {
-                return Err(StepFail::Busy(
-                    "busy: this device has not received the plan it is asked to run yet; retry in a moment".into(),
-                ));
+                return Err(StepFail::Busy(busy("this device has not received the plan it is asked to run yet")));
             }
             self.ahead.push(d);
             return Ok(());
@@ -44,7 +42,7 @@ impl ExecutionState {
         };
         let ready = match &current.ready {
             None if current.early.len() >= MAX_EARLY => {
-                return Err(StepFail::Busy("busy: this device is still loading its units; retry in a moment".into()));
+                return Err(StepFail::Busy(busy("this device is still loading its units")));
             }
             None => {
                 current.early.push(d);
