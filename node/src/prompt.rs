@@ -1,6 +1,6 @@
 //! `llnode prompt`: the initiator's side of an inference across the mesh.
 //! The node that is asked runs the generation loop (tokenizer, sampling,
-//! stop rules) with a [`Forward`] whose steps go through the plan's
+//! stop rules) with a [`Forward`](llnode_models::pipeline::Forward) whose steps go through the plan's
 //! segments (`forward`): it sends each step's token ids, mask and positions
 //! to the segments that read them and waits for the last segment's logits.
 //! Before the first step, `startup` finds the route to run on (of the model

@@ -1,11 +1,13 @@
 //! The node's own messages between members, carried by the mesh as opaque
-//! CBOR inside `ControlRequest::Node`, and the signed, numbered plan.
+//! CBOR inside `ControlRequest::Node`, the signed, numbered plan, and why a
+//! step failed ([`StepFail`], also sent in tensor acknowledgements).
 
 use std::ops::Range;
 
 use ed25519_dalek::{Signature, Signer, Verifier};
 use llnode_mesh::identity;
-use llnode_mesh::{DeviceKey, PeerId};
+use llnode_mesh::wire::TensorAck;
+use llnode_mesh::{DeviceKey, MeshError, PeerId};
 use llnode_planner::config::Objective;
 use llnode_planner::election::Leadership;
 use llnode_planner::plan::Plan;
@@ -28,7 +30,7 @@ pub enum NodeMessage {
     EndSession { session: u64 },
     /// To a session's initiator: step `step` failed on the sender, and why
     /// (whether the generation can go on on the next plan, ends busy, or fails).
-    StepFailed { session: u64, step: u64, why: crate::actor::execution::StepFail },
+    StepFailed { session: u64, step: u64, why: StepFail },
     /// The packages the sender can serve files of (sent when trust becomes mutual).
     Have { models: Vec<String> },
     /// Asks for bytes `offset..offset+len` of a package file, answered with a
@@ -139,6 +141,47 @@ impl SignedPlan {
     }
 }
 
+/// Why a step's logits will not come: to the initiator in the step's
+/// acknowledgement, or in [`NodeMessage::StepFailed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepFail {
+    /// The plan changed under it (a device left, the balancer moved units):
+    /// the initiator can replay the generation on the next plan.
+    Moved(String),
+    /// A device has no room for it just now (sessions, a plan still
+    /// loading): the generation ends with this, to be asked again, rather
+    /// than wait for a plan without the device. Sent as [`TensorAck::Busy`].
+    Busy(String),
+    /// The step itself failed.
+    Failed(String),
+}
+
+impl StepFail {
+    /// A step's tensors for segment `s` did not reach its device: one that
+    /// cannot be reached or refuses is on its way out of the plan, unless it
+    /// is busy.
+    pub fn not_taken(s: usize, e: MeshError) -> StepFail {
+        match e {
+            MeshError::Busy(reason) => StepFail::Busy(reason),
+            e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            StepFail::Moved(why) | StepFail::Busy(why) | StepFail::Failed(why) => why,
+        }
+    }
+
+    /// How a device that refuses a tensor for this reason acknowledges it.
+    pub fn ack(&self) -> TensorAck {
+        match self {
+            StepFail::Busy(reason) => TensorAck::Busy { reason: reason.clone() },
+            why => TensorAck::Refused { reason: why.text().to_string() },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +234,6 @@ mod tests {
 
     #[test]
     fn a_failed_step_keeps_its_kind_on_the_way_to_the_initiator() {
-        use crate::actor::execution::StepFail;
         for why in [StepFail::Moved("m".into()), StepFail::Busy("busy: b".into()), StepFail::Failed("f".into())] {
             let message = NodeMessage::StepFailed { session: 7, step: 3, why: why.clone() };
             match NodeMessage::decode(&message.encode()) {

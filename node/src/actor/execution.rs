@@ -40,7 +40,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::actor::Waiter;
-use crate::protocol::{CacheMove, PlanDoc, Readiness};
+use crate::protocol::{CacheMove, PlanDoc, Readiness, StepFail};
 use crate::store::Store;
 
 mod load;
@@ -89,46 +89,6 @@ fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
 /// Where an initiator's step gets its logits, or why they will not come.
 type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
 
-/// Why a step's logits will not come (to a remote initiator in [`NodeMessage::StepFailed`]).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum StepFail {
-    /// The plan changed under it (a device left, the balancer moved units):
-    /// the initiator can replay the generation on the next plan.
-    Moved(String),
-    /// A device has no room for it just now (sessions, a plan still
-    /// loading): the generation ends with this, to be asked again, rather
-    /// than wait for a plan without the device. Sent as [`TensorAck::Busy`].
-    Busy(String),
-    /// The step itself failed.
-    Failed(String),
-}
-
-impl StepFail {
-    /// A step's tensors for segment `s` did not reach its device: one that
-    /// cannot be reached or refuses is on its way out of the plan, unless it
-    /// is busy.
-    pub fn not_taken(s: usize, e: llnode_mesh::MeshError) -> StepFail {
-        match e {
-            llnode_mesh::MeshError::Busy(reason) => StepFail::Busy(reason),
-            e => StepFail::Moved(format!("the device running segment {s} did not take the step ({e})")),
-        }
-    }
-
-    pub fn text(&self) -> &str {
-        match self {
-            StepFail::Moved(why) | StepFail::Busy(why) | StepFail::Failed(why) => why,
-        }
-    }
-
-    /// How a device that refuses a tensor for this reason acknowledges it.
-    fn ack(&self) -> TensorAck {
-        match self {
-            StepFail::Busy(reason) => TensorAck::Busy { reason: reason.clone() },
-            why => TensorAck::Refused { reason: why.text().to_string() },
-        }
-    }
-}
-
 pub struct ExecutionActor;
 
 pub struct ExecutionArgs {
@@ -165,7 +125,7 @@ pub struct Delivery {
     pub tokens: u32,
     pub name: String,
     pub value: llnode_models::raw::RawTensor,
-    /// How many logits the initiator reads ([`TensorHeader::top_logits`]).
+    /// How many logits the initiator reads ([`llnode_mesh::wire::TensorHeader::top_logits`]).
     pub top_logits: u32,
 }
 

@@ -26,9 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::startup::Startup;
 use super::{PromptEvent, keeps_tokens_on};
-use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepFail, wire_tensor};
+use crate::actor::execution::{Delivery, ExecutionMsg, Route, wire_tensor};
 use crate::actor::planning::PlanningMsg;
-use crate::protocol::{CacheMove, NodeMessage};
+use crate::protocol::{CacheMove, NodeMessage, StepFail};
 
 /// How long one step may take across the mesh before the initiator looks for a new plan.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -48,7 +48,7 @@ pub(super) struct MeshForward {
     pub(super) me: PeerId,
     pub(super) client: MeshClient,
     pub(super) execution: ActorRef<ExecutionMsg>,
-    /// See [`Initiator::loaded`].
+    /// See [`Initiator::loaded`](super::Initiator::loaded).
     pub(super) loaded: tokio::sync::watch::Receiver<Option<(u64, crate::protocol::Readiness)>>,
     pub(super) traffic: Arc<crate::traffic::Traffic>,
     pub(super) planning: ActorRef<PlanningMsg>,
@@ -66,7 +66,7 @@ pub(super) struct MeshForward {
     /// The token groups of every step that has run, in order: what a move replays.
     pub(super) history: Vec<Vec<u32>>,
     pub(super) with_positions: bool,
-    /// How many logits the sampler reads ([`SamplingConfig::logits_needed`]); 0: all.
+    /// How many logits the sampler reads ([`SamplingConfig::logits_needed`](llnode_models::sampling::SamplingConfig::logits_needed)); 0: all.
     pub(super) top_logits: u32,
     pub(super) started: std::time::Instant,
     /// When each step's logits came, in ms from `started`.
