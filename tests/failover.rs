@@ -157,9 +157,10 @@ fn a_mesh_too_small_without_the_lost_device_says_so() {
 /// A device throttled mid-generation: its measured pace drifts from its
 /// profile, it re-profiles, the leader moves units off it, the generation
 /// moves to the new plan by handing its KV caches over (no replay), and the
-/// answer is unchanged.
+/// answer is unchanged. Back at full speed with no prompt running, its
+/// probes find it so, and it gets work again.
 #[test]
-fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
+fn a_throttled_device_ends_up_with_less_work_and_gets_it_back_once_it_recovers() {
     let root = tempfile::tempdir().unwrap();
     let package = built_in(root.path());
     let tokens = "480";
@@ -170,9 +171,15 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
     let slowed = mesh.busiest_besides(asking);
     let had = units_of(&before, &mesh.nodes[slowed].peer_id);
     assert!(had > 0, "{before:#}");
+    let speed = |view: &serde_json::Value| {
+        let devices = view["devices"].as_array().cloned().unwrap_or_default();
+        let device = devices.iter().find(|d| d["id"] == mesh.nodes[slowed].peer_id.as_str());
+        device.and_then(|d| d["flops_per_s"].as_f64()).unwrap_or_else(|| panic!("no profile of n{slowed}: {view:#}"))
+    };
+    let first_speed = speed(&before);
     let mut prompt = Streaming::start(&mesh.nodes[asking].dir, &["--max-tokens", tokens, "--ignore-eos", PROMPT]);
     prompt.read_at_least(40);
-    ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "20"]);
+    ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "50"]);
     let out = prompt.finish();
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(out.stdout, reference, "{}", out.stderr);
@@ -203,4 +210,48 @@ fn a_throttled_device_ends_up_with_less_work_and_the_answer_is_unchanged() {
         paces.iter().any(|p| p[0] != asking_name.as_str() && p[1].as_str().is_some_and(|p| p.contains("ms/token"))),
         "{after:#}"
     );
+    // Back at full speed, with no prompt running: only its probes can tell.
+    let slow_speed = speed(&mesh.view(asking));
+    assert!(slow_speed < first_speed / 10.0, "n{slowed}: {first_speed} FLOP/s, then {slow_speed}");
+    ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "1"]);
+    let recovered = Instant::now();
+    let probed = |view: &serde_json::Value| {
+        let history = view["history"].to_string();
+        history.contains("arithmetic probe") && history.contains("as fast as its profile")
+    };
+    // Its new profile reaches the members: a probe on a busy machine may find
+    // it slower than when it was first measured, never faster.
+    while !probed(&mesh.view(slowed)) || speed(&mesh.view(asking)) < first_speed / 4.0 {
+        let view = mesh.view(asking);
+        assert!(
+            recovered.elapsed() < Duration::from_secs(30),
+            "n{slowed} is back at full speed, at {} FLOP/s: {:#}",
+            speed(&view),
+            mesh.view(slowed)["history"]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(speed(&mesh.view(asking)) <= first_speed * 1.001);
+    // It gets work again: at once if that gains 10% on the plan held, else
+    // once the other device besides the asking one slows down.
+    let other = (0..3).find(|&i| i != asking && i != slowed).unwrap();
+    if units_of(&mesh.view(asking), &mesh.nodes[other].peer_id) > 0 {
+        ok(&["throttle", "--data-dir", s(&mesh.nodes[other].dir), "20"]);
+        let again = llnode(&[
+            "prompt",
+            "--data-dir",
+            s(&mesh.nodes[asking].dir),
+            "--max-tokens",
+            tokens,
+            "--ignore-eos",
+            PROMPT,
+        ]);
+        assert!(again.ok, "{}", again.stderr);
+        assert_eq!(again.stdout, reference, "{}", again.stderr);
+    }
+    let last = mesh.view(asking);
+    let (gets, keeps) = (units_of(&last, &mesh.nodes[slowed].peer_id), units_of(&last, &mesh.nodes[other].peer_id));
+    assert!(gets > 0 && gets >= keeps, "n{slowed} runs {gets} units, n{other} {keeps}: {:#}", last["history"]);
+    // A device still throttled is not taken for recovered by its probes.
+    assert!(!probed(&mesh.view(other)), "{}", mesh.view(other)["history"]);
 }

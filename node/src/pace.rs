@@ -32,10 +32,12 @@ impl Throttle {
 
     /// Sleeps so that work that took `worked` takes `factor` times as long.
     pub fn stretch(&self, worked: Duration) {
-        let factor = self.factor();
-        if factor > 1.0 {
-            std::thread::sleep(worked.mul_f64(factor - 1.0));
-        }
+        std::thread::sleep(self.stretched(worked).saturating_sub(worked));
+    }
+
+    /// How long work that took `worked` takes on the device this one plays.
+    pub fn stretched(&self, worked: Duration) -> Duration {
+        worked.mul_f64(self.factor().max(1.0))
     }
 }
 
@@ -176,5 +178,16 @@ mod tests {
         let t = Throttle::new(1.0);
         t.set(3.0);
         assert_eq!(t.factor(), 3.0);
+    }
+
+    #[test]
+    fn a_throttle_stretches_work_and_never_shrinks_it() {
+        let worked = Duration::from_millis(10);
+        assert_eq!(Throttle::new(3.0).stretched(worked), Duration::from_millis(30));
+        assert_eq!(Throttle::new(1.0).stretched(worked), worked);
+        assert_eq!(Throttle::new(0.5).stretched(worked), worked);
+        let started = std::time::Instant::now();
+        Throttle::new(2.0).stretch(worked);
+        assert!(started.elapsed() >= worked, "slept {:?} of the 10 ms more", started.elapsed());
     }
 }

@@ -103,6 +103,10 @@ pub fn print_view(view: &PlanView, explain: bool) {
         outln!("this device: {fetch}");
     }
     if explain {
+        outln!("devices:");
+        for d in &view.devices {
+            outln!("  {}: {}", d.name, d.profile);
+        }
         outln!("history:");
         for event in &view.history {
             outln!("  {event}");

@@ -189,13 +189,58 @@ pub fn power_changed(old: &DeviceProfile, battery: Option<Battery>, thermal: Opt
 /// matrix product in plain Rust (the model's runner is faster; the planner
 /// replaces this with measured unit times once the device has the units).
 fn arithmetic_speed() -> f64 {
-    const N: usize = 128;
-    let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
-    let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
-    let mut c = vec![0f32; N * N];
+    let mut m = Matrices::<128>::new();
     let started = std::time::Instant::now();
     let mut reps = 0;
     while started.elapsed().as_millis() < 50 {
+        m.multiply();
+        reps += 1;
+    }
+    m.flops() * reps as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A few milliseconds of arithmetic, timed as the device this one plays
+/// (`throttle` included): the median of [`PROBE_BATCHES`] batches. Against
+/// the same probe when the device was first measured, it says how much
+/// faster or slower the device is now when no step of its own can say.
+pub fn probe(throttle: &crate::pace::Throttle) -> std::time::Duration {
+    let mut m = Matrices::<64>::new();
+    let mut batches: Vec<std::time::Duration> = (0..PROBE_BATCHES)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            (0..PROBE_REPS).for_each(|_| m.multiply());
+            started.elapsed()
+        })
+        .collect();
+    batches.sort_unstable();
+    throttle.stretched(batches[PROBE_BATCHES / 2])
+}
+
+/// Batches of a probe, and products of 64×64 matrices in each (about a
+/// millisecond on a phone's core).
+const PROBE_BATCHES: usize = 5;
+const PROBE_REPS: usize = 4;
+
+/// Two N×N matrices and their product: the kernel of the arithmetic measures.
+struct Matrices<const N: usize> {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl<const N: usize> Matrices<N> {
+    fn new() -> Matrices<N> {
+        let a = (0..N * N).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b = (0..N * N).map(|i| (i % 5) as f32 * 0.1).collect();
+        Matrices { a, b, c: vec![0.0; N * N] }
+    }
+
+    fn flops(&self) -> f64 {
+        2.0 * (N * N * N) as f64
+    }
+
+    fn multiply(&mut self) {
+        let (a, b, c) = (&self.a, &self.b, &mut self.c);
         for i in 0..N {
             for k in 0..N {
                 let x = a[i * N + k];
@@ -204,10 +249,8 @@ fn arithmetic_speed() -> f64 {
                 }
             }
         }
-        reps += 1;
+        std::hint::black_box(c);
     }
-    std::hint::black_box(&c);
-    (2 * N * N * N * reps) as f64 / started.elapsed().as_secs_f64()
 }
 
 #[cfg(test)]

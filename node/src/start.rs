@@ -126,7 +126,12 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
     let (planning, planning_handle) = Actor::spawn(None, PlanningActor, planning_args).await?;
     let balancing = match options.rebalance {
         Some(threshold) => {
-            let args = BalancingArgs { execution: execution.clone(), planning: planning.clone(), threshold };
+            let args = BalancingArgs {
+                execution: execution.clone(),
+                planning: planning.clone(),
+                throttle: throttle.clone(),
+                threshold,
+            };
             Some(Actor::spawn(None, BalancingActor, args).await?)
         }
         None => None,
@@ -137,13 +142,14 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         // Members know each other by their certificates' names.
         let name = trust_name.unwrap_or_else(|| options.name.clone());
         let (planning, id) = (planning.clone(), key.peer_id().to_base58());
-        let (package, memory, throttle) = (options.model.clone(), options.memory, options.throttle);
+        let (package, memory, throttle) = (options.model.clone(), options.memory, throttle.clone());
         std::thread::spawn(move || {
             match crate::profile::measure(&id, &name, package.as_deref(), memory) {
                 Ok(mut profile) => {
                     // A throttled device is measured as the slower device it plays.
-                    profile.slow_down(throttle);
-                    let _ = planning.cast(PlanningMsg::Measured(profile));
+                    profile.slow_down(throttle.factor());
+                    let probe = crate::profile::probe(&throttle);
+                    let _ = planning.cast(PlanningMsg::Measured { profile, probe });
                 }
                 Err(e) => tracing::error!("cannot measure this device: {e:#}"),
             }

@@ -15,16 +15,30 @@
 //! first runs, caches arriving), so it waits for a second. Plans do not flap: besides this
 //! threshold, a new assignment must beat the held one, costed on the same
 //! profiles, by 10%.
+//!
+//! A device the balancer slowed down may lose all its work, or keep too
+//! little for its pace to say anything (the embeddings), or see no prompt
+//! at all: no step of its own would ever tell that it came back. So when no
+//! pace has judged it for [`QUIET`] and its profile is slower than its first
+//! measure by the threshold, it times a few milliseconds of arithmetic
+//! ([`crate::profile::probe`]) every [`PROBE_EVERY`]; two probes in a row
+//! faster than the profile by the threshold re-profile it, never faster than
+//! its first measure, and the leader re-plans. Decided: probes only look for
+//! a recovery. A device that slows while idle is caught by its pace once it
+//! has work again, and a probe on a busy machine (other meshes, other apps)
+//! errs on the slow side, so it could only move work for nothing.
+
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
 
 use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::execution::ExecutionMsg;
-use crate::actor::planning::{Expectation, PlanningMsg};
+use crate::actor::planning::{Expectation, PlanningMsg, Slowdown};
 
 /// How often the pace is checked; a window also needs
 /// [`crate::pace::MIN_SAMPLES`] steps, so it closes as soon as it has them.
-const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(100);
 /// A pace this close to the profile (seconds per token) is within it, whatever
 /// the ratio: a stage of a unit or two (the embeddings) takes well under a
 /// millisecond, where fixed costs per step make ratios meaningless.
@@ -34,12 +48,18 @@ const MIN_DRIFT_S: f64 = 0.002;
 /// A stage left with the embeddings on a throttled device measured 2.3 ms
 /// against a profile of 0.08 ms, beside 30 ms tokens, and cost a second move.
 const MIN_DRIFT_SHARE: f64 = 0.1;
+/// No pace for this long and the device may be probed ...
+const QUIET: Duration = Duration::from_secs(2);
+/// ... this often.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 pub struct BalancingActor;
 
 pub struct BalancingArgs {
     pub execution: ActorRef<ExecutionMsg>,
     pub planning: ActorRef<PlanningMsg>,
+    /// `--throttle`: a probe times the device this one plays.
+    pub throttle: std::sync::Arc<crate::pace::Throttle>,
     /// `--rebalance-threshold`: a pace this many times off the profile (either way) re-profiles.
     pub threshold: f64,
 }
@@ -54,6 +74,11 @@ pub struct BalancingState {
     last: Drift,
     /// The plan epoch of the last window.
     epoch: u64,
+    /// When a pace last judged this device, and when it was last probed.
+    judged: Instant,
+    probed: Instant,
+    /// The last probe found the device faster than its profile by the threshold.
+    recovering: bool,
 }
 
 /// A window's pace against the profile, by the threshold.
@@ -75,7 +100,8 @@ impl Actor for BalancingActor {
         args: BalancingArgs,
     ) -> Result<BalancingState, ActorProcessingErr> {
         myself.send_interval(TICK, || BalancingMsg::Tick);
-        Ok(BalancingState { args, last: Drift::Within, epoch: 0 })
+        let now = Instant::now();
+        Ok(BalancingState { args, last: Drift::Within, epoch: 0, judged: now, probed: now, recovering: false })
     }
 
     async fn handle(
@@ -86,37 +112,79 @@ impl Actor for BalancingActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             BalancingMsg::Tick => {
-                let args = &state.args;
-                let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else {
-                    return Ok(());
-                };
-                let asked = call_t!(
-                    args.planning,
-                    |reply| PlanningMsg::Expected { pace: pace.clone(), reply },
-                    CALL_TIMEOUT_MS
-                );
-                let Ok(Some(Expectation { secs_per_token: expected, token_s })) = asked else { return Ok(()) };
-                let ratio = pace.secs_per_token / expected;
-                let drift = if (pace.secs_per_token - expected).abs() < MIN_DRIFT_S.max(MIN_DRIFT_SHARE * token_s) {
-                    Drift::Within
-                } else if ratio >= args.threshold {
-                    Drift::Slower
-                } else if ratio <= 1.0 / args.threshold {
-                    Drift::Faster
-                } else {
-                    Drift::Within
-                };
-                // A window whose every step was slow did not straddle the change: no need to wait for
-                // another. A plan's first window only counts with the next: it times the move as well.
-                let first = std::mem::replace(&mut state.epoch, pace.epoch) != pace.epoch;
-                let clean = drift == Drift::Slower && pace.fastest_secs_per_token / expected >= args.threshold;
-                if !first && drift != Drift::Within && (drift == state.last || clean) {
-                    args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
-                    state.last = Drift::Within;
-                } else {
-                    state.last = drift;
+                let judged = state.judge().await?;
+                let now = Instant::now();
+                if judged {
+                    state.judged = now;
+                } else if now - state.judged >= QUIET && now - state.probed >= PROBE_EVERY {
+                    state.probed = now;
+                    state.probe().await?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl BalancingState {
+    /// Compares this device's pace, if a window closed, with its profile;
+    /// whether the pace could judge it (its units take long enough to tell).
+    async fn judge(&mut self) -> Result<bool, ActorProcessingErr> {
+        let args = &self.args;
+        let Ok(Some(pace)) = call_t!(args.execution, ExecutionMsg::TakePace, CALL_TIMEOUT_MS) else {
+            return Ok(false);
+        };
+        let asked =
+            call_t!(args.planning, |reply| PlanningMsg::Expected { pace: pace.clone(), reply }, CALL_TIMEOUT_MS);
+        let Ok(Some(Expectation { secs_per_token: expected, token_s })) = asked else { return Ok(false) };
+        let floor = MIN_DRIFT_S.max(MIN_DRIFT_SHARE * token_s);
+        let ratio = pace.secs_per_token / expected;
+        let drift = if (pace.secs_per_token - expected).abs() < floor {
+            Drift::Within
+        } else if ratio >= args.threshold {
+            Drift::Slower
+        } else if ratio <= 1.0 / args.threshold {
+            Drift::Faster
+        } else {
+            Drift::Within
+        };
+        // A window whose every step was slow did not straddle the change: no need to wait for
+        // another. A plan's first window only counts with the next: it times the move as well.
+        let first = std::mem::replace(&mut self.epoch, pace.epoch) != pace.epoch;
+        let clean = drift == Drift::Slower && pace.fastest_secs_per_token / expected >= args.threshold;
+        if !first && drift != Drift::Within && (drift == self.last || clean) {
+            args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
+            self.last = Drift::Within;
+        } else {
+            self.last = drift;
+        }
+        // Units this quick could run at any speed and stay within the floor.
+        Ok(expected * (1.0 - 1.0 / args.threshold) >= floor)
+    }
+
+    /// Probes a device its pace cannot judge, if its profile was slowed:
+    /// two probes in a row that find it faster by the threshold re-profile it.
+    async fn probe(&mut self) -> Result<(), ActorProcessingErr> {
+        let args = &self.args;
+        let Ok(Some(Slowdown { factor, first_probe })) = call_t!(args.planning, PlanningMsg::Slowdown, CALL_TIMEOUT_MS)
+        else {
+            return Ok(());
+        };
+        if factor < args.threshold {
+            self.recovering = false;
+            return Ok(());
+        }
+        let throttle = args.throttle.clone();
+        let probe = tokio::task::spawn_blocking(move || crate::profile::probe(&throttle)).await?;
+        // Never faster than the first measure, which timed the units themselves.
+        let now = (probe.as_secs_f64() / first_probe.as_secs_f64()).max(1.0);
+        let ratio = now / factor;
+        let faster = ratio <= 1.0 / args.threshold;
+        if faster && self.recovering {
+            args.planning.cast(PlanningMsg::Probed { ratio, probe, first: first_probe })?;
+            self.recovering = false;
+        } else {
+            self.recovering = faster;
         }
         Ok(())
     }

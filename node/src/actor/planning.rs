@@ -96,8 +96,12 @@ pub enum PlanningMsg {
     },
     /// The manifest a node without a model asked a member for, or why it could not get it.
     ModelLearnt(Result<(String, ModelCost), String>),
-    /// This device's own profile, measured.
-    Measured(DeviceProfile),
+    /// This device's own profile, measured, and how long the arithmetic
+    /// probe ([`crate::profile::probe`]) took then.
+    Measured {
+        profile: DeviceProfile,
+        probe: Duration,
+    },
     /// Measure round trips and bandwidth to every member.
     MeasureLinks,
     /// Links to members, and this device's battery and thermal state.
@@ -126,6 +130,16 @@ pub enum PlanningMsg {
         ratio: f64,
         pace: crate::pace::Pace,
         expected: f64,
+    },
+    /// The balancer asks how this device's profile compares with its first
+    /// measure, before it probes a device no step of its own can time.
+    Slowdown(RpcReplyPort<Option<Slowdown>>),
+    /// The balancer's probes found this device `ratio` times as slow as its
+    /// profile says (under 1: faster); `probe` took `first` when first measured.
+    Probed {
+        ratio: f64,
+        probe: Duration,
+        first: Duration,
     },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
@@ -157,9 +171,18 @@ pub struct Expectation {
     pub token_s: f64,
 }
 
+/// How many times slower than when first measured this device's profile
+/// says it is now, and how long the arithmetic probe took then.
+pub struct Slowdown {
+    pub factor: f64,
+    pub first_probe: Duration,
+}
+
 pub struct PlanningState {
     args: PlanningArgs,
     me: String,
+    /// This device's speed (FLOP/s) and arithmetic probe when first measured.
+    first: Option<(f64, Duration)>,
     election: Election,
     members: BTreeSet<PeerId>,
     profiles: HashMap<String, DeviceProfile>,
@@ -217,6 +240,7 @@ impl Actor for PlanningActor {
         Ok(PlanningState {
             election: Election::new(&me),
             me,
+            first: None,
             args,
             members: BTreeSet::new(),
             profiles: HashMap::new(),
@@ -326,8 +350,9 @@ impl Actor for PlanningActor {
                 };
                 state.args.client.respond(id, response);
             }
-            PlanningMsg::Measured(mut profile) => {
+            PlanningMsg::Measured { mut profile, probe } => {
                 state.note(format!("measured this device: {}", describe(&profile)));
+                state.first = Some((profile.flops_per_s, probe));
                 if state.held.is_none() {
                     state.problem = Some("waiting for the members to elect a leader and for its plan".into());
                 }
@@ -380,6 +405,10 @@ impl Actor for PlanningActor {
                 let _ = reply.send(expectation);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
+            PlanningMsg::Slowdown(reply) => {
+                let _ = reply.send(state.slowdown());
+            }
+            PlanningMsg::Probed { ratio, probe, first } => state.probed(ratio, probe, first, &myself),
             PlanningMsg::Note(line) => state.note(line),
             PlanningMsg::OwnReadiness(epoch, said) => state.tell_readiness(epoch, said),
             PlanningMsg::Private(reply) => match state.leader() {

@@ -35,7 +35,7 @@ impl PlanningState {
                 if let Some(ratio) = known
                     && (ratio - 1.0).abs() > 0.01
                 {
-                    self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+                    self.reason(super::measure::measured_itself(&profile.name, ratio));
                 }
                 self.profiles.insert(profile.id.clone(), profile);
                 // A member's first profile comes with others' as devices meet: those are planned together.

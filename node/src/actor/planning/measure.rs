@@ -1,9 +1,12 @@
 //! What this device measures of itself for planning: its links to members
 //! (a round trip and a 1 MiB probe each, every 30 s) and its power state,
 //! sent in its profile when they move; and the balancer's pace against the
-//! profile, which re-profiles it when it falls behind.
+//! profile, which re-profiles it when it falls behind, or, where no step of
+//! its own can be timed, an arithmetic probe against its first measure,
+//! which re-profiles it when it has come back.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use llnode_mesh::wire::ControlRequest;
 use llnode_mesh::{MeshClient, PeerId};
@@ -12,7 +15,7 @@ use ractor::ActorRef;
 
 use super::publish::for_model;
 use super::view::power_text;
-use super::{PlanningMsg, PlanningState};
+use super::{PlanningMsg, PlanningState, Slowdown};
 use crate::protocol::NodeMessage;
 
 /// Bytes of the bandwidth probe.
@@ -102,19 +105,63 @@ impl PlanningState {
         expected: f64,
         myself: &ActorRef<PlanningMsg>,
     ) {
-        let Some(mut profile) = self.profiles.get(&self.me).cloned() else { return };
-        profile.slow_down(ratio);
-        self.note(format!(
+        let note = format!(
             "this device ran its units in {:.2} ms/token over {} tokens (queue depth {:.1}), {ratio:.2}× its profile's {:.2} ms; re-profiled",
             pace.secs_per_token * 1e3,
             pace.samples,
             pace.queue,
             expected * 1e3
-        ));
+        );
+        self.rescale(ratio, note, myself);
+    }
+
+    /// How this device's profile compares with its first measure.
+    pub(super) fn slowdown(&self) -> Option<Slowdown> {
+        let (flops_per_s, first_probe) = self.first?;
+        let now = self.profiles.get(&self.me)?.flops_per_s;
+        (now > 0.0).then(|| Slowdown { factor: flops_per_s / now, first_probe })
+    }
+
+    /// The balancer's probes found this device `ratio` times as slow as its
+    /// profile says, where no step of its own could time it.
+    pub(super) fn probed(&mut self, ratio: f64, probe: Duration, first: Duration, myself: &ActorRef<PlanningMsg>) {
+        let note = format!(
+            "this device ran the arithmetic probe in {:.2} ms ({:.2} ms when first measured): {}; re-profiled",
+            probe.as_secs_f64() * 1e3,
+            first.as_secs_f64() * 1e3,
+            against_profile(ratio)
+        );
+        self.rescale(ratio, note, myself);
+    }
+
+    /// Scales this device's profile by `ratio` (its times; under 1: faster),
+    /// tells every member, and lets the leader re-plan.
+    fn rescale(&mut self, ratio: f64, note: String, myself: &ActorRef<PlanningMsg>) {
+        let Some(mut profile) = self.profiles.get(&self.me).cloned() else { return };
+        profile.slow_down(ratio);
+        self.note(note);
         self.profiles.insert(self.me.clone(), profile.clone());
-        self.reason(format!("{} measured itself {ratio:.2}× as slow as before", profile.name));
+        self.reason(measured_itself(&profile.name, ratio));
         self.broadcast(NodeMessage::Profile(profile));
         self.reprofiled(myself);
+    }
+}
+
+/// Why the leader plans again when a device's times changed by `ratio`.
+pub(super) fn measured_itself(name: &str, ratio: f64) -> String {
+    if ratio >= 1.0 {
+        format!("{name} measured itself {ratio:.2}× as slow as before")
+    } else {
+        format!("{name} measured itself {:.2}× as fast as before", 1.0 / ratio)
+    }
+}
+
+/// A device `ratio` times as slow as its profile, in words.
+fn against_profile(ratio: f64) -> String {
+    if ratio >= 1.0 {
+        format!("{ratio:.2}× as slow as its profile")
+    } else {
+        format!("{:.2}× as fast as its profile", 1.0 / ratio)
     }
 }
 

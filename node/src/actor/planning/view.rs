@@ -1,5 +1,5 @@
 //! What `llnode plan` shows of planning: the leader, the members, the plan
-//! held, its history, and the paces measured on it.
+//! held, its history, the paces measured on it, and the profiles planned with.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +36,20 @@ pub struct PlanView {
     /// Activations this device sent, by member peer id.
     #[serde(default)]
     pub sent: BTreeMap<String, crate::traffic::Sent>,
+    /// The profile of this device and each member, as this node last heard
+    /// it (what the leader plans with), by name.
+    #[serde(default)]
+    pub devices: Vec<DeviceView>,
+}
+
+/// A device's profile in `llnode plan`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub name: String,
+    pub id: String,
+    pub flops_per_s: f64,
+    /// Memory, speed, power state, in words.
+    pub profile: String,
 }
 
 impl PlanningState {
@@ -56,7 +70,26 @@ impl PlanningState {
             pace: self.paces.get(&self.me).map(|p| p.to_string()),
             paces: self.stage_paces(),
             sent: self.args.traffic.snapshot(),
+            devices: self.devices(),
         }
+    }
+
+    /// The profiles known of this device and the live members, by name.
+    fn devices(&self) -> Vec<DeviceView> {
+        let live = |id: &String| *id == self.me || self.members.iter().any(|m| m.to_base58() == *id);
+        let mut devices: Vec<DeviceView> = self
+            .profiles
+            .iter()
+            .filter(|(id, _)| live(id))
+            .map(|(id, p)| DeviceView {
+                name: p.name.clone(),
+                id: id.clone(),
+                flops_per_s: p.flops_per_s,
+                profile: describe(p),
+            })
+            .collect();
+        devices.sort_by(|a, b| a.name.cmp(&b.name));
+        devices
     }
 
     /// The members' paces measured on the plan held, slowest first.
