@@ -152,7 +152,7 @@ const EVICT_MAX_BYTES: u64 = 32 << 20;
 /// runs (a layer of the built-in `bench` model: 1.3 ms warm, 2.5–2.9 ms
 /// cold, on a server with a big last-level cache; the whole model decodes at
 /// the cold figures). So before each step the other units' weight bytes (up
-/// to [`EVICT_MAX_BYTES`]) are read through.
+/// to `EVICT_MAX_BYTES`) are read through.
 pub fn time_units(model: &Model, prompt: usize, steps: usize, upto: usize) -> Result<Vec<UnitTiming>, PipelineError> {
     let n = model.units.len();
     let unit_bytes: Vec<u64> =

@@ -49,8 +49,8 @@ fn extent(t: &TensorProto) -> Option<Extent> {
 }
 
 /// Readies `proto` (from model directory `dir`) for tract: splits its
-/// transposed weights ([`split_transposed`]) and takes its external weights
-/// out ([`defer`]). The parsed model must then go through [`Deferred::fill`].
+/// transposed weights (`split_transposed`) and takes its external weights
+/// out (`defer`). The parsed model must then go through [`Deferred::fill`].
 pub fn prepare(proto: &mut ModelProto, dir: &Path) -> TractResult<Deferred> {
     let graph = proto.graph.as_mut().context("no graph")?;
     if !transposed(graph).is_empty() {
@@ -224,7 +224,7 @@ fn datum_type(data_type: i32) -> Option<DatumType> {
 
 impl Deferred {
     /// Turns each deferred weight's input of `model` (parsed from the graph
-    /// [`defer`] changed) into a constant read from `dir`, straight into its tensor.
+    /// `defer` changed) into a constant read from `dir`, straight into its tensor.
     pub fn fill(self, model: &mut InferenceModel, dir: &Path) -> TractResult<()> {
         if self.0.is_empty() {
             return Ok(());
