@@ -7,7 +7,9 @@
 //! also as a share of each run's own pace before the throttle,
 //! the longest pause, tokens until the generation moved to the plan that took
 //! work off the throttled node, and tokens until the pace recovered (a window
-//! within 15% of the pace before the throttle) (target ≤ 20). Then a
+//! within 15% of the pace before the throttle) (target ≤ 20); then, with
+//! balancing, the throttle is taken off with no prompt running: the seconds
+//! until the node's probes re-profile it. Then a
 //! stage is killed (SIGKILL) halfway through a prompt: the time from the kill
 //! to the token that ends the stall. Every answer is checked against
 //! `llnode run` in one process, both runs must throttle the same share of
@@ -68,6 +70,8 @@ fn main() {
     let mut shares = Vec::new();
     // Whether another device kept the throttled stage's units as spares, per run.
     let mut spared_in = Vec::new();
+    // With balancing: once released, how long until the throttled node's probes re-profile it.
+    let mut recovered = None;
     for (label, extra) in [("without balancing", &["--no-rebalance"][..]), ("with balancing", &[][..])] {
         eprintln!("{label}: starting the mesh…");
         // Both runs must slow the same share of the model for their rates to
@@ -119,6 +123,9 @@ fn main() {
             }
         }
         runs.push(Run { label, token_ms, throttled_at, moved_at });
+        if extra.is_empty() {
+            recovered = Some(release(&mesh, slowed));
+        }
     }
 
     println!(
@@ -170,6 +177,9 @@ fn main() {
         kept[1],
         kept[1] / kept[0]
     );
+    if let Some(line) = recovered {
+        println!("{line}");
+    }
 
     eprintln!("failover: starting the mesh…");
     // Without the balancer, so that the stage killed is one the generation runs on.
@@ -205,6 +215,28 @@ fn main() {
 
     let path = draw(&runs);
     println!("plot: {}", path.display());
+}
+
+/// Takes the throttle off node `slowed` with no prompt running: no step of
+/// its own can time it, so its probes must find it back at full speed. Says
+/// after how long they re-profiled it and what it runs then.
+fn release(mesh: &Mesh, slowed: usize) -> String {
+    let probed = |i: usize| mesh.view(i)["history"].to_string().contains("arithmetic probe");
+    let before = units_of(&mesh.view(ASKING), &mesh.nodes[slowed].peer_id);
+    ok(&["throttle", "--data-dir", s(&mesh.nodes[slowed].dir), "1"]);
+    let released = Instant::now();
+    while !probed(slowed) && released.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if !probed(slowed) {
+        return format!("released from the throttle, n{slowed} was not re-profiled by its probes in 60 s");
+    }
+    let secs = released.elapsed().as_secs_f64();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after = units_of(&mesh.view(ASKING), &mesh.nodes[slowed].peer_id);
+    format!(
+        "released from the throttle with no prompt running, n{slowed} was re-profiled by its probes after {secs:.1} s; it ran {before} units then, {after} two seconds later"
+    )
 }
 
 /// A ready mesh and its busiest stage besides the asking member, with the

@@ -201,8 +201,8 @@ fn arithmetic_speed() -> f64 {
 
 /// A few milliseconds of arithmetic, timed as the device this one plays
 /// (`throttle` included): the median of [`PROBE_BATCHES`] batches. Against
-/// the same probe when the device was first measured, it says how much
-/// faster or slower the device is now when no step of its own can say.
+/// the same probe when the balancer slowed the device, it says whether the
+/// device came back when no step of its own can say.
 pub fn probe(throttle: &crate::pace::Throttle) -> std::time::Duration {
     let mut m = Matrices::<64>::new();
     let mut batches: Vec<std::time::Duration> = (0..PROBE_BATCHES)

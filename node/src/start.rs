@@ -142,14 +142,13 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
         // Members know each other by their certificates' names.
         let name = trust_name.unwrap_or_else(|| options.name.clone());
         let (planning, id) = (planning.clone(), key.peer_id().to_base58());
-        let (package, memory, throttle) = (options.model.clone(), options.memory, throttle.clone());
+        let (package, memory, throttle) = (options.model.clone(), options.memory, options.throttle);
         std::thread::spawn(move || {
             match crate::profile::measure(&id, &name, package.as_deref(), memory) {
                 Ok(mut profile) => {
                     // A throttled device is measured as the slower device it plays.
-                    profile.slow_down(throttle.factor());
-                    let probe = crate::profile::probe(&throttle);
-                    let _ = planning.cast(PlanningMsg::Measured { profile, probe });
+                    profile.slow_down(throttle);
+                    let _ = planning.cast(PlanningMsg::Measured(profile));
                 }
                 Err(e) => tracing::error!("cannot measure this device: {e:#}"),
             }

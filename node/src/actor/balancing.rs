@@ -18,15 +18,22 @@
 //!
 //! A device the balancer slowed down may lose all its work, or keep too
 //! little for its pace to say anything (the embeddings), or see no prompt
-//! at all: no step of its own would ever tell that it came back. So when no
-//! pace has judged it for [`QUIET`] and its profile is slower than its first
-//! measure by the threshold, it times a few milliseconds of arithmetic
-//! ([`crate::profile::probe`]) every [`PROBE_EVERY`]; two probes in a row
-//! faster than the profile by the threshold re-profile it, never faster than
-//! its first measure, and the leader re-plans. Decided: probes only look for
-//! a recovery. A device that slows while idle is caught by its pace once it
-//! has work again, and a probe on a busy machine (other meshes, other apps)
-//! errs on the slow side, so it could only move work for nothing.
+//! at all: no step of its own would ever tell that it came back. So when its
+//! pace slows it, it also times a few milliseconds of arithmetic
+//! ([`crate::profile::probe`]); then, whenever no pace has judged it for
+//! [`QUIET`], it times the probe again every [`PROBE_EVERY`], and two probes
+//! in a row faster than that by the threshold re-profile it by as much
+//! (never faster than its first measure), and the leader re-plans.
+//!
+//! Decided: a probe is compared with the probe taken when the device was
+//! slowed, not with its first measure. A slowdown the probe does not see
+//! (devices sharing cores or memory bandwidth, as meshes on one machine do)
+//! is then never undone by it: on 3 nodes on 2 cores, probes compared with
+//! the first measure moved units back and forth four times in one answer.
+//! A device whose recovery its pace undoes again within [`FLAPPING`] waits
+//! twice as long before its probes may recover it next time (up to
+//! [`MAX_HOLD`]). Probes only look for a recovery: a device that slows while
+//! idle is caught by its pace once it has work.
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +41,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
 
 use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::execution::ExecutionMsg;
-use crate::actor::planning::{Expectation, PlanningMsg, Slowdown};
+use crate::actor::planning::{Expectation, PlanningMsg};
 
 /// How often the pace is checked; a window also needs
 /// [`crate::pace::MIN_SAMPLES`] steps, so it closes as soon as it has them.
@@ -48,10 +55,16 @@ const MIN_DRIFT_S: f64 = 0.002;
 /// A stage left with the embeddings on a throttled device measured 2.3 ms
 /// against a profile of 0.08 ms, beside 30 ms tokens, and cost a second move.
 const MIN_DRIFT_SHARE: f64 = 0.1;
-/// No pace for this long and the device may be probed ...
+/// No pace for this long and a slowed device may be probed ...
 const QUIET: Duration = Duration::from_secs(2);
-/// ... this often.
+/// ... this often ...
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// ... once this long has passed since its pace slowed it (doubled for a
+/// device that flaps, up to `MAX_HOLD`).
+const HOLD: Duration = Duration::from_secs(2);
+const MAX_HOLD: Duration = Duration::from_secs(300);
+/// A slowdown this soon after a probe's recovery undoes it.
+const FLAPPING: Duration = Duration::from_secs(120);
 
 pub struct BalancingActor;
 
@@ -77,7 +90,15 @@ pub struct BalancingState {
     /// When a pace last judged this device, and when it was last probed.
     judged: Instant,
     probed: Instant,
-    /// The last probe found the device faster than its profile by the threshold.
+    /// The probe when the pace last slowed this device (or, after a partial
+    /// recovery, when the probes last re-profiled it); none when not slowed.
+    slow_probe: Option<Duration>,
+    /// When the pace last slowed it, and how long after that probes wait.
+    slowed: Instant,
+    hold: Duration,
+    /// When probes last re-profiled it.
+    recovered: Option<Instant>,
+    /// The last probe found the device faster by the threshold.
     recovering: bool,
 }
 
@@ -101,7 +122,18 @@ impl Actor for BalancingActor {
     ) -> Result<BalancingState, ActorProcessingErr> {
         myself.send_interval(TICK, || BalancingMsg::Tick);
         let now = Instant::now();
-        Ok(BalancingState { args, last: Drift::Within, epoch: 0, judged: now, probed: now, recovering: false })
+        Ok(BalancingState {
+            args,
+            last: Drift::Within,
+            epoch: 0,
+            judged: now,
+            probed: now,
+            slow_probe: None,
+            slowed: now,
+            hold: HOLD,
+            recovered: None,
+            recovering: false,
+        })
     }
 
     async fn handle(
@@ -116,7 +148,11 @@ impl Actor for BalancingActor {
                 let now = Instant::now();
                 if judged {
                     state.judged = now;
-                } else if now - state.judged >= QUIET && now - state.probed >= PROBE_EVERY {
+                } else if state.slow_probe.is_some()
+                    && now - state.judged >= QUIET
+                    && now - state.probed >= PROBE_EVERY
+                    && now - state.slowed >= state.hold
+                {
                     state.probed = now;
                     state.probe().await?;
                 }
@@ -155,6 +191,17 @@ impl BalancingState {
         if !first && drift != Drift::Within && (drift == self.last || clean) {
             args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
             self.last = Drift::Within;
+            self.recovering = false;
+            if drift == Drift::Slower {
+                let now = Instant::now();
+                if self.recovered.is_some_and(|at| now - at < FLAPPING) {
+                    self.hold = (self.hold * 2).min(MAX_HOLD);
+                }
+                self.slowed = now;
+                self.slow_probe = Some(self.time_probe().await?);
+            } else {
+                self.slow_probe = None;
+            }
         } else {
             self.last = drift;
         }
@@ -162,30 +209,29 @@ impl BalancingState {
         Ok(expected * (1.0 - 1.0 / args.threshold) >= floor)
     }
 
-    /// Probes a device its pace cannot judge, if its profile was slowed:
-    /// two probes in a row that find it faster by the threshold re-profile it.
+    /// Probes a slowed device its pace cannot judge: two probes in a row
+    /// faster than when it was slowed by the threshold re-profile it.
     async fn probe(&mut self) -> Result<(), ActorProcessingErr> {
-        let args = &self.args;
-        let Ok(Some(Slowdown { factor, first_probe })) = call_t!(args.planning, PlanningMsg::Slowdown, CALL_TIMEOUT_MS)
-        else {
-            return Ok(());
-        };
-        if factor < args.threshold {
-            self.recovering = false;
+        let Some(before) = self.slow_probe else { return Ok(()) };
+        let probe = self.time_probe().await?;
+        let faster = probe.as_secs_f64() / before.as_secs_f64() <= 1.0 / self.args.threshold;
+        if !(faster && self.recovering) {
+            self.recovering = faster;
             return Ok(());
         }
-        let throttle = args.throttle.clone();
-        let probe = tokio::task::spawn_blocking(move || crate::profile::probe(&throttle)).await?;
-        // Never faster than the first measure, which timed the units themselves.
-        let now = (probe.as_secs_f64() / first_probe.as_secs_f64()).max(1.0);
-        let ratio = now / factor;
-        let faster = ratio <= 1.0 / args.threshold;
-        if faster && self.recovering {
-            args.planning.cast(PlanningMsg::Probed { ratio, probe, first: first_probe })?;
-            self.recovering = false;
-        } else {
-            self.recovering = faster;
+        self.recovering = false;
+        let asked = call_t!(self.args.planning, |reply| PlanningMsg::Probed { probe, before, reply }, CALL_TIMEOUT_MS);
+        if let Ok(slowdown) = asked {
+            self.recovered = Some(Instant::now());
+            // Still slower than its first measure by the threshold: a further recovery is measured from here.
+            self.slow_probe = (slowdown >= self.args.threshold).then_some(probe);
         }
         Ok(())
+    }
+
+    /// The arithmetic probe, off the runtime, as the device this one plays.
+    async fn time_probe(&self) -> Result<Duration, ActorProcessingErr> {
+        let throttle = self.args.throttle.clone();
+        Ok(tokio::task::spawn_blocking(move || crate::profile::probe(&throttle)).await?)
     }
 }

@@ -96,12 +96,8 @@ pub enum PlanningMsg {
     },
     /// The manifest a node without a model asked a member for, or why it could not get it.
     ModelLearnt(Result<(String, ModelCost), String>),
-    /// This device's own profile, measured, and how long the arithmetic
-    /// probe ([`crate::profile::probe`]) took then.
-    Measured {
-        profile: DeviceProfile,
-        probe: Duration,
-    },
+    /// This device's own profile, measured.
+    Measured(DeviceProfile),
     /// Measure round trips and bandwidth to every member.
     MeasureLinks,
     /// Links to members, and this device's battery and thermal state.
@@ -131,15 +127,14 @@ pub enum PlanningMsg {
         pace: crate::pace::Pace,
         expected: f64,
     },
-    /// The balancer asks how this device's profile compares with its first
-    /// measure, before it probes a device no step of its own can time.
-    Slowdown(RpcReplyPort<Option<Slowdown>>),
-    /// The balancer's probes found this device `ratio` times as slow as its
-    /// profile says (under 1: faster); `probe` took `first` when first measured.
+    /// The balancer's probes found this device `probe / before` times as
+    /// slow as when its pace last slowed its profile (under 1: faster):
+    /// scale the profile, never faster than the device's first measure.
+    /// Answered with how many times slower than that first measure it is then.
     Probed {
-        ratio: f64,
         probe: Duration,
-        first: Duration,
+        before: Duration,
+        reply: RpcReplyPort<f64>,
     },
     /// Something worth a line in `llnode plan`'s history (a generation that moved).
     Note(String),
@@ -171,18 +166,11 @@ pub struct Expectation {
     pub token_s: f64,
 }
 
-/// How many times slower than when first measured this device's profile
-/// says it is now, and how long the arithmetic probe took then.
-pub struct Slowdown {
-    pub factor: f64,
-    pub first_probe: Duration,
-}
-
 pub struct PlanningState {
     args: PlanningArgs,
     me: String,
-    /// This device's speed (FLOP/s) and arithmetic probe when first measured.
-    first: Option<(f64, Duration)>,
+    /// This device's speed (FLOP/s) when first measured.
+    first_flops: Option<f64>,
     election: Election,
     members: BTreeSet<PeerId>,
     profiles: HashMap<String, DeviceProfile>,
@@ -240,7 +228,7 @@ impl Actor for PlanningActor {
         Ok(PlanningState {
             election: Election::new(&me),
             me,
-            first: None,
+            first_flops: None,
             args,
             members: BTreeSet::new(),
             profiles: HashMap::new(),
@@ -350,9 +338,9 @@ impl Actor for PlanningActor {
                 };
                 state.args.client.respond(id, response);
             }
-            PlanningMsg::Measured { mut profile, probe } => {
+            PlanningMsg::Measured(mut profile) => {
                 state.note(format!("measured this device: {}", describe(&profile)));
-                state.first = Some((profile.flops_per_s, probe));
+                state.first_flops = Some(profile.flops_per_s);
                 if state.held.is_none() {
                     state.problem = Some("waiting for the members to elect a leader and for its plan".into());
                 }
@@ -405,10 +393,9 @@ impl Actor for PlanningActor {
                 let _ = reply.send(expectation);
             }
             PlanningMsg::Reprofile { ratio, pace, expected } => state.reprofile(ratio, pace, expected, &myself),
-            PlanningMsg::Slowdown(reply) => {
-                let _ = reply.send(state.slowdown());
+            PlanningMsg::Probed { probe, before, reply } => {
+                let _ = reply.send(state.probed(probe, before, &myself));
             }
-            PlanningMsg::Probed { ratio, probe, first } => state.probed(ratio, probe, first, &myself),
             PlanningMsg::Note(line) => state.note(line),
             PlanningMsg::OwnReadiness(epoch, said) => state.tell_readiness(epoch, said),
             PlanningMsg::Private(reply) => match state.leader() {

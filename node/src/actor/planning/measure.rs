@@ -2,8 +2,8 @@
 //! (a round trip and a 1 MiB probe each, every 30 s) and its power state,
 //! sent in its profile when they move; and the balancer's pace against the
 //! profile, which re-profiles it when it falls behind, or, where no step of
-//! its own can be timed, an arithmetic probe against its first measure,
-//! which re-profiles it when it has come back.
+//! its own can be timed, an arithmetic probe against the same probe when it
+//! fell behind, which re-profiles it when it has come back.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use ractor::ActorRef;
 
 use super::publish::for_model;
 use super::view::power_text;
-use super::{PlanningMsg, PlanningState, Slowdown};
+use super::{PlanningMsg, PlanningState};
 use crate::protocol::NodeMessage;
 
 /// Bytes of the bandwidth probe.
@@ -115,23 +115,27 @@ impl PlanningState {
         self.rescale(ratio, note, myself);
     }
 
-    /// How this device's profile compares with its first measure.
-    pub(super) fn slowdown(&self) -> Option<Slowdown> {
-        let (flops_per_s, first_probe) = self.first?;
-        let now = self.profiles.get(&self.me)?.flops_per_s;
-        (now > 0.0).then(|| Slowdown { factor: flops_per_s / now, first_probe })
+    /// How many times slower than its first measure this device's profile says it is.
+    fn slowdown(&self) -> f64 {
+        let now = self.profiles.get(&self.me).map_or(0.0, |p| p.flops_per_s);
+        self.first_flops.filter(|_| now > 0.0).map_or(1.0, |first| first / now)
     }
 
-    /// The balancer's probes found this device `ratio` times as slow as its
-    /// profile says, where no step of its own could time it.
-    pub(super) fn probed(&mut self, ratio: f64, probe: Duration, first: Duration, myself: &ActorRef<PlanningMsg>) {
-        let note = format!(
-            "this device ran the arithmetic probe in {:.2} ms ({:.2} ms when first measured): {}; re-profiled",
-            probe.as_secs_f64() * 1e3,
-            first.as_secs_f64() * 1e3,
-            against_profile(ratio)
-        );
-        self.rescale(ratio, note, myself);
+    /// The balancer's probe took `probe`, against `before` when the pace
+    /// last slowed this device: scale its profile by as much, never faster
+    /// than its first measure; how many times slower than that it is then.
+    pub(super) fn probed(&mut self, probe: Duration, before: Duration, myself: &ActorRef<PlanningMsg>) -> f64 {
+        let ratio = (probe.as_secs_f64() / before.as_secs_f64()).max(1.0 / self.slowdown());
+        if ratio < 1.0 {
+            let note = format!(
+                "this device ran the arithmetic probe in {:.2} ms ({:.2} ms when its pace slowed it): {}; re-profiled",
+                probe.as_secs_f64() * 1e3,
+                before.as_secs_f64() * 1e3,
+                against_profile(ratio)
+            );
+            self.rescale(ratio, note, myself);
+        }
+        self.slowdown()
     }
 
     /// Scales this device's profile by `ratio` (its times; under 1: faster),
