@@ -8,6 +8,10 @@ demo:
 test:
     cargo test --workspace
 
+# The API docs of every crate, failing on a broken or private link (CI runs it).
+doc:
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
 # Recompute onnxruntime's outputs for every test model and compare with the committed ones.
 ort-check:
     bash scripts/ort-check.sh
@@ -34,7 +38,7 @@ bench-mesh:
 bench-mesh-infer:
     cargo bench -p llnode --bench mesh_infer
 
-# Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until the move and until the pace recovers, kill -9 to the end of the stall; draws target/bench-balance.svg.
+# Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until the move and until the pace recovers, seconds until the released node is re-profiled, kill -9 to the end of the stall; draws target/bench-balance.svg.
 bench-balance:
     cargo bench -p llnode --bench balance
 
