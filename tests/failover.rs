@@ -219,9 +219,10 @@ fn a_throttled_device_ends_up_with_less_work_and_gets_it_back_once_it_recovers()
         let history = view["history"].to_string();
         history.contains("arithmetic probe") && history.contains("as fast as its profile")
     };
-    // Its new profile reaches the members: a probe on a busy machine may find
-    // it slower than when it was first measured, never faster.
-    while !probed(&mesh.view(slowed)) || speed(&mesh.view(asking)) < first_speed / 4.0 {
+    // Its new profile reaches the members: within 10× of its first measure
+    // (it was 50× slower; a probe on a busy machine may still find it slower
+    // than it was at first), and never faster.
+    while !probed(&mesh.view(slowed)) || speed(&mesh.view(asking)) < first_speed / 10.0 {
         let view = mesh.view(asking);
         assert!(
             recovered.elapsed() < Duration::from_secs(30),
