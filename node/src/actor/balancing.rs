@@ -30,14 +30,17 @@
 //! (devices sharing cores or memory bandwidth, as meshes on one machine do)
 //! is then never undone by it: on 3 nodes on 2 cores, probes compared with
 //! the first measure moved units back and forth four times in one answer.
-//! A device whose recovery its pace undoes again within [`FLAPPING`] waits
-//! twice as long before its probes may recover it next time (up to
-//! [`MAX_HOLD`]). Probes only look for a recovery: a device that slows while
+//! A device whose recovery its pace undoes again within two minutes waits
+//! twice as long before its probes may recover it next time (2 s, up to
+//! 5 min: [`Recovery`]). Probes only look for a recovery: a device that slows while
 //! idle is caught by its pace once it has work.
+
+mod recovery;
 
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, call_t};
+use recovery::Recovery;
 
 use crate::actor::CALL_TIMEOUT_MS;
 use crate::actor::execution::ExecutionMsg;
@@ -57,14 +60,8 @@ const MIN_DRIFT_S: f64 = 0.002;
 const MIN_DRIFT_SHARE: f64 = 0.1;
 /// No pace for this long and a slowed device may be probed ...
 const QUIET: Duration = Duration::from_secs(2);
-/// ... this often ...
+/// ... this often (once [`Recovery`] says it is due).
 const PROBE_EVERY: Duration = Duration::from_secs(2);
-/// ... once this long has passed since its pace slowed it (doubled for a
-/// device that flaps, up to `MAX_HOLD`).
-const HOLD: Duration = Duration::from_secs(2);
-const MAX_HOLD: Duration = Duration::from_secs(300);
-/// A slowdown this soon after a probe's recovery undoes it.
-const FLAPPING: Duration = Duration::from_secs(120);
 
 pub struct BalancingActor;
 
@@ -90,16 +87,7 @@ pub struct BalancingState {
     /// When a pace last judged this device, and when it was last probed.
     judged: Instant,
     probed: Instant,
-    /// The probe when the pace last slowed this device (or, after a partial
-    /// recovery, when the probes last re-profiled it); none when not slowed.
-    slow_probe: Option<Duration>,
-    /// When the pace last slowed it, and how long after that probes wait.
-    slowed: Instant,
-    hold: Duration,
-    /// When probes last re-profiled it.
-    recovered: Option<Instant>,
-    /// The last probe found the device faster by the threshold.
-    recovering: bool,
+    recovery: Recovery,
 }
 
 /// A window's pace against the profile, by the threshold.
@@ -128,11 +116,7 @@ impl Actor for BalancingActor {
             epoch: 0,
             judged: now,
             probed: now,
-            slow_probe: None,
-            slowed: now,
-            hold: HOLD,
-            recovered: None,
-            recovering: false,
+            recovery: Recovery::new(now),
         })
     }
 
@@ -148,11 +132,7 @@ impl Actor for BalancingActor {
                 let now = Instant::now();
                 if judged {
                     state.judged = now;
-                } else if state.slow_probe.is_some()
-                    && now - state.judged >= QUIET
-                    && now - state.probed >= PROBE_EVERY
-                    && now - state.slowed >= state.hold
-                {
+                } else if state.recovery.due(now) && now - state.judged >= QUIET && now - state.probed >= PROBE_EVERY {
                     state.probed = now;
                     state.probe().await?;
                 }
@@ -191,16 +171,11 @@ impl BalancingState {
         if !first && drift != Drift::Within && (drift == self.last || clean) {
             args.planning.cast(PlanningMsg::Reprofile { ratio, pace, expected })?;
             self.last = Drift::Within;
-            self.recovering = false;
             if drift == Drift::Slower {
-                let now = Instant::now();
-                if self.recovered.is_some_and(|at| now - at < FLAPPING) {
-                    self.hold = (self.hold * 2).min(MAX_HOLD);
-                }
-                self.slowed = now;
-                self.slow_probe = Some(self.time_probe().await?);
+                let probe = self.time_probe().await?;
+                self.recovery.slowed(Instant::now(), probe);
             } else {
-                self.slow_probe = None;
+                self.recovery.sped_up();
             }
         } else {
             self.last = drift;
@@ -212,19 +187,11 @@ impl BalancingState {
     /// Probes a slowed device its pace cannot judge: two probes in a row
     /// faster than when it was slowed by the threshold re-profile it.
     async fn probe(&mut self) -> Result<(), ActorProcessingErr> {
-        let Some(before) = self.slow_probe else { return Ok(()) };
         let probe = self.time_probe().await?;
-        let faster = probe.as_secs_f64() / before.as_secs_f64() <= 1.0 / self.args.threshold;
-        if !(faster && self.recovering) {
-            self.recovering = faster;
-            return Ok(());
-        }
-        self.recovering = false;
+        let Some(before) = self.recovery.probed(probe, self.args.threshold) else { return Ok(()) };
         let asked = call_t!(self.args.planning, |reply| PlanningMsg::Probed { probe, before, reply }, CALL_TIMEOUT_MS);
         if let Ok(slowdown) = asked {
-            self.recovered = Some(Instant::now());
-            // Still slower than its first measure by the threshold: a further recovery is measured from here.
-            self.slow_probe = (slowdown >= self.args.threshold).then_some(probe);
+            self.recovery.recovered(Instant::now(), probe, slowdown, self.args.threshold);
         }
         Ok(())
     }
