@@ -512,6 +512,11 @@ impl PlanningState {
         self.broadcast(NodeMessage::Readiness { epoch, state: said });
     }
 
+    /// This device and the live members, by peer id.
+    fn live(&self) -> Vec<String> {
+        std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect()
+    }
+
     fn broadcast(&self, message: NodeMessage) {
         for peer in &self.members {
             self.send(*peer, message.clone());

@@ -153,20 +153,17 @@ impl PlanningState {
 
 /// Why the leader plans again when a device's times changed by `ratio`.
 pub(super) fn measured_itself(name: &str, ratio: f64) -> String {
-    if ratio >= 1.0 {
-        format!("{name} measured itself {ratio:.2}× as slow as before")
-    } else {
-        format!("{name} measured itself {:.2}× as fast as before", 1.0 / ratio)
-    }
+    format!("{name} measured itself {} as before", times(ratio))
 }
 
 /// A device `ratio` times as slow as its profile, in words.
 fn against_profile(ratio: f64) -> String {
-    if ratio >= 1.0 {
-        format!("{ratio:.2}× as slow as its profile")
-    } else {
-        format!("{:.2}× as fast as its profile", 1.0 / ratio)
-    }
+    format!("{} as its profile", times(ratio))
+}
+
+/// Times `ratio` (under 1: faster) as "N× as slow" or "N× as fast".
+fn times(ratio: f64) -> String {
+    if ratio >= 1.0 { format!("{ratio:.2}× as slow") } else { format!("{:.2}× as fast", 1.0 / ratio) }
 }
 
 /// Round trip (the best of a few small echoes) and bandwidth (a 1 MiB probe) to `peer`.

@@ -23,8 +23,7 @@ impl PlanningState {
             self.problem = Some("the leader has no model to plan for; start it with --model <package>".into());
             return;
         };
-        let live: Vec<String> =
-            std::iter::once(self.me.clone()).chain(self.members.iter().map(|p| p.to_base58())).collect();
+        let live = self.live();
         let missing: Vec<String> = live.iter().filter(|id| !self.profiles.contains_key(*id)).cloned().collect();
         if !missing.is_empty() {
             let since = *self.waiting_since.get_or_insert_with(std::time::Instant::now);

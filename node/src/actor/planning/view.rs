@@ -76,16 +76,12 @@ impl PlanningState {
 
     /// The profiles known of this device and the live members, by name.
     fn devices(&self) -> Vec<DeviceView> {
-        let live = |id: &String| *id == self.me || self.members.iter().any(|m| m.to_base58() == *id);
         let mut devices: Vec<DeviceView> = self
-            .profiles
-            .iter()
-            .filter(|(id, _)| live(id))
-            .map(|(id, p)| DeviceView {
-                name: p.name.clone(),
-                id: id.clone(),
-                flops_per_s: p.flops_per_s,
-                profile: describe(p),
+            .live()
+            .into_iter()
+            .filter_map(|id| {
+                let p = self.profiles.get(&id)?;
+                Some(DeviceView { name: p.name.clone(), id, flops_per_s: p.flops_per_s, profile: describe(p) })
             })
             .collect();
         devices.sort_by(|a, b| a.name.cmp(&b.name));
