@@ -163,8 +163,8 @@ impl Plan {
         self.stages.iter().map(|s| (s.device.clone(), s.units.clone())).collect()
     }
 
-    /// The device that runs the prologue, where each sampled token returns.
-    pub fn initiator(&self) -> Option<&str> {
+    /// The device that runs the prologue, where each step starts.
+    pub fn prologue(&self) -> Option<&str> {
         self.stages.first().map(|s| s.device.as_str())
     }
 
@@ -249,10 +249,15 @@ impl Plan {
             self.throughput_tokens_per_s(),
         ));
         for (i, s) in self.stages.iter().enumerate() {
+            // Whoever asks samples: the plan cannot know who will, so it costs
+            // the token's trip as one from the last stage to the first.
             let next = if n == 1 || (i + 1 == n && s.device == self.stages[0].device) {
-                "keeps the sampled token for the next step".to_string()
+                "returns its logits to the member that asked, whose next token starts the next step here".to_string()
             } else if i + 1 == n {
-                format!("sends the sampled token back to {}", self.stages[0].device)
+                format!(
+                    "returns its logits to the member that asked, whose next token starts the next step on {}",
+                    self.stages[0].device
+                )
             } else {
                 format!("hands off to {}", self.stages[i + 1].device)
             };
@@ -273,8 +278,10 @@ impl Plan {
                 next,
             ));
         }
-        if let Some(first) = self.initiator() {
-            lines.push(format!("{first} runs the prologue: each sampled token returns to it for the next step"));
+        if let Some(first) = self.prologue() {
+            lines.push(format!(
+                "{first} runs the prologue: every step starts there, with the token the asking member sampled (costed as a trip from the last stage)"
+            ));
         }
         lines.push(format!(
             "memory: {}",
@@ -407,7 +414,7 @@ mod tests {
     #[test]
     fn a_good_plan_passes_its_check() {
         plan().check(&model(), &devices()).unwrap();
-        assert_eq!(plan().initiator(), Some("a"));
+        assert_eq!(plan().prologue(), Some("a"));
     }
 
     #[test]
@@ -451,7 +458,7 @@ mod tests {
         let lines = plan().explain();
         let text = lines.join("\n");
         assert!(text.contains("stage 0: a (A) runs units 0..2"), "{text}");
-        assert!(text.contains("sends the sampled token back to a"), "{text}");
+        assert!(text.contains("whose next token starts the next step on a"), "{text}");
         assert!(text.contains("memory: a 190.7 MiB of 238.4 MiB, b 190.7 MiB"), "{text}");
         assert!(text.contains("580.0 ms per token"), "{text}");
         assert!(text.contains("190.7 MiB of 238.4 MiB"), "{text}");

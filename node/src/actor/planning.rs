@@ -193,6 +193,8 @@ pub struct PlanningState {
     announced: Vec<String>,
     /// Why the leader is planning again, for the next plan's history line.
     reasons: Vec<String>,
+    /// Leader: re-plans that kept the held plan since it was published.
+    kept_by: usize,
     /// What each member (and this device) last said of its readiness, by peer id.
     readiness: HashMap<String, (u64, Readiness)>,
     /// Leader: the member whose prompts run in privacy mode (plans keep the
@@ -244,6 +246,7 @@ impl Actor for PlanningActor {
             learning: false,
             announced,
             reasons: Vec::new(),
+            kept_by: 0,
             readiness: HashMap::new(),
             private: None,
             paces: BTreeMap::new(),

@@ -61,7 +61,14 @@ impl PlanningState {
                 held.iter().flatten().cloned().chain(spares).collect()
             })
             .unwrap_or_default();
-        self.note(format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective));
+        // The history says what came of a re-plan; only a first plan (which
+        // may take a while) is said to be under way.
+        let planning = format!("planning {} for {} devices ({})", short(&model_id), devices.len(), config.objective);
+        if held_plan.is_some() {
+            tracing::info!("{planning}");
+        } else {
+            self.note(planning);
+        }
         tokio::task::spawn_blocking(move || {
             // The solver's plan, or one that loads less where that is worth more;
             // idle devices keep spares of what a failover would give them.
@@ -136,6 +143,7 @@ impl PlanningState {
                 && held.plan.objective == plan.objective
                 && same_asks
             {
+                self.kept("the same assignment".into(), &reasons);
                 self.answer_published(&model);
                 return;
             }
@@ -151,13 +159,21 @@ impl PlanningState {
                 && same_asks
                 && all_live
                 && self.members.len() + 1 == self.planned_for
-                && held_now.is_some_and(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
+                && let Some(now) = held_now.filter(|now| plan.objective_s > now * (1.0 - MIN_GAIN))
             {
+                let why = format!(
+                    "a new plan would gain under {:.0}% ({:.2} → {:.2} ms/token)",
+                    MIN_GAIN * 100.0,
+                    now * 1e3,
+                    plan.objective_s * 1e3
+                );
+                self.kept(why, &reasons);
                 self.answer_published(&model);
                 return;
             }
         }
         let epoch = self.held.as_ref().map_or(0, |(_, d)| d.epoch) + 1;
+        self.kept_by = 0;
         if let Some((_, held)) = &self.held {
             let moved = moves(&held.plan, &plan);
             if !moved.is_empty() {
@@ -187,6 +203,25 @@ impl PlanningState {
         self.problem = None;
         self.broadcast(NodeMessage::Plan(signed));
         self.answer_published(&held_model);
+    }
+
+    /// A re-plan kept the held plan (`why`). Re-plans come every few minutes
+    /// on a steady mesh (a link's measure moves, a device re-profiles), so
+    /// they share one history line per plan, the latest last, rather than
+    /// push out the lines that say how the plan came to be.
+    fn kept(&mut self, why: String, reasons: &[String]) {
+        let Some(epoch) = self.held.as_ref().map(|(_, d)| d.epoch) else { return };
+        self.kept_by += 1;
+        let head = format!("epoch {epoch} kept");
+        if let Some(at) = self.history.iter().rposition(|line| line.starts_with(&head)) {
+            self.history.remove(at);
+        }
+        let after = if reasons.is_empty() { String::new() } else { format!(" after {}", reasons.join(", ")) };
+        let times = match self.kept_by {
+            1 => "once".to_string(),
+            n => format!("{n} times"),
+        };
+        self.note(format!("{head} {times} by a re-plan, the last{after}: {why}"));
     }
 }
 
