@@ -176,7 +176,7 @@ pub struct PlanningState {
     profiles: HashMap<String, DeviceProfile>,
     held: Option<(SignedPlan, PlanDoc)>,
     problem: Option<String>,
-    history: Vec<String>,
+    history: History,
     /// Bumped on every change a plan must reflect; a solve for an older one is stale.
     generation: u64,
     solving: bool,
@@ -236,7 +236,7 @@ impl Actor for PlanningActor {
             profiles: HashMap::new(),
             held: None,
             problem: Some("waiting for this device's profile".into()),
-            history: Vec::new(),
+            history: History::default(),
             generation: 0,
             solving: false,
             replan_queued: false,
@@ -483,9 +483,6 @@ impl PlanningState {
     fn note(&mut self, event: String) {
         tracing::info!("{event}");
         self.history.push(event);
-        if self.history.len() > 50 {
-            self.history.remove(0);
-        }
     }
 
     fn send(&self, peer: PeerId, message: NodeMessage) {
@@ -566,6 +563,58 @@ impl PlanningState {
     }
 }
 
+/// What `llnode plan` shows of how the plan came to be: the last
+/// [`History::KEPT`] events.
+#[derive(Default)]
+struct History(Vec<String>);
+
+impl History {
+    const KEPT: usize = 50;
+
+    fn push(&mut self, event: String) {
+        self.0.push(event);
+        if self.0.len() > Self::KEPT {
+            self.0.remove(0);
+        }
+    }
+
+    /// `event` at the end, in place of the last event that starts with `head`.
+    fn renew(&mut self, head: &str, event: String) {
+        if let Some(at) = self.0.iter().rposition(|e| e.starts_with(head)) {
+            self.0.remove(at);
+        }
+        self.push(event);
+    }
+
+    fn events(&self) -> &[String] {
+        &self.0
+    }
+}
+
 fn short(id: &str) -> String {
     id[id.len().saturating_sub(8)..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::History;
+
+    #[test]
+    fn history_keeps_the_last_events_and_renews_one_in_place_of_its_last() {
+        let mut history = History::default();
+        history.push("epoch 1: published".into());
+        history.renew("epoch 1 kept", "epoch 1 kept once".into());
+        history.push("n2 left".into());
+        history.renew("epoch 1 kept", "epoch 1 kept 2 times".into());
+        assert_eq!(history.events(), ["epoch 1: published", "n2 left", "epoch 1 kept 2 times"]);
+        // Another plan's line is not this one's.
+        history.renew("epoch 1 kept", "epoch 1 kept 3 times".into());
+        history.renew("epoch 12 kept", "epoch 12 kept once".into());
+        assert_eq!(history.events()[2..], ["epoch 1 kept 3 times", "epoch 12 kept once"]);
+        for i in 0..History::KEPT {
+            history.push(format!("event {i}"));
+        }
+        assert_eq!(history.events().len(), History::KEPT);
+        assert_eq!(history.events()[0], "event 0");
+    }
 }

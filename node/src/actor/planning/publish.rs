@@ -212,16 +212,15 @@ impl PlanningState {
     fn kept(&mut self, why: String, reasons: &[String]) {
         let Some(epoch) = self.held.as_ref().map(|(_, d)| d.epoch) else { return };
         self.kept_by += 1;
-        let head = format!("epoch {epoch} kept");
-        if let Some(at) = self.history.iter().rposition(|line| line.starts_with(&head)) {
-            self.history.remove(at);
-        }
+        let head = format!("epoch {epoch} kept ");
         let after = if reasons.is_empty() { String::new() } else { format!(" after {}", reasons.join(", ")) };
         let times = match self.kept_by {
             1 => "once".to_string(),
             n => format!("{n} times"),
         };
-        self.note(format!("{head} {times} by a re-plan, the last{after}: {why}"));
+        let event = format!("{head}{times} by a re-plan, the last{after}: {why}");
+        tracing::info!("{event}");
+        self.history.renew(&head, event);
     }
 }
 

@@ -65,7 +65,7 @@ impl PlanningState {
             model: self.held.as_ref().map(|(_, d)| d.model.clone()),
             plan: self.held.as_ref().map(|(_, d)| d.plan.clone()),
             problem: self.problem.clone(),
-            history: self.history.clone(),
+            history: self.history.events().to_vec(),
             fetch: self.args.store.status(),
             pace: self.paces.get(&self.me).map(|p| p.to_string()),
             paces: self.stage_paces(),
