@@ -1,8 +1,11 @@
 //! `just bench-mesh-infer`: distributed inference on loopback meshes of real
 //! `llnode start` processes, against one node. For 1, 2, 3 and 4 nodes (one
 //! compute thread each, memory caps that force a split): time to first token
-//! and decode tokens/s of one greedy prompt and their ratio to one node
-//! (each run paired with one on the one-node mesh just before);
+//! and decode tokens/s of one greedy prompt from the mesh's last node and
+//! their ratio to one node (each run paired with one on the one-node mesh
+//! just before), with the hops a token takes on that mesh's plan (from the
+//! asking node through the stages and back: the asker's place in the plan
+//! decides whether 3 stages cost 3 hops or 4);
 //! aggregate tokens/s of k prompts at once from k members vs one prompt;
 //! activation bytes sent per token on each link; peak RSS of each node
 //! while it serves prompts, against the weights it runs (and its peak since
@@ -27,6 +30,8 @@ const RUNS: usize = 9;
 #[derive(Clone, Copy)]
 struct Figures {
     stages: usize,
+    /// Network hops a token takes: from the asking node through the stages' devices and back.
+    hops: usize,
     first_token_ms: f64,
     decode_tok_s: f64,
 }
@@ -42,8 +47,8 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
     println!(
-        "{:<6} {:>7} {:>16} {:>10} {:>12} {:>10}",
-        "nodes", "stages", "first token ms", "ratio", "decode tok/s", "ratio"
+        "{:<6} {:>7} {:>5} {:>16} {:>10} {:>12} {:>10}",
+        "nodes", "stages", "hops", "first token ms", "ratio", "decode tok/s", "ratio"
     );
 
     // The one-node mesh stays up: each run on a bigger mesh is paired with a
@@ -84,8 +89,8 @@ fn warm(mesh: &Mesh) -> Vec<u64> {
 
 fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
     println!(
-        "{:<6} {:>7} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
-        n, figures.stages, figures.first_token_ms, first_ratio, figures.decode_tok_s, decode_ratio
+        "{:<6} {:>7} {:>5} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
+        n, figures.stages, figures.hops, figures.first_token_ms, first_ratio, figures.decode_tok_s, decode_ratio
     );
 }
 
@@ -106,8 +111,14 @@ fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
         decode.push(tok_s);
     }
     let view = plan(&mesh.nodes[0].dir);
+    let stages: Vec<&str> =
+        view["plan"]["stages"].as_array().unwrap().iter().map(|st| st["device"].as_str().unwrap()).collect();
+    // The asking node sends the token to the first stage and gets the logits from the last.
+    let asker = mesh.nodes[mesh.nodes.len() - 1].peer_id.as_str();
+    let route: Vec<&str> = std::iter::once(asker).chain(stages.iter().copied()).chain([asker]).collect();
     let figures = Figures {
-        stages: view["plan"]["stages"].as_array().unwrap().len(),
+        stages: stages.len(),
+        hops: route.windows(2).filter(|pair| pair[0] != pair[1]).count(),
         first_token_ms: median(first),
         decode_tok_s: median(decode),
     };
