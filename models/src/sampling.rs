@@ -88,7 +88,7 @@ impl Sampler {
             return argmax(logits);
         }
         let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.sort_by(|a, b| rank(logits, *a, *b));
         if self.config.top_k > 0 {
             order.truncate(self.config.top_k);
         }
@@ -137,17 +137,18 @@ pub struct TopLogits {
 
 impl TopLogits {
     /// The `k` highest of `logits`, ranked as [`Sampler::sample`] ranks them
-    /// (by [`argmax`] for one); `None` when they are not all finite (the filler
-    /// of [`TopLogits::expand`] could then tie with them) or `k` is not below
-    /// the vocabulary: send them all.
+    /// (the first is [`argmax`]'s); `None` when they are not all finite (the
+    /// filler of [`TopLogits::expand`] could then tie with them), when any
+    /// logit is NaN (which [`argmax`] and the ranking place differently) or
+    /// `k` is not below the vocabulary: send them all.
     pub fn of(logits: &[f32], k: usize) -> Option<TopLogits> {
-        if k == 0 || k >= logits.len() {
+        if k == 0 || k >= logits.len() || logits.iter().any(|l| l.is_nan()) {
             return None;
         }
         let ids: Vec<usize> = if k == 1 {
             vec![argmax(logits) as usize]
         } else {
-            let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            let rank = |a: &usize, b: &usize| rank(logits, *a, *b);
             let mut ids: Vec<usize> = (0..logits.len()).collect();
             ids.select_nth_unstable_by(k - 1, rank);
             ids.truncate(k);
@@ -191,6 +192,13 @@ impl TopLogits {
     }
 }
 
+/// How the sampler ranks tokens `a` and `b`: the higher logit first, then the
+/// lower id, -0.0 and 0.0 being equal; so, without NaNs, the first is [`argmax`]'s.
+fn rank(logits: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    // Adding 0.0 turns -0.0 into 0.0 and leaves every other value as it was.
+    (logits[b] + 0.0).total_cmp(&(logits[a] + 0.0)).then(a.cmp(&b))
+}
+
 /// Index of the largest logit; the first on ties.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -209,7 +217,8 @@ mod tests {
 
     proptest! {
         /// Whatever the sampler needs, sampling from the top logits alone
-        /// picks what sampling from all of them picks, ties and signed zeros included.
+        /// picks what sampling from all of them picks, ties and signed zeros
+        /// included; with a NaN among them, all of them are sent.
         #[test]
         fn the_top_logits_sample_like_all_of_them(
             levels in proptest::collection::vec(-3i8..4, 2..60),
@@ -217,15 +226,20 @@ mod tests {
             top_k in 0usize..8,
             top_p in prop_oneof![Just(1.0f32), 0.05f32..1.0],
             seed in any::<u64>(),
+            nan_at in proptest::option::weighted(0.1, 0usize..60),
         ) {
             // Few distinct values, so ties are common; -0.0 and 0.0 both occur.
-            let logits: Vec<f32> = levels.iter().enumerate().map(|(i, &l)| if l == 0 && i % 2 == 1 { -0.0 } else { f32::from(l) / 2.0 }).collect();
+            let mut logits: Vec<f32> = levels.iter().enumerate().map(|(i, &l)| if l == 0 && i % 2 == 1 { -0.0 } else { f32::from(l) / 2.0 }).collect();
+            if let Some(at) = nan_at.filter(|at| *at < logits.len()) {
+                logits[at] = f32::NAN;
+            }
             let config = SamplingConfig { temperature, top_k, top_p, seed, ..Default::default() };
             let Some(k) = config.logits_needed() else { return Ok(()) };
             let Some(top) = TopLogits::of(&logits, k) else {
-                prop_assert!(k >= logits.len());
+                prop_assert!(k >= logits.len() || logits.iter().any(|l| l.is_nan()));
                 return Ok(());
             };
+            prop_assert!(logits.iter().all(|l| !l.is_nan()));
             prop_assert_eq!(TopLogits::from_words(&top.to_words()), Ok(top.clone()));
             let (mut all, mut kept) = (Sampler::new(config.clone()), Sampler::new(config));
             for _ in 0..4 {
