@@ -1,7 +1,8 @@
 //! Planning across real processes: members elect one leader, which measures
 //! nothing itself but plans from every member's measured profile, signs the
-//! plan and sends it to all; when the leader dies the others elect a new one
-//! and publish a newer plan without it.
+//! plan and sends it to all; a device that joins follows that leader, even
+//! with a smaller id; when the leader dies the others elect a new one and
+//! publish a newer plan without it.
 
 #[path = "support.rs"]
 mod support;
@@ -47,7 +48,7 @@ fn covers(view: &Value, units: u64) -> bool {
 }
 
 #[test]
-fn members_agree_on_a_leader_and_a_plan_and_replace_a_dead_leader() {
+fn members_agree_on_a_leader_keep_it_when_a_device_joins_and_replace_it_when_it_dies() {
     let root = tempfile::tempdir().unwrap();
     let dir = |n: &str| root.path().join(n);
     let package = dir("tiny");
@@ -55,39 +56,55 @@ fn members_agree_on_a_leader_and_a_plan_and_replace_a_dead_leader() {
     ok(&["import", s(&dir("export")), "-o", s(&package)]);
     let units =
         std::fs::read_to_string(package.join("manifest.json")).unwrap().matches("\"file\": \"units/").count() as u64;
-    ok(&["mesh", "init", "--data-dir", s(&dir("a")), "--name", "alpha"]);
-    admit(&dir("a"), &dir("b"), "bravo", "1d");
-    admit(&dir("a"), &dir("c"), "charlie", "1d");
+    // Four devices; the one with the smallest peer id joins last.
+    let mut keys: Vec<(String, &str)> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|k| (ok(&["id", "--data-dir", s(&dir(k))]).trim().to_string(), k))
+        .collect();
+    keys.sort();
+    let (late, first_three) = (keys[0].1, [keys[1].1, keys[2].1, keys[3].1]);
+    ok(&["mesh", "init", "--data-dir", s(&dir(first_three[0])), "--name", "owner"]);
+    for k in first_three[1..].iter().chain([&late]) {
+        admit(&dir(first_three[0]), &dir(k), k, "1d");
+    }
 
     // Each offers 1 MiB: the model (about 1.8 MiB with its KV cache) must be split.
     let args = ["--model", s(&package), "--memory", "1MiB"];
     let start = |d: &Path, peers: &[&Node]| Node::start_with(d, peers, &args);
-    let a = start(&dir("a"), &[]);
-    let b = start(&dir("b"), &[&a]);
-    let c = start(&dir("c"), &[&a]);
+    let a = start(&dir(first_three[0]), &[]);
+    let b = start(&dir(first_three[1]), &[&a]);
+    let c = start(&dir(first_three[2]), &[&a]);
 
-    let smallest = [&a, &b, &c].iter().map(|n| n.peer_id.clone()).min().unwrap();
-    let first = agreed(&[&a, &b, &c], "the first plan", |v| {
-        v["leadership"]["leader"] == smallest.as_str() && v["members"].as_array().unwrap().len() == 2
-    });
+    let ids: Vec<String> = [&a, &b, &c].iter().map(|n| n.peer_id.clone()).collect();
+    let first = agreed(&[&a, &b, &c], "the first plan", |v| v["members"].as_array().unwrap().len() == 2);
+    let leadership = first["leadership"].clone();
+    assert!(ids.iter().any(|id| leadership["leader"] == id.as_str()), "{first:#}");
     assert!(covers(&first, units), "{first:#}");
     assert!(devices(&first).len() >= 2, "1 MiB each cannot hold the model alone: {first:#}");
     let text = ok(&["plan", "--data-dir", s(&b.dir), "--explain"]);
     assert!(text.contains("leader:") && text.contains("per token") && text.contains("history"), "{text}");
 
-    // Kill the leader: the other two elect the smaller of them and plan without it.
-    let term = first["leadership"]["term"].as_u64().unwrap();
-    let epoch = first["epoch"].as_u64().unwrap();
-    let mut nodes = vec![a, b, c];
-    let leader_index = nodes.iter().position(|n| n.peer_id == smallest).unwrap();
+    // A device with a smaller id than any joins: it follows the leader it finds.
+    let d = start(&dir(late), &[&a]);
+    assert!(ids.iter().all(|id| d.peer_id < *id));
+    let joined = agreed(&[&a, &b, &c, &d], "a plan with the newcomer", |v| v["members"].as_array().unwrap().len() == 3);
+    assert_eq!(joined["leadership"], leadership, "the newcomer unseated the leader: {joined:#}");
+
+    // Kill the leader: the others elect the smallest of them and plan without it.
+    let leader = leadership["leader"].as_str().unwrap().to_string();
+    let term = leadership["term"].as_u64().unwrap();
+    let epoch = joined["epoch"].as_u64().unwrap();
+    let mut nodes = vec![a, b, c, d];
+    let leader_index = nodes.iter().position(|n| n.peer_id == leader).unwrap();
     nodes.remove(leader_index).stop();
     let next_leader = nodes.iter().map(|n| n.peer_id.clone()).min().unwrap();
-    let second = agreed(&[&nodes[0], &nodes[1]], "a plan without the dead leader", |v| {
+    let live: Vec<&Node> = nodes.iter().collect();
+    let second = agreed(&live, "a plan without the dead leader", |v| {
         v["leadership"]["leader"] == next_leader.as_str() && v["epoch"].as_u64().unwrap() > epoch
     });
     assert!(second["leadership"]["term"].as_u64().unwrap() > term, "{second:#}");
     assert!(covers(&second, units), "{second:#}");
-    assert!(!devices(&second).contains(&smallest), "the dead leader is in the new plan: {second:#}");
+    assert!(!devices(&second).contains(&leader), "the dead leader is in the new plan: {second:#}");
 
     // Asking for another objective gets a plan for it.
     let out = ok(&["plan", "--data-dir", s(&nodes[0].dir), "--objective", "throughput"]);

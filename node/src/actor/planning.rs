@@ -23,7 +23,7 @@ use llnode_mesh::wire::{ControlRequest, ControlResponse};
 use llnode_mesh::{DeviceKey, MeshClient, PeerId};
 use llnode_planner::config::Objective;
 use llnode_planner::cost::ModelCost;
-use llnode_planner::election::Election;
+use llnode_planner::election::{Election, Leadership};
 use llnode_planner::plan::{Plan, PlanError};
 use llnode_planner::profile::{Battery, DeviceProfile, Link, Thermal};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -55,6 +55,13 @@ const MIN_GAIN: f64 = 0.1;
 const SETTLE_HORIZON: f64 = 256.0;
 /// A node that has met no member by then leads (and plans for) itself.
 const ALONE_GRACE: Duration = Duration::from_secs(10);
+/// How long a node that follows no leader listens, once it meets members,
+/// for whom they follow before it calls an election: a member tells one it
+/// meets at once, so a device joining a mesh follows its leader rather than
+/// unseating it with a smaller id. While a member has named a leader this
+/// node has not met yet, it waits for it up to [`JOIN_WAITS`] times as long.
+const JOIN_GRACE: Duration = Duration::from_millis(500);
+const JOIN_WAITS: u32 = 10;
 /// How often the models this device can serve (fetching adds some) are announced anew.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -106,6 +113,11 @@ pub enum PlanningMsg {
     Replan,
     /// If no member has turned up, lead alone.
     Alone,
+    /// Call an election if no member has named a live leader ([`JOIN_GRACE`]);
+    /// `waited`: how many graces have passed.
+    Elect {
+        waited: u32,
+    },
     /// `held_now`: the held assignment's objective on the same profiles, when it still fits.
     Solved {
         generation: u64,
@@ -288,7 +300,7 @@ impl Actor for PlanningActor {
         match msg {
             PlanningMsg::MemberUp(peer) => {
                 state.members.insert(peer);
-                state.membership_changed();
+                state.membership_changed(&myself);
                 // Bring the newcomer up to date: who leads, our profile, our plan.
                 if let Some(l) = state.election.current().cloned() {
                     state.send(peer, NodeMessage::Leader(l));
@@ -318,7 +330,7 @@ impl Actor for PlanningActor {
                         state.private = None;
                     }
                     // After the election: the device that left may have led.
-                    state.membership_changed();
+                    state.membership_changed(&myself);
                     state.reason(format!("{name} left"));
                     state.changed(&myself);
                 }
@@ -359,9 +371,17 @@ impl Actor for PlanningActor {
             PlanningMsg::Alone => {
                 // Plans held by members met later are exchanged then, and the higher epoch wins.
                 if state.members.is_empty() && state.election.current().is_none() {
-                    state.membership_changed();
+                    state.elect();
                     state.changed(&myself);
                 }
+            }
+            // A leader named by a member is likely to be met soon: wait for it, a while.
+            PlanningMsg::Elect { waited } if state.election.heard().is_some() && waited + 1 < JOIN_WAITS => {
+                myself.send_after(JOIN_GRACE, move || PlanningMsg::Elect { waited: waited + 1 });
+            }
+            PlanningMsg::Elect { .. } => {
+                state.elect();
+                state.changed(&myself);
             }
             PlanningMsg::Replan => {
                 state.replan_queued = false;
@@ -523,16 +543,35 @@ impl PlanningState {
         }
     }
 
-    fn membership_changed(&mut self) {
+    /// Elects a leader when the one followed left; follows one a member
+    /// named before this node met it; without any, elects after [`JOIN_GRACE`].
+    fn membership_changed(&mut self, myself: &ActorRef<PlanningMsg>) {
+        let before = self.election.current().cloned();
         let live = self.members.iter().map(|p| p.to_base58()).collect();
         if let Some(leadership) = self.election.members(live) {
-            self.note(format!(
-                "term {}: {} leads (the previous leader left or there was none)",
-                leadership.term,
-                self.name_of(&leadership.leader)
-            ));
-            self.broadcast(NodeMessage::Leader(leadership));
+            self.announce(leadership);
+        } else if let Some(now) = self.election.current().filter(|now| before.as_ref() != Some(*now)).cloned() {
+            self.note(format!("term {}: {} leads", now.term, self.name_of(&now.leader)));
         }
+        if self.election.leaderless() && !self.members.is_empty() {
+            myself.send_after(JOIN_GRACE, || PlanningMsg::Elect { waited: 0 });
+        }
+    }
+
+    /// Starts a term if no live leader is followed, and says so.
+    fn elect(&mut self) {
+        if let Some(leadership) = self.election.elect() {
+            self.announce(leadership);
+        }
+    }
+
+    fn announce(&mut self, leadership: Leadership) {
+        self.note(format!(
+            "term {}: {} leads (the previous leader left or there was none)",
+            leadership.term,
+            self.name_of(&leadership.leader)
+        ));
+        self.broadcast(NodeMessage::Leader(leadership));
     }
 
     fn name_of(&self, id: &str) -> String {
