@@ -34,7 +34,7 @@ bench-plan:
 bench-mesh:
     cargo bench -p llnode-mesh --bench mesh
 
-# Distributed inference on loopback meshes of 1-4 real nodes: first token, decode tokens/s, hops per token, concurrency, bytes per link, RSS; draws target/bench-mesh-infer.svg.
+# Distributed inference on loopback meshes of 1-4 real nodes: first token, decode tokens/s, hops per token and their cost, concurrency, bytes per link, RSS; draws target/bench-mesh-infer.svg.
 bench-mesh-infer:
     cargo bench -p llnode --bench mesh_infer
 

@@ -5,7 +5,9 @@
 //! their ratio to one node (each run paired with one on the one-node mesh
 //! just before), with the hops a token takes on that mesh's plan (from the
 //! asking node through the stages and back: the asker's place in the plan
-//! decides whether 3 stages cost 3 hops or 4);
+//! decides whether 3 stages cost 3 hops or 4) and the decode time a token
+//! gains over one node per hop (the hand-offs and the stages' compute in
+//! separate processes);
 //! aggregate tokens/s of k prompts at once from k members vs one prompt;
 //! activation bytes sent per token on each link; peak RSS of each node
 //! while it serves prompts, against the weights it runs (and its peak since
@@ -34,6 +36,8 @@ struct Figures {
     hops: usize,
     first_token_ms: f64,
     decode_tok_s: f64,
+    /// Median over the pairs of the decode ms per token over the one node's.
+    decode_extra_ms: f64,
 }
 
 fn main() {
@@ -47,8 +51,8 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
     println!(
-        "{:<6} {:>7} {:>5} {:>16} {:>10} {:>12} {:>10}",
-        "nodes", "stages", "hops", "first token ms", "ratio", "decode tok/s", "ratio"
+        "{:<6} {:>7} {:>5} {:>16} {:>10} {:>12} {:>10} {:>8}",
+        "nodes", "stages", "hops", "first token ms", "ratio", "decode tok/s", "ratio", "µs/hop"
     );
 
     // The one-node mesh stays up: each run on a bigger mesh is paired with a
@@ -88,9 +92,20 @@ fn warm(mesh: &Mesh) -> Vec<u64> {
 }
 
 fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
+    let per_hop = match figures.hops {
+        0 => "-".to_string(),
+        hops => format!("{:.0}", figures.decode_extra_ms * 1e3 / hops as f64),
+    };
     println!(
-        "{:<6} {:>7} {:>5} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x",
-        n, figures.stages, figures.hops, figures.first_token_ms, first_ratio, figures.decode_tok_s, decode_ratio
+        "{:<6} {:>7} {:>5} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x {:>8}",
+        n,
+        figures.stages,
+        figures.hops,
+        figures.first_token_ms,
+        first_ratio,
+        figures.decode_tok_s,
+        decode_ratio,
+        per_hop
     );
 }
 
@@ -100,12 +115,14 @@ fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
 /// over ours; decode: ours over theirs).
 fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
     let (mut first, mut decode, mut first_ratio, mut decode_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut extra = Vec::new();
     for _ in 0..RUNS {
         let base = paired_with.map(prompt_stats);
         let (first_ms, tok_s) = prompt_stats(mesh);
         if let Some((base_first_ms, base_tok_s)) = base {
             first_ratio.push(base_first_ms / first_ms);
             decode_ratio.push(tok_s / base_tok_s);
+            extra.push(1e3 / tok_s - 1e3 / base_tok_s);
         }
         first.push(first_ms);
         decode.push(tok_s);
@@ -121,6 +138,7 @@ fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
         hops: route.windows(2).filter(|pair| pair[0] != pair[1]).count(),
         first_token_ms: median(first),
         decode_tok_s: median(decode),
+        decode_extra_ms: if extra.is_empty() { 0.0 } else { median(extra) },
     };
     let ratios = if paired_with.is_some() { (median(first_ratio), median(decode_ratio)) } else { (1.0, 1.0) };
     (figures, ratios)
