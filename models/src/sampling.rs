@@ -148,11 +148,11 @@ impl TopLogits {
         let ids: Vec<usize> = if k == 1 {
             vec![argmax(logits) as usize]
         } else {
-            let rank = |a: &usize, b: &usize| rank(logits, *a, *b);
+            let by_rank = |a: &usize, b: &usize| rank(logits, *a, *b);
             let mut ids: Vec<usize> = (0..logits.len()).collect();
-            ids.select_nth_unstable_by(k - 1, rank);
+            ids.select_nth_unstable_by(k - 1, by_rank);
             ids.truncate(k);
-            ids.sort_by(rank);
+            ids.sort_by(by_rank);
             ids
         };
         let entries: Vec<(u32, f32)> = ids.into_iter().map(|i| (i as u32, logits[i])).collect();

@@ -148,17 +148,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn three_members_agree_on_the_smallest_id() {
-        let ids = ["c", "a", "b"];
+    /// Three fresh members that all meet: each sees the others, in its own
+    /// order, before any announcement, calls an election once it has heard
+    /// of no leader, and they settle.
+    fn three(ids: [&str; 3]) -> Vec<Election> {
         let mut nodes: Vec<Election> = ids.iter().map(|id| Election::new(id)).collect();
-        // Each sees the others, in its own order, before any announcement,
-        // and calls an election once it has heard of no leader.
         for n in &mut nodes {
             assert_eq!(n.members(set(&ids)), None);
             assert!(n.elect().is_some());
         }
         settle(&mut nodes, &[(0, 1), (1, 2), (0, 2)]);
+        nodes
+    }
+
+    #[test]
+    fn three_members_agree_on_the_smallest_id() {
+        let nodes = three(["c", "a", "b"]);
         for n in &nodes {
             assert_eq!(n.current(), Some(&Leadership { term: 1, leader: "a".into() }));
         }
@@ -167,12 +172,7 @@ mod tests {
 
     #[test]
     fn a_departed_leader_is_replaced_in_a_higher_term() {
-        let mut nodes: Vec<Election> = ["a", "b", "c"].iter().map(|id| Election::new(id)).collect();
-        for n in &mut nodes {
-            n.members(set(&["a", "b", "c"]));
-            n.elect();
-        }
-        settle(&mut nodes, &[(0, 1), (1, 2), (0, 2)]);
+        let mut nodes = three(["a", "b", "c"]);
         // "a" leaves; "b" and "c" notice at different times.
         let new = nodes[2].members(set(&["b"])).unwrap();
         assert_eq!(new, Leadership { term: 2, leader: "b".into() });
@@ -217,12 +217,7 @@ mod tests {
 
     #[test]
     fn a_device_that_joins_follows_the_leader_whatever_its_id() {
-        let mut nodes: Vec<Election> = ["b", "c", "d"].iter().map(|id| Election::new(id)).collect();
-        for n in &mut nodes {
-            n.members(set(&["b", "c", "d"]));
-            n.elect();
-        }
-        settle(&mut nodes, &[(0, 1), (1, 2), (0, 2)]);
+        let mut nodes = three(["b", "c", "d"]);
         let mesh = Leadership { term: 1, leader: "b".into() };
         // "a" has the smallest id. It meets "c" first, which names the leader
         // it has not met yet; it calls no election meanwhile.

@@ -370,8 +370,7 @@ impl Actor for PlanningActor {
             }
             PlanningMsg::Alone => {
                 // Plans held by members met later are exchanged then, and the higher epoch wins.
-                if state.members.is_empty() && state.election.current().is_none() {
-                    state.elect();
+                if state.members.is_empty() && state.election.current().is_none() && state.elect() {
                     state.changed(&myself);
                 }
             }
@@ -380,8 +379,9 @@ impl Actor for PlanningActor {
                 myself.send_after(JOIN_GRACE, move || PlanningMsg::Elect { waited: waited + 1 });
             }
             PlanningMsg::Elect { .. } => {
-                state.elect();
-                state.changed(&myself);
+                if state.elect() {
+                    state.changed(&myself);
+                }
             }
             PlanningMsg::Replan => {
                 state.replan_queued = false;
@@ -558,11 +558,11 @@ impl PlanningState {
         }
     }
 
-    /// Starts a term if no live leader is followed, and says so.
-    fn elect(&mut self) {
-        if let Some(leadership) = self.election.elect() {
-            self.announce(leadership);
-        }
+    /// Starts a term if no live leader is followed, and says so; whether it did.
+    fn elect(&mut self) -> bool {
+        let Some(leadership) = self.election.elect() else { return false };
+        self.announce(leadership);
+        true
     }
 
     fn announce(&mut self, leadership: Leadership) {
