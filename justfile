@@ -34,9 +34,9 @@ bench-plan:
 bench-mesh:
     cargo bench -p llnode-mesh --bench mesh
 
-# Distributed inference on loopback meshes of 1-4 real nodes: first token, decode tokens/s, hops per token and their cost, concurrency, bytes per link, RSS; draws target/bench-mesh-infer.svg.
-bench-mesh-infer:
-    cargo bench -p llnode --bench mesh_infer
+# Distributed inference on loopback meshes of 1-4 real nodes (`just bench-mesh-infer 4`: 1 and 4 only): first token, decode tokens/s, hops per token and their cost, concurrency, bytes per link, RSS; draws target/bench-mesh-infer.svg.
+bench-mesh-infer *nodes:
+    cargo bench -p llnode --bench mesh_infer -- {{nodes}}
 
 # Balancing and failover on a 3-node loopback mesh: tokens/s with and without balancing after a 2x throttle, tokens until the move and until the pace recovers, seconds until the released node is re-profiled, kill -9 to the end of the stall; draws target/bench-balance.svg.
 bench-balance:

@@ -13,6 +13,8 @@
 //! while it serves prompts, against the weights it runs (and its peak since
 //! it started, when it may have held an earlier plan's units, or loaded them).
 //! Draws the figures in `$CARGO_TARGET_DIR/bench-mesh-infer.svg`.
+//! Node counts on the command line (`just bench-mesh-infer 4`) measure those
+//! meshes only.
 //! `LLNODE_BENCH_SIZE=tiny` uses the small model.
 
 #[path = "../../tests/support.rs"]
@@ -42,6 +44,7 @@ struct Figures {
 
 fn main() {
     let size = std::env::var("LLNODE_BENCH_SIZE").unwrap_or_else(|_| "bench".into());
+    let sizes = sizes();
     let root = tempfile::tempdir().unwrap();
     eprintln!("making the built-in `{size}` model…");
     ok(&["model", "synth", "--size", &size, "-o", s(&root.path().join("export"))]);
@@ -64,7 +67,7 @@ fn main() {
     let (alone, _) = runs(&one, None);
     row(1, &alone, (1.0, 1.0));
     let mut plot = Plot::default();
-    for n in 2..=4 {
+    for n in sizes {
         let share = 1.0 / n as f64 + 0.15;
         // The plan stays put: this measures the pipeline, not the balancer
         // (`just bench-balance` does), which on 2 cores would move units away
@@ -78,6 +81,17 @@ fn main() {
         plot.memory.extend(links(&mesh, &manifest, &started_peaks));
     }
     println!("plot: {}", plot.draw().display());
+}
+
+/// The meshes to measure against one node: the node counts named on the
+/// command line (`just bench-mesh-infer 4`), or 2, 3 and 4.
+fn sizes() -> Vec<usize> {
+    let named: Vec<usize> = std::env::args().skip(1).filter_map(|arg| arg.parse().ok()).collect();
+    if let Some(bad) = named.iter().find(|&&n| !(2..=8).contains(&n)) {
+        eprintln!("error: a mesh of {bad} nodes: name from 2 to 8");
+        std::process::exit(2);
+    }
+    if named.is_empty() { vec![2, 3, 4] } else { named }
 }
 
 /// One prompt, which waits until every node has loaded its share of the
