@@ -89,6 +89,13 @@ fn members_agree_on_a_leader_keep_it_when_a_device_joins_and_replace_it_when_it_
     assert!(ids.iter().all(|id| d.peer_id < *id));
     let joined = agreed(&[&a, &b, &c, &d], "a plan with the newcomer", |v| v["members"].as_array().unwrap().len() == 3);
     assert_eq!(joined["leadership"], leadership, "the newcomer unseated the leader: {joined:#}");
+    // Its history names the leader as its certificate does, though the
+    // leader's profile may come after the line.
+    let names = [("owner", &a), (first_three[1], &b), (first_three[2], &c)];
+    let (name, _) = names.iter().find(|(_, n)| leadership["leader"] == n.peer_id.as_str()).unwrap();
+    let history = plan(&d)["history"].to_string();
+    let line = format!("term {}: {name} leads", leadership["term"]);
+    assert!(history.contains(&line), "no '{line}' in the newcomer's history: {history}");
 
     // Kill the leader: the others elect the smallest of them and plan without it.
     let leader = leadership["leader"].as_str().unwrap().to_string();

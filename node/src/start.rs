@@ -221,6 +221,7 @@ async fn run(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
                     }
                     MeshEvent::Trusted { peer, ref name } => {
                         let _ = trust_actor.cast(TrustMsg::Trusted { peer, name: name.clone() });
+                        let _ = planning.cast(PlanningMsg::Trusted { peer, name: name.clone() });
                         let _ = discovery.cast(DiscoveryMsg::Event(event));
                     }
                     MeshEvent::Control { id, .. } => client.respond(

@@ -92,6 +92,12 @@ pub struct DeviceReadiness {
 }
 
 pub enum PlanningMsg {
+    /// This device trusts `peer`, whose certificate names it `name` (before
+    /// it is a member: history lines name it before its profile comes).
+    Trusted {
+        peer: PeerId,
+        name: String,
+    },
     /// Trust became mutual with `peer` (it can receive our messages).
     MemberUp(PeerId),
     MemberDown(PeerId),
@@ -186,6 +192,8 @@ pub struct PlanningState {
     election: Election,
     members: BTreeSet<PeerId>,
     profiles: HashMap<String, DeviceProfile>,
+    /// The names trusted devices' certificates give them, by peer id.
+    names: HashMap<String, String>,
     held: Option<(SignedPlan, PlanDoc)>,
     problem: Option<String>,
     history: History,
@@ -246,6 +254,7 @@ impl Actor for PlanningActor {
             args,
             members: BTreeSet::new(),
             profiles: HashMap::new(),
+            names: HashMap::new(),
             held: None,
             problem: Some("waiting for this device's profile".into()),
             history: History::default(),
@@ -298,6 +307,9 @@ impl Actor for PlanningActor {
         state: &mut PlanningState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            PlanningMsg::Trusted { peer, name } => {
+                state.names.insert(peer.to_base58(), name);
+            }
             PlanningMsg::MemberUp(peer) => {
                 state.members.insert(peer);
                 state.membership_changed(&myself);
@@ -574,10 +586,13 @@ impl PlanningState {
         self.broadcast(NodeMessage::Leader(leadership));
     }
 
+    /// A device's name for history lines: its profile's, else its
+    /// certificate's, else a short form of its id.
     fn name_of(&self, id: &str) -> String {
-        match self.profiles.get(id) {
-            Some(p) => p.name.clone(),
-            None => short(id),
+        match (self.profiles.get(id), self.names.get(id)) {
+            (Some(p), _) => p.name.clone(),
+            (None, Some(name)) => name.clone(),
+            (None, None) => short(id),
         }
     }
 
