@@ -105,6 +105,11 @@ fn bad_input_gets_one_clear_error_line() {
     assert_one_error(&llnode(&["run", "-m", path(&export), ""]), "prompt is empty");
     assert_one_error(&llnode(&["run", "-m", path(&root.path().join("missing")), "hi"]), "missing");
     assert_one_error(&llnode(&["run", "-m", path(&export), "--top-p", "0", "hi"]), "top-p");
+    // A negative number is a value, checked as one, not an unknown option.
+    assert_one_error(
+        &llnode(&["run", "-m", path(&export), "--temperature", "-1", "hi"]),
+        "temperature must be 0 or more",
+    );
     let long = "word ".repeat(600);
     assert_one_error(&llnode(&["run", "-m", path(&export), &long]), "context");
     assert_one_error(

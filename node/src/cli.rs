@@ -84,7 +84,7 @@ pub enum Command {
     Throttle {
         #[command(flatten)]
         dir: DataDir,
-        #[arg(value_parser = crate::pace::parse_factor)]
+        #[arg(value_parser = crate::pace::parse_factor, allow_negative_numbers = true)]
         factor: f64,
     },
     /// Create a mesh, invite and admit devices, revoke them.
@@ -152,10 +152,10 @@ pub struct StartArgs {
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub certificate_validity: Duration,
     /// Test aid: behave like a device FACTOR times slower (every segment step is stretched); change it later with `llnode throttle`.
-    #[arg(long, env = "LLNODE_THROTTLE", default_value = "1", value_parser = crate::pace::parse_factor)]
+    #[arg(long, env = "LLNODE_THROTTLE", default_value = "1", value_parser = crate::pace::parse_factor, allow_negative_numbers = true)]
     pub throttle: f64,
     /// Ask for a new plan when this device's measured time per token drifts from its profile by more than this ratio.
-    #[arg(long, env = "LLNODE_REBALANCE_THRESHOLD", default_value = "1.5", value_parser = parse_threshold)]
+    #[arg(long, env = "LLNODE_REBALANCE_THRESHOLD", default_value = "1.5", value_parser = parse_threshold, allow_negative_numbers = true)]
     pub rebalance_threshold: f64,
     /// Never ask for a new plan because of measured speed (departures still re-plan).
     #[arg(long, env = "LLNODE_NO_REBALANCE")]
@@ -314,15 +314,15 @@ pub struct GenerationArgs {
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
