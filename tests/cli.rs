@@ -105,6 +105,9 @@ fn bad_input_gets_one_clear_error_line() {
     assert_one_error(&llnode(&["run", "-m", path(&export), ""]), "prompt is empty");
     assert_one_error(&llnode(&["run", "-m", path(&root.path().join("missing")), "hi"]), "missing");
     assert_one_error(&llnode(&["run", "-m", path(&export), "--top-p", "0", "hi"]), "top-p");
+    // A mistake clap finds is one line too, with its tip.
+    assert_one_error(&llnode(&["run", "-m", path(&export), "--max-token", "5", "hi"]), "'--max-tokens'");
+    assert_one_error(&llnode(&["run", "-m", path(&export)]), "<PROMPT>");
     // A negative number is a value, checked as one, not an unknown option.
     assert_one_error(
         &llnode(&["run", "-m", path(&export), "--temperature", "-1", "hi"]),

@@ -27,7 +27,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     alloc::init();
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return bad_arguments(e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -41,6 +44,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and the version as clap prints them; a mistake in the arguments as
+/// one line, its tip and the command's usage included, and exit code 2.
+fn bad_arguments(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        e.exit();
+    }
+    eprintln!("error: {}", clap_line(&e.render().to_string()));
+    ExitCode::from(2)
+}
+
+/// Clap's message for a mistake, on one line: "the following required
+/// arguments were not provided: <PROMPT>; usage: llnode run …".
+fn clap_line(text: &str) -> String {
+    let (mut head, mut items, mut notes) = (String::new(), Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")) {
+        if let Some(message) = line.strip_prefix("error: ") {
+            head = message.trim().to_string();
+        } else if let Some(usage) = line.strip_prefix("Usage: ") {
+            notes.push(format!("usage: {}", usage.trim()));
+        } else if line.trim_start().starts_with("tip: ") {
+            notes.push(line.trim().to_string());
+        } else {
+            items.push(line.trim());
+        }
+    }
+    if !items.is_empty() {
+        head = format!("{head} {}", items.join(", "));
+    }
+    std::iter::once(head).chain(notes).collect::<Vec<_>>().join("; ")
 }
 
 /// Writes to stdout; a reader that went away (`llnode … | head`) is not an error.
@@ -92,3 +129,26 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The runtime's workers, at most.
 const WORKERS: usize = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::clap_line;
+
+    #[test]
+    fn a_mistake_in_the_arguments_is_one_line_with_its_tip_and_usage() {
+        let missing = "error: the following required arguments were not provided:\n  --model <MODEL>\n  <PROMPT>\n\n\
+                       Usage: llnode run --model <MODEL> <PROMPT>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_line(missing),
+            "the following required arguments were not provided: --model <MODEL>, <PROMPT>; \
+             usage: llnode run --model <MODEL> <PROMPT>"
+        );
+        let misspelt = "error: unexpected argument '--max-token' found\n\n  tip: a similar argument exists: '--max-tokens'\n\n\
+                        Usage: llnode run --max-tokens <MAX_TOKENS> <PROMPT>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_line(misspelt),
+            "unexpected argument '--max-token' found; tip: a similar argument exists: '--max-tokens'; \
+             usage: llnode run --max-tokens <MAX_TOKENS> <PROMPT>"
+        );
+    }
+}
