@@ -60,7 +60,7 @@ fn bad_arguments(e: clap::Error) -> ExitCode {
 }
 
 /// Clap's message for a mistake, on one line: "the following required
-/// arguments were not provided: <PROMPT>; usage: llnode run …".
+/// arguments were not provided: `<PROMPT>`; usage: `llnode run …`".
 fn clap_line(text: &str) -> String {
     let (mut head, mut items, mut notes) = (String::new(), Vec::new(), Vec::new());
     for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")) {
