@@ -31,6 +31,12 @@ fn generation_epoch(log: &str) -> Option<u64> {
         .find_map(|l| after(l, "generating on plan epoch ").or_else(|| after(l, "a generation moved to plan epoch ")))
 }
 
+/// How many steps the generation replayed when it resumed, as `llnode prompt` says on stderr.
+fn replayed(stderr: &str) -> Option<usize> {
+    let rest = &stderr[stderr.rfind("(replayed ")? + "(replayed ".len()..];
+    rest.split(' ').next()?.parse().ok()
+}
+
 /// 20 trials on one 3-node mesh where any two devices can hold the model:
 /// a stage other than the asking member is killed at a different moment of
 /// the generation each time (first and last stages, the leader among them);
@@ -38,7 +44,7 @@ fn generation_epoch(log: &str) -> Option<u64> {
 /// asking one fetches whatever units each new plan gives it from the source
 /// left. The two left must both run stages, so from the second trial on, the
 /// plan after a kill also shows that the node killed before came back, was
-/// admitted again and is used. The balancer is off, so that the stage killed
+/// admitted again and is used. A long replay tells the asker how far it is. The balancer is off, so that the stage killed
 /// is one the generation runs on (on 2 cores it may move units mid-answer).
 #[test]
 fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
@@ -82,6 +88,12 @@ fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
                 "{context}: the generation, on plan epoch {running:?}, never moved: {}",
                 out.stderr
             );
+        }
+        // A replay longer than its window (64 steps) says how far it got before it resumes.
+        if let Some(total) = replayed(&out.stderr).filter(|n| *n > 64) {
+            let progress = format!(": 64 of {total} steps");
+            let (said, resumed) = (out.stderr.find(&progress), out.stderr.rfind("resumed on plan epoch"));
+            assert!(said.is_some() && said < resumed, "{context}: no '{progress}' before it resumed: {}", out.stderr);
         }
         let live: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
         mesh.wait_for_plan_among(&live);

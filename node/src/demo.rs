@@ -100,6 +100,7 @@ pub fn demo(data_dir: PathBuf, nodes: usize, max_tokens: usize, prompt: &str) ->
         PromptEvent::Text(text) => crate::out(&text),
         PromptEvent::Waiting(line) => eprintln!("(waiting for {line})"),
         PromptEvent::Moving { why } => eprintln!("\n({why}; waiting for the next plan)"),
+        PromptEvent::Replaying { done, total, .. } => eprintln!("(replayed {done} of {total} steps on the next plan)"),
         PromptEvent::Resumed { epoch, .. } => eprintln!("(the answer goes on on plan epoch {epoch})"),
         PromptEvent::HandedOver { epoch, .. } => eprintln!("\n(the answer moved to plan epoch {epoch} at a token boundary)"),
         PromptEvent::Done { tokens, decode_tokens_per_s, .. } => {

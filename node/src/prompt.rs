@@ -66,6 +66,14 @@ pub enum PromptEvent {
         replayed: usize,
         pause_s: f64,
     },
+    /// Moving to plan `epoch`, the generation has replayed `done` of the
+    /// `total` steps so far: said at each of the replay's checkpoints (every
+    /// `REPLAY_WINDOW` steps), since a long answer takes a while to replay.
+    Replaying {
+        epoch: u64,
+        done: usize,
+        total: usize,
+    },
     /// The generation moved to plan `epoch` at a token boundary, after
     /// `tokens` generated tokens, its devices handing over the KV caches of
     /// `past` tokens (prompt included) in `pause_s`.
@@ -288,31 +296,55 @@ pub fn cli(
         private,
     };
     let rt = crate::runtime()?;
-    rt.block_on(crate::control::prompt(data_dir, request, &mut |event| match event {
-        PromptEvent::Text(text) => crate::out(&text),
-        PromptEvent::Waiting(line) => eprintln!("llnode: waiting for {line}"),
-        PromptEvent::Moving { why } => eprintln!("\nllnode: {why}; waiting for the mesh's next plan…"),
-        PromptEvent::HandedOver { epoch, tokens, past, pause_s } => eprintln!(
-            "\nllnode: moved to plan epoch {epoch} after {tokens} token(s) (the caches of {past} token(s) handed over in {:.0} ms)",
-            pause_s * 1e3
-        ),
-        PromptEvent::Resumed { why, epoch, replayed, pause_s } => eprintln!(
-            "llnode: {why}; resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))",
-            pause_s * 1e3
-        ),
-        PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch, token_ms } => {
-            crate::outln!();
-            if report.timings {
-                let times: Vec<String> = token_ms.iter().map(|t| format!("{t:.1}")).collect();
-                eprintln!("timings_ms: {}", times.join(" "));
+    // Whether the answer's text has left the terminal's line open: a status line then starts a new one.
+    let mut mid_line = false;
+    // Why the generation is moving, once said: its resumption need not say it again.
+    let mut moving: Option<String> = None;
+    rt.block_on(crate::control::prompt(data_dir, request, &mut |event| {
+        let status = match event {
+            PromptEvent::Text(text) => {
+                if !text.is_empty() {
+                    mid_line = !text.ends_with('\n');
+                }
+                crate::out(&text);
+                return;
             }
-            if report.stats {
-                eprintln!(
-                    "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2}",
-                    first_token_s * 1e3
-                );
+            PromptEvent::Waiting(line) => format!("waiting for {line}"),
+            PromptEvent::Moving { why } => {
+                let line = format!("{why}; waiting for the mesh's next plan…");
+                moving = Some(why);
+                line
             }
+            PromptEvent::Replaying { epoch, done, total } => {
+                format!("replaying the answer so far on plan epoch {epoch}: {done} of {total} steps")
+            }
+            PromptEvent::HandedOver { epoch, tokens, past, pause_s } => format!(
+                "moved to plan epoch {epoch} after {tokens} token(s) (the caches of {past} token(s) handed over in {:.0} ms)",
+                pause_s * 1e3
+            ),
+            PromptEvent::Resumed { why, epoch, replayed, pause_s } => {
+                let why = if moving.take().as_ref() == Some(&why) { String::new() } else { format!("{why}; ") };
+                format!("{why}resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))", pause_s * 1e3)
+            }
+            PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch, token_ms } => {
+                crate::outln!();
+                if report.timings {
+                    let times: Vec<String> = token_ms.iter().map(|t| format!("{t:.1}")).collect();
+                    eprintln!("timings_ms: {}", times.join(" "));
+                }
+                if report.stats {
+                    eprintln!(
+                        "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2}",
+                        first_token_s * 1e3
+                    );
+                }
+                return;
+            }
+        };
+        if std::mem::take(&mut mid_line) {
+            eprintln!();
         }
+        eprintln!("llnode: {status}");
     }))
 }
 

@@ -260,7 +260,7 @@ impl MeshForward {
     /// Opens a session on `route` and replays every step so far into it.
     /// Steps go out without waiting for their logits, except at the end of
     /// every [`REPLAY_WINDOW`] steps, so stages still loading hold a bounded
-    /// number of tensors.
+    /// number of tensors; the asker hears how far the replay is each time.
     fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
         self.open(route, rand::random());
         let mut past = 0;
@@ -273,6 +273,8 @@ impl MeshForward {
             past += tokens.len();
             if let Some(logits) = logits {
                 self.wait(logits)?;
+                let (epoch, done, total) = (self.route.epoch, i + 1, history.len());
+                let _ = self.events.send(PromptEvent::Replaying { epoch, done, total });
             }
         }
         Ok(())
