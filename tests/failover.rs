@@ -228,7 +228,8 @@ fn a_throttled_device_ends_up_with_less_work_and_gets_it_back_once_it_recovers()
         history.contains("moving units because") && history.contains(&format!("n{slowed} measured itself")),
         "{history}"
     );
-    // The generation moved at a token boundary, the caches handed over, nothing replayed.
+    // The generation moved at a token boundary, the caches handed over, nothing
+    // replayed (a hand-over that fails falls back to a replay, and says so).
     assert!(out.stderr.contains("token(s) (the caches of"), "the generation never moved live: {}", out.stderr);
     assert!(!out.stderr.contains("replayed"), "{}", out.stderr);
     // The slowed device's re-profile says its pace and queue depth (0 with one

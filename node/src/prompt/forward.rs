@@ -41,6 +41,9 @@ const MOVE_WAIT_MS: u64 = 300_000;
 /// How long the devices of a live move have to hand the caches over.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why a generation stopped on its route, and since when.
+type Interruption = (String, std::time::Instant);
+
 /// The generation's [`Forward`]: each step through the current route's
 /// stages, moving to the next plan when the mesh changes.
 pub(super) struct MeshForward {
@@ -85,10 +88,12 @@ impl Forward for MeshForward {
             );
             return Err(RunError::Remote("the asker went away".into()));
         }
-        // Why and since when this step has been interrupted, once it has.
-        let mut moved: Option<(String, std::time::Instant)> = match self.switch_if_ready() {
-            Ok(()) => None,
-            Err(StepFail::Moved(why)) => Some((why, std::time::Instant::now())),
+        // Why and since when this step has been interrupted, once it has (it
+        // then moves to the next plan); or why this token boundary's move to a
+        // newer plan had to replay, to be said once the step has run.
+        let (mut moved, replayed): (Option<Interruption>, Option<Interruption>) = match self.switch_if_ready() {
+            Ok(replayed) => (None, replayed),
+            Err(StepFail::Moved(why)) => (Some((why, std::time::Instant::now())), None),
             Err(StepFail::Failed(e) | StepFail::Busy(e)) => return Err(RunError::Remote(e)),
         };
         for _ in 0..=MAX_MOVES {
@@ -105,15 +110,8 @@ impl Forward for MeshForward {
             }
             match self.step_through(tokens) {
                 Ok(logits) => {
-                    if let Some((why, since)) = moved {
-                        let (epoch, replayed, pause_s) =
-                            (self.route.epoch, self.history.len(), since.elapsed().as_secs_f64());
-                        let note = format!(
-                            "a generation moved to plan epoch {epoch} ({why}): replayed {replayed} step(s), paused {:.0} ms",
-                            pause_s * 1e3
-                        );
-                        let _ = self.planning.cast(PlanningMsg::Note(note));
-                        let _ = self.events.send(PromptEvent::Resumed { why, epoch, replayed, pause_s });
+                    if let Some((why, since)) = moved.or(replayed) {
+                        self.resumed(why, since);
                     }
                     self.history.push(tokens.to_vec());
                     self.past += tokens.len();
@@ -216,6 +214,19 @@ impl MeshForward {
         self.handle.block_on(futures::future::join_all(sends)).into_iter().collect()
     }
 
+    /// The generation went on on the current route, after replaying every
+    /// step so far into it: the node's history and the asker hear why and
+    /// how long it paused.
+    fn resumed(&self, why: String, since: std::time::Instant) {
+        let (epoch, replayed, pause_s) = (self.route.epoch, self.history.len(), since.elapsed().as_secs_f64());
+        let note = format!(
+            "a generation moved to plan epoch {epoch} ({why}): replayed {replayed} step(s), paused {:.0} ms",
+            pause_s * 1e3
+        );
+        let _ = self.planning.cast(PlanningMsg::Note(note));
+        let _ = self.events.send(PromptEvent::Resumed { why, epoch, replayed, pause_s });
+    }
+
     /// Waits for a plan newer than the current route and replays the generation onto it.
     fn move_on(&mut self, why: &str) -> Result<(), StepFail> {
         let execution = self.execution.clone();
@@ -283,9 +294,10 @@ impl MeshForward {
     /// At a token boundary: when this node has loaded a plan newer than the
     /// route, of the same model (in privacy mode, one keeping the tokens
     /// here), and every other device of it says it is ready, the generation
-    /// moves onto it by handing its caches over; if that fails, by replaying.
+    /// moves onto it by handing its caches over; if that fails, by replaying
+    /// (then, why and since when, for the step to report once it has run).
     /// Otherwise the old plan goes on serving.
-    fn switch_if_ready(&mut self) -> Result<(), StepFail> {
+    fn switch_if_ready(&mut self) -> Result<Option<Interruption>, StepFail> {
         // Asking the execution actor is a round trip of two thread wake-ups:
         // only when this device has loaded a plan of a later epoch (a plan's
         // first epoch is at most its epoch, so this misses none).
@@ -293,19 +305,19 @@ impl MeshForward {
         let newer_loaded =
             matches!(&*self.loaded.borrow(), Some((epoch, crate::protocol::Readiness::Ready)) if *epoch > after);
         if self.history.is_empty() || !newer_loaded {
-            return Ok(());
+            return Ok(None);
         }
         let execution = self.execution.clone();
         let newer = self.handle.block_on(async move {
             call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS)
         });
-        let Ok(Some(route)) = newer else { return Ok(()) };
+        let Ok(Some(route)) = newer else { return Ok(None) };
         if route.model != self.route.model || (self.private && !keeps_tokens_on(&route, self.me)) {
-            return Ok(());
+            return Ok(None);
         }
         match self.handle.block_on(self.startup().stages(&route)) {
             Ok(stages) if stages.all_ready() => {}
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
         let since = std::time::Instant::now();
         let to = rand::random();
@@ -320,7 +332,7 @@ impl MeshForward {
                 );
                 let _ = self.planning.cast(PlanningMsg::Note(note));
                 let _ = self.events.send(PromptEvent::HandedOver { epoch, tokens, past, pause_s });
-                Ok(())
+                Ok(None)
             }
             Err(why) => {
                 tracing::warn!(
@@ -329,7 +341,8 @@ impl MeshForward {
                     route.epoch
                 );
                 self.sessions.push((to, route.devices.clone()));
-                self.replay_onto(route)
+                self.replay_onto(route)?;
+                Ok(Some((format!("the caches could not be handed over ({why})"), since)))
             }
         }
     }
