@@ -109,6 +109,7 @@ async fn main() {
                 dtype: DType::F32,
                 shape: vec![1, 1, elements],
                 top_logits: 0,
+                no_logits: false,
             },
             data: vec![7u8; elements as usize * 4],
         };
@@ -140,6 +141,7 @@ async fn main() {
                 dtype: DType::F32,
                 shape: vec![(size / 4) as u64],
                 top_logits: 0,
+                no_logits: false,
             },
             data: vec![7u8; size],
         };

@@ -147,6 +147,10 @@ pub struct TensorHeader {
     /// returns only the highest this many; 0, the default, returns them all.
     #[serde(default)]
     pub top_logits: u32,
+    /// The initiator reads no logits of this step (one replayed onto a new
+    /// plan): the last stage skips the LM head and returns none.
+    #[serde(default)]
+    pub no_logits: bool,
 }
 
 impl TensorHeader {

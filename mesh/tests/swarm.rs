@@ -108,6 +108,7 @@ async fn members_exchange_messages_and_tensors_intact() {
                 dtype: DType::F32,
                 shape: vec![elements],
                 top_logits: 0,
+                no_logits: false,
             };
             tokio::spawn(async move {
                 sender.send_tensor(b_id, Tensor { header, data: vec![0; elements as usize * 4] }).await
@@ -140,6 +141,7 @@ async fn members_exchange_messages_and_tensors_intact() {
             dtype: DType::F32,
             shape: vec![3, elements as u64 / 3],
             top_logits: 0,
+            no_logits: false,
         };
         Tensor { header, data }
     };
@@ -270,6 +272,7 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
             dtype: DType::F32,
             shape: vec![4],
             top_logits: 0,
+            no_logits: false,
         },
         data: vec![0; 16],
     };

@@ -73,7 +73,17 @@ fn tensor() -> impl Strategy<Value = Tensor> {
     ];
     (any::<u64>(), any::<String>(), dtype, prop::collection::vec(0u64..6, 0..4)).prop_flat_map(
         |(session, name, dtype, shape)| {
-            let header = TensorHeader { session, step: 2, tokens: 1, epoch: 1, name, dtype, shape, top_logits: 0 };
+            let header = TensorHeader {
+                session,
+                step: 2,
+                tokens: 1,
+                epoch: 1,
+                name,
+                dtype,
+                shape,
+                top_logits: 0,
+                no_logits: false,
+            };
             let len = header.byte_len().unwrap() as usize;
             prop::collection::vec(any::<u8>(), len).prop_map(move |data| Tensor { header: header.clone(), data })
         },
@@ -141,6 +151,7 @@ fn oversized_frames_are_refused_before_allocating() {
         dtype: DType::F32,
         shape: vec![1 << 20, 1 << 20],
         top_logits: 0,
+        no_logits: false,
     };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();
@@ -157,6 +168,7 @@ fn oversized_frames_are_refused_before_allocating() {
         dtype: DType::I64,
         shape: vec![u64::MAX, 3],
         top_logits: 0,
+        no_logits: false,
     };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();

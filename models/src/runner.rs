@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use tract_onnx::pb::{ModelProto, ValueInfoProto};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::SimplePlan;
+use tract_onnx::tract_core::runtime::RunOptions;
 
 use crate::model::Model;
 use crate::onnx;
@@ -89,6 +91,12 @@ struct CacheSlot {
 
 pub struct SegmentRunner {
     plan: Arc<TypedRunnableModel>,
+    /// For a segment that makes `logits`: the same model run for its other
+    /// outputs only (`None` when it has none), and their names. A step whose
+    /// logits nobody reads (one replayed onto a new plan) skips the LM head,
+    /// a large share of a small model's work, and still leaves the very
+    /// caches a full step would.
+    headless: Option<(Option<Arc<TypedRunnableModel>>, Vec<String>)>,
     units: Range<usize>,
     inputs: Vec<String>,
     outputs: Vec<String>,
@@ -182,11 +190,12 @@ impl SegmentRunner {
             return Err(RunError::Load { units, reason: format!("unresolved inputs {:?}", parsed.unresolved_inputs) });
         }
         deferred.fill(&mut parsed.model, dir).map_err(fail)?;
-        let plan = parsed
+        let logits = outputs.iter().position(|o| o == "logits");
+        let model = parsed
             .model
             .into_typed()
             .and_then(|mut m| {
-                match outputs.iter().position(|o| o == "logits") {
+                match logits {
                     Some(ix) if last_logits_only => last_position_only(&mut m, ix)?,
                     _ => (),
                 }
@@ -196,8 +205,28 @@ impl SegmentRunner {
                 unshare_big_consts(&mut m)?;
                 m.into_optimized()
             })
-            .and_then(|m| m.into_runnable())
+            .map(Arc::new)
             .map_err(fail)?;
+        // Both plans share the model, weights included.
+        let headless = match logits {
+            Some(ix) => {
+                let others: Vec<OutletId> =
+                    model.outputs.iter().enumerate().filter(|(i, _)| *i != ix).map(|(_, o)| *o).collect();
+                let names: Vec<String> = outputs.iter().filter(|o| *o != "logits").cloned().collect();
+                // Deprecated for the builder it calls; that one takes no outputs.
+                #[allow(deprecated)]
+                let plan = (!others.is_empty())
+                    .then(|| {
+                        SimplePlan::build_with_outputs_and_deps(model.clone(), &others, &[], &RunOptions::default())
+                    })
+                    .transpose()
+                    .map_err(fail)?
+                    .map(Arc::new);
+                Some((plan, names))
+            }
+            None => None,
+        };
+        let plan = SimplePlan::new(model).map_err(fail)?;
         let mut caches = Vec::new();
         for name in inputs.iter().filter(|n| is_past(n)) {
             let (elem, shape) = empty_cache(name).ok_or_else(|| RunError::Load {
@@ -212,7 +241,7 @@ impl SegmentRunner {
             let empty = Tensor::zero_dt(dt, &shape).map_err(fail)?.into_tvalue();
             caches.push(CacheSlot { past: name.clone(), empty });
         }
-        Ok(SegmentRunner { plan, units, inputs, outputs, caches, shape_inputs })
+        Ok(SegmentRunner { plan, headless, units, inputs, outputs, caches, shape_inputs })
     }
 
     /// A fresh session: empty caches.
@@ -243,6 +272,21 @@ impl SegmentRunner {
     /// session: reads its inputs from `acts`, updates the session's caches,
     /// returns the other outputs.
     pub fn run(&self, state: &mut SegmentState, tokens: usize, acts: &Activations) -> Result<Activations, RunError> {
+        self.run_for(state, tokens, acts, true)
+    }
+
+    /// [`run`](Self::run), without `logits` (and the work only they need) unless `logits`.
+    pub fn run_for(
+        &self,
+        state: &mut SegmentState,
+        tokens: usize,
+        acts: &Activations,
+        logits: bool,
+    ) -> Result<Activations, RunError> {
+        let (plan, names) = match &self.headless {
+            Some((plan, names)) if !logits => (plan.as_ref(), names),
+            _ => (Some(&self.plan), &self.outputs),
+        };
         let missing = |name: &str| RunError::MissingInput { units: self.units.clone(), name: name.to_string() };
         let mut inputs = TVec::with_capacity(self.inputs.len());
         for name in &self.inputs {
@@ -257,10 +301,14 @@ impl SegmentRunner {
             };
             inputs.push(value.ok_or_else(|| missing(name))?);
         }
-        let outputs =
-            self.plan.run(inputs).map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?;
+        let outputs = match plan {
+            Some(plan) => {
+                plan.run(inputs).map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?
+            }
+            None => TVec::new(),
+        };
         let mut result = Activations::new();
-        for (name, mut value) in self.outputs.iter().zip(outputs) {
+        for (name, mut value) in names.iter().zip(outputs) {
             if value.datum_type() == TDim::datum_type() {
                 // tract computes some int64 tensors as dimensions; they travel as int64.
                 let fail = |e: TractError| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") };
@@ -317,13 +365,24 @@ impl Chain {
 
     /// Runs one step through every part; returns every part's outputs.
     pub fn run(&self, state: &mut ChainState, tokens: usize, acts: &Activations) -> Result<Activations, RunError> {
+        self.run_for(state, tokens, acts, true)
+    }
+
+    /// [`run`](Self::run), without `logits` unless `logits` ([`SegmentRunner::run_for`]).
+    pub fn run_for(
+        &self,
+        state: &mut ChainState,
+        tokens: usize,
+        acts: &Activations,
+        logits: bool,
+    ) -> Result<Activations, RunError> {
         if let [part] = &self.parts[..] {
-            return part.run(&mut state.0[0], tokens, acts);
+            return part.run_for(&mut state.0[0], tokens, acts, logits);
         }
         let mut inputs = acts.clone();
         let mut outputs = Activations::new();
         for (part, state) in self.parts.iter().zip(state.0.iter_mut()) {
-            for (name, value) in part.run(state, tokens, &inputs)? {
+            for (name, value) in part.run_for(state, tokens, &inputs, logits)? {
                 inputs.insert(name.clone(), value.clone());
                 outputs.insert(name, value);
             }

@@ -176,6 +176,45 @@ fn chains_of_runners_loaded_apart_run_like_the_whole_model() {
     assert_eq!(states[0].caches().count(), 2 * 3, "layers 0, 1 and 2: a key and a value each");
 }
 
+/// Steps run without their logits (what a replay onto a new plan does)
+/// return none, skip the head, and leave exactly the caches full steps
+/// leave: the steps after them give the very same logits. Both with the
+/// head beside layers in one runner and alone in one of a chain.
+#[test]
+fn steps_without_logits_leave_the_same_caches() {
+    let model = Model::from_export(common::tiny_export()).unwrap();
+    let n = model.units.len();
+    let part = |units: Range<usize>| std::sync::Arc::new(SegmentRunner::load_range(&model, units).unwrap());
+    for chain in [Chain::new(vec![part(0..n)]), Chain::new(vec![part(0..n - 1), part(n - 1..n)])] {
+        let (mut full, mut replayed) = (chain.new_state(), chain.new_state());
+        let mut past = 0;
+        for (i, tokens) in [&PROMPT[..], &DECODE[..1], &DECODE[1..2], &DECODE[2..]].into_iter().enumerate() {
+            let acts = step_inputs(tokens, past, true);
+            let expected = chain.run(&mut full, tokens.len(), &acts).unwrap();
+            let last = i == 3;
+            let got = chain.run_for(&mut replayed, tokens.len(), &acts, last).unwrap();
+            if last {
+                assert_eq!(last_logits(&got["logits"]).unwrap(), last_logits(&expected["logits"]).unwrap());
+            } else {
+                assert!(!got.contains_key("logits"), "{:?}", got.keys());
+            }
+            past += tokens.len();
+        }
+        assert_eq!(replayed.past(), full.past());
+        let caches = |state: &ChainState| {
+            let mut caches: Vec<(String, Vec<f32>)> = state
+                .caches()
+                .map(|(name, value)| {
+                    (name.to_string(), value.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())
+                })
+                .collect();
+            caches.sort_by(|a, b| a.0.cmp(&b.0));
+            caches
+        };
+        assert_eq!(caches(&replayed), caches(&full));
+    }
+}
+
 #[test]
 fn every_unit_is_timed_on_its_own() {
     let model = Model::from_export(common::tiny_export()).unwrap();

@@ -127,6 +127,8 @@ pub struct Delivery {
     pub value: llnode_models::raw::RawTensor,
     /// How many logits the initiator reads ([`llnode_mesh::wire::TensorHeader::top_logits`]).
     pub top_logits: u32,
+    /// It reads none of this step's ([`llnode_mesh::wire::TensorHeader::no_logits`]).
+    pub no_logits: bool,
 }
 
 pub enum ExecutionMsg {
@@ -215,8 +217,8 @@ struct Session {
     states: HashMap<usize, Option<ChainState>>,
     /// The step each local segment runs next (steps may arrive out of order).
     next: HashMap<usize, u64>,
-    /// Inputs gathered per (segment, step).
-    inbox: HashMap<(usize, u64), (u32, Activations)>,
+    /// Inputs gathered per (segment, step): its tokens, whether its logits are left out, the inputs.
+    inbox: HashMap<(usize, u64), (u32, bool, Activations)>,
     /// How many logits the initiator reads, as its tensors say.
     top_logits: u32,
     /// When a tensor of it last came.
@@ -230,6 +232,8 @@ pub struct Step {
     segment: usize,
     step: u64,
     tokens: u32,
+    /// Its logits are left out.
+    no_logits: bool,
 }
 
 /// Caches handed over for a session that has not started here yet.

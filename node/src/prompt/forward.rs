@@ -10,8 +10,9 @@
 //! (a device left), the initiator waits for the next plan, opens a new
 //! session on it and replays every step so far, exactly as it ran them (same
 //! token groups, so the rebuilt KV caches are the ones the generation had),
-//! pipelined through the stages without waiting for their logits; then it
-//! runs the interrupted step. The text is unchanged; the stream only pauses.
+//! pipelined through the stages without waiting for their logits, which the
+//! last stage does not compute; then it runs the interrupted step. The text
+//! is unchanged; the stream only pauses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,7 +147,7 @@ impl MeshForward {
     fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
         self.step += 1;
         let logits = self.expect_logits(self.step)?;
-        self.send_step(self.step, tokens, self.past)?;
+        self.send_step(self.step, tokens, self.past, true)?;
         self.wait(logits)
     }
 
@@ -167,9 +168,9 @@ impl MeshForward {
     }
 
     /// Sends a step's inputs (token ids, mask, positions) to the segments
-    /// that read them. Remote ones go out together, so a stage waits for one
-    /// round trip, not one per input.
-    fn send_step(&self, step: u64, tokens: &[u32], past: usize) -> Result<(), StepFail> {
+    /// that read them; `logits`: whether the step returns its logits. Remote
+    /// ones go out together, so a stage waits for one round trip, not one per input.
+    fn send_step(&self, step: u64, tokens: &[u32], past: usize, logits: bool) -> Result<(), StepFail> {
         let failed = |e: String| StepFail::Failed(e);
         let acts = step_inputs(tokens, past, self.with_positions);
         let mut remote: Vec<(usize, PeerId, Vec<llnode_mesh::wire::Tensor>)> = Vec::new();
@@ -188,6 +189,7 @@ impl MeshForward {
                 name: t.tensor.clone(),
                 value,
                 top_logits: self.top_logits,
+                no_logits: !logits,
             };
             let device = self.route.devices[s];
             if self.private && device != self.me && t.tensor == "input_ids" {
@@ -272,6 +274,8 @@ impl MeshForward {
     /// Steps go out without waiting for their logits, except at the end of
     /// every [`REPLAY_WINDOW`] steps, so stages still loading hold a bounded
     /// number of tensors; the asker hears how far the replay is each time.
+    /// Only those steps return logits: the others skip the LM head, which
+    /// leaves the caches as they were (the tokens they led to are known).
     fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
         self.open(route, rand::random());
         let mut past = 0;
@@ -280,7 +284,8 @@ impl MeshForward {
             self.step += 1;
             let checkpoint = self.step.is_multiple_of(REPLAY_WINDOW) && i + 1 < history.len();
             let logits = if checkpoint { Some(self.expect_logits(self.step)?) } else { None };
-            self.send_step(self.step, tokens, past)?;
+            // Only a checkpoint's logits are read: the others skip the LM head.
+            self.send_step(self.step, tokens, past, checkpoint)?;
             past += tokens.len();
             if let Some(logits) = logits {
                 self.wait(logits)?;

@@ -107,6 +107,7 @@ impl ExecutionState {
                         name,
                         value,
                         top_logits: 0,
+                        no_logits: false,
                     },
                 ));
             }

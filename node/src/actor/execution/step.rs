@@ -85,8 +85,9 @@ impl ExecutionState {
         session.top_logits = d.top_logits;
         session.heard = std::time::Instant::now();
         for s in &readers {
-            let entry = session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, Activations::new()));
-            entry.1.insert(d.name.clone(), value.clone());
+            let entry =
+                session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, d.no_logits, Activations::new()));
+            entry.2.insert(d.name.clone(), value.clone());
         }
         for s in readers {
             self.try_run(d.session, s, d.step, myself);
@@ -105,7 +106,7 @@ impl ExecutionState {
             .values()
             .filter(|sess| self.plans.is_current(sess.epoch))
             .flat_map(|sess| sess.inbox.iter())
-            .filter(|((seg, _), (_, acts))| *seg == s && needed.iter().all(|n| acts.contains_key(*n)))
+            .filter(|((seg, _), (_, _, acts))| *seg == s && needed.iter().all(|n| acts.contains_key(*n)))
             .count()
     }
 
@@ -122,27 +123,26 @@ impl ExecutionState {
             return;
         };
         let needed: Vec<String> = ready.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
-        let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, acts)| needed.iter().all(|n| acts.contains_key(n)));
+        let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, _, acts)| needed.iter().all(|n| acts.contains_key(n)));
         let turn = sess.next.get(&s).copied().unwrap_or(1) == step;
         let free = !matches!(sess.states.get(&s), Some(None));
         if !ready || !turn || !free {
             return;
         }
-        let (tokens, acts) = sess.inbox.remove(&(s, step)).expect("ready");
+        let (tokens, no_logits, acts) = sess.inbox.remove(&(s, step)).expect("ready");
         let inline = tokens == 1 && self.alone();
         let sess = self.sessions.get_mut(&session).expect("looked up above");
         let mut cache = sess.states.insert(s, None).flatten().unwrap_or_else(|| runner.new_state());
-        let done = Step { session, segment: s, step, tokens };
+        let done = Step { session, segment: s, step, tokens, no_logits };
         let throttle = self.args.throttle.clone();
         let run = move |cache: &mut ChainState| {
             let started = std::time::Instant::now();
             // A panic in tract fails the step, not the thread: on the
             // actor's own thread it would stop the actor.
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(cache, tokens as usize, &acts)))
-                    .unwrap_or_else(|panic| {
-                        Err(RunError::Run { units: runner.units(), reason: panic_message(&*panic) })
-                    });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runner.run_for(cache, tokens as usize, &acts, !no_logits)
+            }))
+            .unwrap_or_else(|panic| Err(RunError::Run { units: runner.units(), reason: panic_message(&*panic) }));
             throttle.stretch(started.elapsed());
             (started.elapsed().as_secs_f64(), result)
         };
@@ -183,15 +183,17 @@ impl ExecutionState {
         result: Result<Activations, RunError>,
         myself: &ActorRef<ExecutionMsg>,
     ) {
-        let Step { session, segment, step, tokens } = done;
+        let Step { session, segment, step, tokens, no_logits } = done;
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
         s.states.insert(segment, Some(cache));
         s.next.insert(segment, step + 1);
         let (initiator, epoch) = (s.initiator, s.epoch);
-        // The balancer compares the plan held with this device's profile: steps of a replaced plan do not count.
+        // The balancer compares the plan held with this device's profile:
+        // steps of a replaced plan do not count, nor replayed ones that skipped the LM head.
         if tokens == 1
+            && !no_logits
             && result.is_ok()
             && self.plans.is_current(epoch)
             && let Some(stage) = self.plans.current.as_ref().and_then(|c| c.doc.plan.stages.get(segment))
@@ -200,7 +202,7 @@ impl ExecutionState {
             self.pace.record(segment, stage.units.clone(), secs, queued);
         }
         match result {
-            Ok(outputs) => self.forward(session, initiator, segment, step, tokens, outputs, myself),
+            Ok(outputs) => self.forward(done, initiator, outputs, myself),
             Err(e) => {
                 tracing::error!(session, "segment {segment} failed at step {step}: {e}");
                 self.fail(session, initiator, step, StepFail::Failed(format!("segment {segment} failed: {e}")));
@@ -210,18 +212,15 @@ impl ExecutionState {
         self.try_run(session, segment, step + 1, myself);
     }
 
-    /// Sends segment `s`'s outputs where the transmission map says.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends the outputs of a step of a segment where the transmission map says.
     pub(super) fn forward(
         &mut self,
-        session: u64,
+        done: Step,
         initiator: PeerId,
-        s: usize,
-        step: u64,
-        tokens: u32,
         outputs: Activations,
         myself: &ActorRef<ExecutionMsg>,
     ) {
+        let Step { session, segment: s, step, tokens, no_logits } = done;
         let Some((epoch, top_logits)) = self.sessions.get(&session).map(|sess| (sess.epoch, sess.top_logits)) else {
             return;
         };
@@ -252,8 +251,8 @@ impl ExecutionState {
                     return;
                 }
             };
-            let d =
-                Delivery { session, epoch, initiator, step, tokens, name: t.tensor.clone(), value: raw, top_logits };
+            let name = t.tensor.clone();
+            let d = Delivery { session, epoch, initiator, step, tokens, name, value: raw, top_logits, no_logits };
             if to == me {
                 local.push(d);
             } else {

@@ -35,6 +35,7 @@ pub(super) fn delivery(initiator_or_sender: PeerId, tensor: WireTensor) -> Resul
         name,
         value: RawTensor { dtype, shape, data: tensor.data },
         top_logits: h.top_logits,
+        no_logits: h.no_logits,
     })
 }
 
@@ -91,6 +92,7 @@ pub fn wire_tensor(d: Delivery) -> WireTensor {
             dtype,
             shape: value.shape.iter().map(|&d| d as u64).collect(),
             top_logits: d.top_logits,
+            no_logits: d.no_logits,
         },
         data: value.data,
     }

@@ -184,6 +184,7 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
             dtype: llnode_mesh::wire::DType::U8,
             shape: vec![PROBE_BYTES as u64],
             top_logits: 0,
+            no_logits: false,
         },
         data: vec![0; PROBE_BYTES],
     };
