@@ -91,12 +91,12 @@ struct CacheSlot {
 
 pub struct SegmentRunner {
     plan: Arc<TypedRunnableModel>,
-    /// For a segment that makes `logits`: the same model run for its other
-    /// outputs only (`None` when it has none), and their names. A step whose
-    /// logits nobody reads (one replayed onto a new plan) skips the LM head,
-    /// a large share of a small model's work, and still leaves the very
-    /// caches a full step would.
-    headless: Option<(Option<Arc<TypedRunnableModel>>, Vec<String>)>,
+    /// For a segment that makes `logits`: which output they are, and the
+    /// same model planned for its other outputs only. A step whose logits
+    /// nobody reads (one replayed onto a new plan) skips the LM head, a large
+    /// share of a small model's work, and still leaves the very caches a full
+    /// step would.
+    headless: Option<(usize, Arc<TypedRunnableModel>)>,
     units: Range<usize>,
     inputs: Vec<String>,
     outputs: Vec<String>,
@@ -212,17 +212,11 @@ impl SegmentRunner {
             Some(ix) => {
                 let others: Vec<OutletId> =
                     model.outputs.iter().enumerate().filter(|(i, _)| *i != ix).map(|(_, o)| *o).collect();
-                let names: Vec<String> = outputs.iter().filter(|o| *o != "logits").cloned().collect();
                 // Deprecated for the builder it calls; that one takes no outputs.
                 #[allow(deprecated)]
-                let plan = (!others.is_empty())
-                    .then(|| {
-                        SimplePlan::build_with_outputs_and_deps(model.clone(), &others, &[], &RunOptions::default())
-                    })
-                    .transpose()
-                    .map_err(fail)?
-                    .map(Arc::new);
-                Some((plan, names))
+                let plan = SimplePlan::build_with_outputs_and_deps(model.clone(), &others, &[], &RunOptions::default())
+                    .map_err(fail)?;
+                Some((ix, Arc::new(plan)))
             }
             None => None,
         };
@@ -283,9 +277,9 @@ impl SegmentRunner {
         acts: &Activations,
         logits: bool,
     ) -> Result<Activations, RunError> {
-        let (plan, names) = match &self.headless {
-            Some((plan, names)) if !logits => (plan.as_ref(), names),
-            _ => (Some(&self.plan), &self.outputs),
+        let (plan, skipped) = match &self.headless {
+            Some((ix, plan)) if !logits => (plan, Some(*ix)),
+            _ => (&self.plan, None),
         };
         let missing = |name: &str| RunError::MissingInput { units: self.units.clone(), name: name.to_string() };
         let mut inputs = TVec::with_capacity(self.inputs.len());
@@ -301,14 +295,11 @@ impl SegmentRunner {
             };
             inputs.push(value.ok_or_else(|| missing(name))?);
         }
-        let outputs = match plan {
-            Some(plan) => {
-                plan.run(inputs).map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?
-            }
-            None => TVec::new(),
-        };
+        let outputs =
+            plan.run(inputs).map_err(|e| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") })?;
+        let names = self.outputs.iter().enumerate().filter(|(i, _)| Some(*i) != skipped).map(|(_, name)| name);
         let mut result = Activations::new();
-        for (name, mut value) in names.iter().zip(outputs) {
+        for (name, mut value) in names.zip(outputs) {
             if value.datum_type() == TDim::datum_type() {
                 // tract computes some int64 tensors as dimensions; they travel as int64.
                 let fail = |e: TractError| RunError::Run { units: self.units.clone(), reason: format!("{e:#}") };
