@@ -44,8 +44,9 @@ fn replayed(stderr: &str) -> Option<usize> {
 /// asking one fetches whatever units each new plan gives it from the source
 /// left. The two left must both run stages, so from the second trial on, the
 /// plan after a kill also shows that the node killed before came back, was
-/// admitted again and is used. A long replay tells the asker how far it is. The balancer is off, so that the stage killed
-/// is one the generation runs on (on 2 cores it may move units mid-answer).
+/// admitted again and is used. A long replay tells the asker how far it is.
+/// The balancer is off, so that the stage killed is one the generation runs
+/// on (on 2 cores it may move units mid-answer).
 #[test]
 fn a_stage_killed_mid_generation_changes_nothing_in_the_answer() {
     let root = tempfile::tempdir().unwrap();
