@@ -113,9 +113,11 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// The runtime for commands that talk to the network or the local node.
 ///
-/// Its workers only move messages: a step's compute, measuring and file
-/// work run on blocking threads. So it has [`WORKERS`] of them, not one per
-/// core (tokio's default), unless `TOKIO_WORKER_THREADS` says otherwise:
+/// Its workers move messages: measuring, file work and a step's compute run
+/// on blocking threads, but for a decode step of a device's only session,
+/// which holds one worker while the other serves the network. So it has
+/// [`WORKERS`] of them, not one per core (tokio's default), unless
+/// `TOKIO_WORKER_THREADS` says otherwise:
 /// each worker keeps its own allocator heap, and on 16 cores the bench
 /// model's nodes held 2–13 MiB more than their weights allow
 /// (`just bench-mesh-infer`, peak RSS against 1.1× weights + 64 MiB).

@@ -148,12 +148,21 @@ impl ExecutionState {
         };
         if inline {
             // One session and nothing else running: its decode step runs on
-            // this thread. Handing it to the blocking pool and its outputs
-            // back would wake two threads, 150-200 µs of the token's time on
-            // loopback. The actor is held for the step; with one session it
-            // has nothing else to do but acknowledge tensors and answer
-            // `llnode plan`, which wait until the step ends.
-            let (secs, result) = tokio::task::block_in_place(|| run(&mut cache));
+            // this worker, which keeps its place in the runtime, while the
+            // runtime's other worker serves the network. Handing the step to
+            // the blocking pool and its outputs back would wake two threads,
+            // 150-200 µs of the token's time on loopback. Lending the
+            // worker's place to another thread for the step
+            // (`block_in_place`) wakes that thread as the step starts, and
+            // the outputs' send often waits for it: from a step's inputs to
+            // its start and from its end to its outputs' send took 50 and
+            // 140 µs that way, 10 and 60 µs this way (a stage of a 2-node
+            // loopback mesh, timestamps). The actor is held for the step;
+            // with one session it has nothing else to do but acknowledge
+            // tensors and answer `llnode plan`, which wait until the step
+            // ends (so do the acknowledgements of the step's other inputs,
+            // written by a task this worker woke just before).
+            let (secs, result) = run(&mut cache);
             self.step_done(done, secs, cache, result, myself);
             return;
         }
@@ -165,12 +174,12 @@ impl ExecutionState {
     }
 
     /// Whether this device serves one session and runs no step, on a runtime
-    /// that can lend the actor's thread to a step ([`tokio::task::block_in_place`]).
+    /// with a worker to spare while the actor runs a step.
     pub(super) fn alone(&self) -> bool {
         let idle = |sess: &Session| sess.states.values().all(Option::is_some);
         self.sessions.len() == 1
             && self.sessions.values().all(idle)
-            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && tokio::runtime::Handle::current().metrics().num_workers() >= 2
     }
 
     /// A step of `segment` has run: its cache goes back, its outputs go on,
