@@ -70,13 +70,39 @@ fn built_in_model_answers_the_same_from_every_member() {
     assert_eq!(mesh.prompt(0, &GREEDY), reference);
     drop(mesh);
 
-    // Two and four nodes.
+    // Two and four nodes. `--stats` splits a decode step's time into the
+    // stages' compute and the rest, which add up to about a token's time;
+    // the compute is every stage's: a first stage slowed down (with the plan
+    // kept as it is) adds to it, not to the rest.
     for (n, share) in [(2, 0.6), (4, 0.3)] {
-        let mesh = Mesh::start(&package, n, &share_of(&package, share));
+        let mesh = Mesh::with_args(&package, n, n, &share_of(&package, share), &["--no-rebalance"]);
         assert_eq!(mesh.prompt(n - 1, &GREEDY), reference, "{n} nodes");
+        let (compute, handoff) = step_times(&mesh, n - 1);
+        let view = mesh.view(n - 1);
+        let first = view["plan"]["stages"][0]["device"].as_str().unwrap();
+        let first = mesh.nodes.iter().find(|node| node.peer_id == first).unwrap();
+        ok(&["throttle", "--data-dir", s(&first.dir), "8"]);
+        let (slowed, slowed_handoff) = step_times(&mesh, n - 1);
+        assert!(
+            slowed > compute + handoff && slowed_handoff < slowed / 2.0,
+            "{n} nodes: {compute} ms of compute and {handoff} ms besides, then {slowed} and {slowed_handoff}"
+        );
     }
 }
 
+/// A decode step's compute in the stages and the rest of its time (ms), as
+/// `llnode prompt --stats` from node `i` says, once they are seen to add up
+/// to about a token's time.
+fn step_times(mesh: &Mesh, i: usize) -> (f64, f64) {
+    let out = llnode(&[&["prompt", "--data-dir", s(&mesh.nodes[i].dir), "--stats"][..], &GREEDY].concat());
+    let line = out.stderr.lines().find(|l| l.starts_with("stats:")).unwrap_or_else(|| panic!("{}", out.stderr));
+    let stat = |key: &str| -> f64 {
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap().parse().unwrap()
+    };
+    let (compute, handoff, token) = (stat("decode_compute_ms"), stat("decode_handoff_ms"), 1e3 / stat("decode_tok_s"));
+    assert!(compute > 0.0 && handoff > 0.0 && (0.5 * token..1.5 * token).contains(&(compute + handoff)), "{line}");
+    (compute, handoff)
+}
 /// A device at its session limit (`--max-sessions`): a prompt that needs it
 /// is answered "busy, retry" at once, from any member, wherever the device
 /// is in the pipeline: also when the tensor it refuses came from another

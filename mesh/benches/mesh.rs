@@ -110,6 +110,7 @@ async fn main() {
                 shape: vec![1, 1, elements],
                 top_logits: 0,
                 no_logits: false,
+                compute_us: 0,
             },
             data: vec![7u8; elements as usize * 4],
         };
@@ -142,6 +143,7 @@ async fn main() {
                 shape: vec![(size / 4) as u64],
                 top_logits: 0,
                 no_logits: false,
+                compute_us: 0,
             },
             data: vec![7u8; size],
         };

@@ -151,6 +151,11 @@ pub struct TensorHeader {
     /// plan): the last stage skips the LM head and returns none.
     #[serde(default)]
     pub no_logits: bool,
+    /// The stages' compute this step has taken so far on the way to this
+    /// tensor, in µs: each stage adds its own, so the initiator can tell a
+    /// step's compute from its hand-offs.
+    #[serde(default)]
+    pub compute_us: u64,
 }
 
 impl TensorHeader {

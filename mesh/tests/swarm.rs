@@ -109,6 +109,7 @@ async fn members_exchange_messages_and_tensors_intact() {
                 shape: vec![elements],
                 top_logits: 0,
                 no_logits: false,
+                compute_us: 0,
             };
             tokio::spawn(async move {
                 sender.send_tensor(b_id, Tensor { header, data: vec![0; elements as usize * 4] }).await
@@ -142,6 +143,7 @@ async fn members_exchange_messages_and_tensors_intact() {
             shape: vec![3, elements as u64 / 3],
             top_logits: 0,
             no_logits: false,
+            compute_us: 0,
         };
         Tensor { header, data }
     };
@@ -273,6 +275,7 @@ async fn an_outsiders_tensor_stream_is_dropped_unread() {
             shape: vec![4],
             top_logits: 0,
             no_logits: false,
+            compute_us: 0,
         },
         data: vec![0; 16],
     };

@@ -83,6 +83,7 @@ fn tensor() -> impl Strategy<Value = Tensor> {
                 shape,
                 top_logits: 0,
                 no_logits: false,
+                compute_us: 0,
             };
             let len = header.byte_len().unwrap() as usize;
             prop::collection::vec(any::<u8>(), len).prop_map(move |data| Tensor { header: header.clone(), data })
@@ -152,6 +153,7 @@ fn oversized_frames_are_refused_before_allocating() {
         shape: vec![1 << 20, 1 << 20],
         top_logits: 0,
         no_logits: false,
+        compute_us: 0,
     };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();
@@ -169,6 +171,7 @@ fn oversized_frames_are_refused_before_allocating() {
         shape: vec![u64::MAX, 3],
         top_logits: 0,
         no_logits: false,
+        compute_us: 0,
     };
     let mut bytes = Vec::new();
     block_on(wire::write_frame(&mut bytes, &Frame::new(1, header), wire::TENSOR_HEADER_LIMIT)).unwrap();

@@ -5,9 +5,11 @@
 //! their ratio to one node (each run paired with one on the one-node mesh
 //! just before), with the hops a token takes on that mesh's plan (from the
 //! asking node through the stages and back: the asker's place in the plan
-//! decides whether 3 stages cost 3 hops or 4) and the decode time a token
-//! gains over one node per hop (the hand-offs and the stages' compute in
-//! separate processes);
+//! decides whether 3 stages cost 3 hops or 4); what a decode step spends
+//! outside the stages' compute (`llnode prompt --stats`: the network and
+//! the hand-offs between threads and processes) beyond one node's, per hop,
+//! and how much more its compute takes split into stages (in separate
+//! processes, on cold caches);
 //! aggregate tokens/s of k prompts at once from k members vs one prompt;
 //! activation bytes sent per token on each link; peak RSS of each node
 //! while it serves prompts, against the weights it runs (and its peak since
@@ -38,8 +40,23 @@ struct Figures {
     hops: usize,
     first_token_ms: f64,
     decode_tok_s: f64,
-    /// Median over the pairs of the decode ms per token over the one node's.
-    decode_extra_ms: f64,
+    /// Medians of a decode step's compute in the stages and the rest of its time, in ms.
+    compute_ms: f64,
+    handoff_ms: f64,
+    /// Median over the pairs of a decode step's hand-off time (its time
+    /// outside the stages' compute) over the one node's, in ms.
+    handoff_extra_ms: f64,
+    /// Median over the pairs of a decode step's compute over the one node's.
+    compute_ratio: f64,
+}
+
+/// What `llnode prompt --stats` says of one prompt.
+struct Stats {
+    first_token_ms: f64,
+    decode_tok_s: f64,
+    /// Medians over the decode steps: the stages' compute, and the rest.
+    compute_ms: f64,
+    handoff_ms: f64,
 }
 
 fn main() {
@@ -54,8 +71,8 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("model: built-in {size}; {cores} cores; {RUNS} runs of {TOKENS} tokens each, medians");
     println!(
-        "{:<6} {:>7} {:>5} {:>16} {:>10} {:>12} {:>10} {:>8}",
-        "nodes", "stages", "hops", "first token ms", "ratio", "decode tok/s", "ratio", "µs/hop"
+        "{:<6} {:>7} {:>5} {:>16} {:>10} {:>12} {:>10} {:>8} {:>9}",
+        "nodes", "stages", "hops", "first token ms", "ratio", "decode tok/s", "ratio", "µs/hop", "compute"
     );
 
     // The one-node mesh stays up: each run on a bigger mesh is paired with a
@@ -66,6 +83,7 @@ fn main() {
     warm(&one);
     let (alone, _) = runs(&one, None);
     row(1, &alone, (1.0, 1.0));
+    handoffs(&alone);
     let mut plot = Plot::default();
     for n in sizes {
         let share = 1.0 / n as f64 + 0.15;
@@ -76,6 +94,7 @@ fn main() {
         let started_peaks = warm(&mesh);
         let (figures, ratios) = runs(&mesh, Some(&one));
         row(n, &figures, ratios);
+        handoffs(&figures);
         plot.ratios.push((n, ratios));
         plot.at_once.push((n, concurrent(&mesh, n, figures.decode_tok_s, cores)));
         plot.memory.extend(links(&mesh, &manifest, &started_peaks));
@@ -106,12 +125,15 @@ fn warm(mesh: &Mesh) -> Vec<u64> {
 }
 
 fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
-    let per_hop = match figures.hops {
-        0 => "-".to_string(),
-        hops => format!("{:.0}", figures.decode_extra_ms * 1e3 / hops as f64),
+    let (per_hop, compute) = match figures.hops {
+        0 => ("-".to_string(), "-".to_string()),
+        hops => (
+            format!("{:.0}", figures.handoff_extra_ms * 1e3 / hops as f64),
+            format!("{:+.1}%", (figures.compute_ratio - 1.0) * 100.0),
+        ),
     };
     println!(
-        "{:<6} {:>7} {:>5} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x {:>8}",
+        "{:<6} {:>7} {:>5} {:>16.2} {:>9.2}x {:>12.1} {:>9.2}x {:>8} {:>9}",
         n,
         figures.stages,
         figures.hops,
@@ -119,7 +141,16 @@ fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
         first_ratio,
         figures.decode_tok_s,
         decode_ratio,
-        per_hop
+        per_hop,
+        compute
+    );
+}
+
+/// Where a decode step's time goes.
+fn handoffs(figures: &Figures) {
+    println!(
+        "       a decode step: {:.2} ms of compute in the stages, {:.2} ms outside it (network, hand-offs)",
+        figures.compute_ms, figures.handoff_ms
     );
 }
 
@@ -129,17 +160,21 @@ fn row(n: usize, figures: &Figures, (first_ratio, decode_ratio): (f64, f64)) {
 /// over ours; decode: ours over theirs).
 fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
     let (mut first, mut decode, mut first_ratio, mut decode_ratio) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut extra = Vec::new();
+    let (mut handoff_extra, mut compute_ratio) = (Vec::new(), Vec::new());
+    let (mut compute, mut handoff) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let base = paired_with.map(prompt_stats);
-        let (first_ms, tok_s) = prompt_stats(mesh);
-        if let Some((base_first_ms, base_tok_s)) = base {
-            first_ratio.push(base_first_ms / first_ms);
-            decode_ratio.push(tok_s / base_tok_s);
-            extra.push(1e3 / tok_s - 1e3 / base_tok_s);
+        let ours = prompt_stats(mesh);
+        if let Some(base) = base {
+            first_ratio.push(base.first_token_ms / ours.first_token_ms);
+            decode_ratio.push(ours.decode_tok_s / base.decode_tok_s);
+            handoff_extra.push(ours.handoff_ms - base.handoff_ms);
+            compute_ratio.push(ours.compute_ms / base.compute_ms);
         }
-        first.push(first_ms);
-        decode.push(tok_s);
+        first.push(ours.first_token_ms);
+        decode.push(ours.decode_tok_s);
+        compute.push(ours.compute_ms);
+        handoff.push(ours.handoff_ms);
     }
     let view = plan(&mesh.nodes[0].dir);
     let stages: Vec<&str> =
@@ -152,18 +187,26 @@ fn runs(mesh: &Mesh, paired_with: Option<&Mesh>) -> (Figures, (f64, f64)) {
         hops: route.windows(2).filter(|pair| pair[0] != pair[1]).count(),
         first_token_ms: median(first),
         decode_tok_s: median(decode),
-        decode_extra_ms: if extra.is_empty() { 0.0 } else { median(extra) },
+        compute_ms: median(compute),
+        handoff_ms: median(handoff),
+        handoff_extra_ms: if handoff_extra.is_empty() { 0.0 } else { median(handoff_extra) },
+        compute_ratio: if compute_ratio.is_empty() { 1.0 } else { median(compute_ratio) },
     };
     let ratios = if paired_with.is_some() { (median(first_ratio), median(decode_ratio)) } else { (1.0, 1.0) };
     (figures, ratios)
 }
 
-/// Time to first token (ms) and decode tokens/s of one prompt from the mesh's last node.
-fn prompt_stats(mesh: &Mesh) -> (f64, f64) {
+/// The figures of one prompt from the mesh's last node.
+fn prompt_stats(mesh: &Mesh) -> Stats {
     let dir = &mesh.nodes[mesh.nodes.len() - 1].dir;
     let out = llnode(&["prompt", "--data-dir", s(dir), "--stats", "--ignore-eos", "--max-tokens", TOKENS, PROMPT]);
     assert!(out.ok, "{}", out.stderr);
-    (stat(&out.stderr, "first_token_ms"), stat(&out.stderr, "decode_tok_s"))
+    Stats {
+        first_token_ms: stat(&out.stderr, "first_token_ms"),
+        decode_tok_s: stat(&out.stderr, "decode_tok_s"),
+        compute_ms: stat(&out.stderr, "decode_compute_ms"),
+        handoff_ms: stat(&out.stderr, "decode_handoff_ms"),
+    }
 }
 
 /// Bytes each node sent each other node per generated token, and each node's

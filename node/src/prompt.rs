@@ -85,11 +85,17 @@ pub enum PromptEvent {
     },
     /// `first_token_s`: the prefill step, prompt in to first token out.
     /// `token_ms`: when each token's logits came, in ms from the prefill's start.
+    /// `decode_compute_ms`, `decode_handoff_ms`: medians over the decode
+    /// steps of the stages' compute in a step, and of the rest of its time,
+    /// from its send to its logits (the network and the hand-offs between
+    /// threads and devices).
     Done {
         prompt_tokens: usize,
         tokens: usize,
         first_token_s: f64,
         decode_tokens_per_s: f64,
+        decode_compute_ms: f64,
+        decode_handoff_ms: f64,
         epoch: u64,
         token_ms: Vec<f64>,
     },
@@ -207,6 +213,7 @@ pub async fn run(
             top_logits: options.sampling.logits_needed().and_then(|k| u32::try_from(k).ok()).unwrap_or(0),
             started: std::time::Instant::now(),
             token_ms: Vec::new(),
+            step_ms: Vec::new(),
         };
         forward.sessions.push((forward.session, forward.route.devices.clone()));
         tracing::info!(
@@ -220,11 +227,15 @@ pub async fn run(
         });
         let _ = ended_tx.send(std::mem::take(&mut forward.sessions));
         let generation = generation.map_err(|e| e.to_string())?;
+        // The first step is the prefill.
+        let decode = forward.step_ms.get(1..).unwrap_or_default();
         let _ = events.send(PromptEvent::Done {
             prompt_tokens: generation.prompt_tokens,
             tokens: generation.tokens.len(),
             first_token_s: generation.prefill.as_secs_f64(),
             decode_tokens_per_s: generation.decode_tokens_per_s(),
+            decode_compute_ms: median(decode.iter().map(|(_, compute)| *compute)),
+            decode_handoff_ms: median(decode.iter().map(|(step, compute)| step - compute)),
             epoch: forward.route.epoch,
             token_ms: std::mem::take(&mut forward.token_ms),
         });
@@ -326,7 +337,16 @@ pub fn cli(
                 let why = if moving.take().as_ref() == Some(&why) { String::new() } else { format!("{why}; ") };
                 format!("{why}resumed on plan epoch {epoch} after {:.0} ms (replayed {replayed} step(s))", pause_s * 1e3)
             }
-            PromptEvent::Done { prompt_tokens, tokens, first_token_s, decode_tokens_per_s, epoch, token_ms } => {
+            PromptEvent::Done {
+                prompt_tokens,
+                tokens,
+                first_token_s,
+                decode_tokens_per_s,
+                decode_compute_ms,
+                decode_handoff_ms,
+                epoch,
+                token_ms,
+            } => {
                 crate::outln!();
                 if report.timings {
                     let times: Vec<String> = token_ms.iter().map(|t| format!("{t:.1}")).collect();
@@ -334,7 +354,7 @@ pub fn cli(
                 }
                 if report.stats {
                     eprintln!(
-                        "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2}",
+                        "stats: plan_epoch={epoch} prompt_tokens={prompt_tokens} tokens={tokens} first_token_ms={:.2} decode_tok_s={decode_tokens_per_s:.2} decode_compute_ms={decode_compute_ms:.3} decode_handoff_ms={decode_handoff_ms:.3}",
                         first_token_s * 1e3
                     );
                 }
@@ -346,6 +366,13 @@ pub fn cli(
         }
         eprintln!("llnode: {status}");
     }))
+}
+
+/// The median of `values`; 0 for none.
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -87,7 +87,15 @@ fn inside(inner: &Range<usize>, outer: &Range<usize>) -> bool {
 }
 
 /// Where an initiator's step gets its logits, or why they will not come.
-type LogitsReply = oneshot::Sender<Result<Vec<f32>, StepFail>>;
+type LogitsReply = oneshot::Sender<Result<StepLogits, StepFail>>;
+
+/// A step's logits, as the initiator's sampler reads them, and the stages'
+/// compute that made them, in µs (on the path through the stages: each
+/// stage adds its own to its inputs' most).
+pub struct StepLogits {
+    pub logits: Vec<f32>,
+    pub compute_us: u64,
+}
 
 pub struct ExecutionActor;
 
@@ -129,6 +137,8 @@ pub struct Delivery {
     pub top_logits: u32,
     /// It reads none of this step's ([`llnode_mesh::wire::TensorHeader::no_logits`]).
     pub no_logits: bool,
+    /// The stages' compute behind it, in µs ([`llnode_mesh::wire::TensorHeader::compute_us`]).
+    pub compute_us: u64,
 }
 
 pub enum ExecutionMsg {
@@ -217,12 +227,22 @@ struct Session {
     states: HashMap<usize, Option<ChainState>>,
     /// The step each local segment runs next (steps may arrive out of order).
     next: HashMap<usize, u64>,
-    /// Inputs gathered per (segment, step): its tokens, whether its logits are left out, the inputs.
-    inbox: HashMap<(usize, u64), (u32, bool, Activations)>,
+    /// Inputs gathered per (segment, step).
+    inbox: HashMap<(usize, u64), Inputs>,
     /// How many logits the initiator reads, as its tensors say.
     top_logits: u32,
     /// When a tensor of it last came.
     heard: std::time::Instant,
+}
+
+/// A step's inputs for one segment, as they come.
+struct Inputs {
+    tokens: u32,
+    /// The initiator reads none of the step's logits.
+    no_logits: bool,
+    /// The stages' compute behind them, in µs: the most of any of them.
+    compute_us: u64,
+    acts: Activations,
 }
 
 /// Which step of which session a segment ran.
@@ -234,6 +254,8 @@ pub struct Step {
     tokens: u32,
     /// Its logits are left out.
     no_logits: bool,
+    /// The stages' compute behind its inputs, in µs.
+    compute_us: u64,
 }
 
 /// Caches handed over for a session that has not started here yet.

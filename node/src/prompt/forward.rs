@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::startup::Startup;
 use super::{PromptEvent, keeps_tokens_on};
-use crate::actor::execution::{Delivery, ExecutionMsg, Route, wire_tensor};
+use crate::actor::execution::{Delivery, ExecutionMsg, Route, StepLogits, wire_tensor};
 use crate::actor::planning::PlanningMsg;
 use crate::protocol::{CacheMove, NodeMessage, StepFail};
 
@@ -75,6 +75,9 @@ pub(super) struct MeshForward {
     pub(super) started: std::time::Instant,
     /// When each step's logits came, in ms from `started`.
     pub(super) token_ms: Vec<f64>,
+    /// Each step's time from its send to its logits, and the stages'
+    /// compute in it (on the path through them), in ms.
+    pub(super) step_ms: Vec<(f64, f64)>,
 }
 
 impl Forward for MeshForward {
@@ -146,13 +149,16 @@ impl MeshForward {
     /// Runs one step on the current route and waits for its logits.
     fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
         self.step += 1;
+        let started = std::time::Instant::now();
         let logits = self.expect_logits(self.step)?;
         self.send_step(self.step, tokens, self.past, true)?;
-        self.wait(logits)
+        let StepLogits { logits, compute_us } = self.wait(logits)?;
+        self.step_ms.push((started.elapsed().as_secs_f64() * 1e3, compute_us as f64 / 1e3));
+        Ok(logits)
     }
 
     /// Asks this node's execution actor for `step`'s logits, before the step is sent.
-    fn expect_logits(&self, step: u64) -> Result<oneshot::Receiver<Result<Vec<f32>, StepFail>>, StepFail> {
+    fn expect_logits(&self, step: u64) -> Result<oneshot::Receiver<Result<StepLogits, StepFail>>, StepFail> {
         let (reply, logits) = oneshot::channel();
         self.execution
             .cast(ExecutionMsg::AwaitLogits { session: self.session, epoch: self.route.epoch, step, reply })
@@ -160,7 +166,7 @@ impl MeshForward {
         Ok(logits)
     }
 
-    fn wait(&self, logits: oneshot::Receiver<Result<Vec<f32>, StepFail>>) -> Result<Vec<f32>, StepFail> {
+    fn wait(&self, logits: oneshot::Receiver<Result<StepLogits, StepFail>>) -> Result<StepLogits, StepFail> {
         self.handle
             .block_on(async { tokio::time::timeout(STEP_TIMEOUT, logits).await })
             .map_err(|_| StepFail::Moved(format!("no logits within {} s", STEP_TIMEOUT.as_secs())))?
@@ -190,6 +196,7 @@ impl MeshForward {
                 value,
                 top_logits: self.top_logits,
                 no_logits: !logits,
+                compute_us: 0,
             };
             let device = self.route.devices[s];
             if self.private && device != self.me && t.tensor == "input_ids" {

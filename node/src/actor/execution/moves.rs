@@ -108,6 +108,7 @@ impl ExecutionState {
                         value,
                         top_logits: 0,
                         no_logits: false,
+                        compute_us: 0,
                     },
                 ));
             }

@@ -15,8 +15,8 @@ use llnode_models::transmission::Endpoint;
 use ractor::ActorRef;
 
 use super::{
-    Current, Delivery, ExecutionMsg, ExecutionState, Import, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail, busy,
-    busy_sessions, logits_tensor, read_logits, wire_tensor,
+    Current, Delivery, ExecutionMsg, ExecutionState, Import, Inputs, MAX_EARLY, SESSION_IDLE, Session, Step, StepFail,
+    StepLogits, busy, busy_sessions, logits_tensor, read_logits, wire_tensor,
 };
 use crate::protocol::NodeMessage;
 
@@ -85,9 +85,14 @@ impl ExecutionState {
         session.top_logits = d.top_logits;
         session.heard = std::time::Instant::now();
         for s in &readers {
-            let entry =
-                session.inbox.entry((*s, d.step)).or_insert_with(|| (d.tokens, d.no_logits, Activations::new()));
-            entry.2.insert(d.name.clone(), value.clone());
+            let inputs = session.inbox.entry((*s, d.step)).or_insert_with(|| Inputs {
+                tokens: d.tokens,
+                no_logits: d.no_logits,
+                compute_us: 0,
+                acts: Activations::new(),
+            });
+            inputs.compute_us = inputs.compute_us.max(d.compute_us);
+            inputs.acts.insert(d.name.clone(), value.clone());
         }
         for s in readers {
             self.try_run(d.session, s, d.step, myself);
@@ -106,7 +111,7 @@ impl ExecutionState {
             .values()
             .filter(|sess| self.plans.is_current(sess.epoch))
             .flat_map(|sess| sess.inbox.iter())
-            .filter(|((seg, _), (_, _, acts))| *seg == s && needed.iter().all(|n| acts.contains_key(*n)))
+            .filter(|((seg, _), inputs)| *seg == s && needed.iter().all(|n| inputs.acts.contains_key(*n)))
             .count()
     }
 
@@ -123,17 +128,17 @@ impl ExecutionState {
             return;
         };
         let needed: Vec<String> = ready.map.inputs_of(s).map(|t| t.tensor.clone()).collect();
-        let ready = sess.inbox.get(&(s, step)).is_some_and(|(_, _, acts)| needed.iter().all(|n| acts.contains_key(n)));
+        let ready = sess.inbox.get(&(s, step)).is_some_and(|inputs| needed.iter().all(|n| inputs.acts.contains_key(n)));
         let turn = sess.next.get(&s).copied().unwrap_or(1) == step;
         let free = !matches!(sess.states.get(&s), Some(None));
         if !ready || !turn || !free {
             return;
         }
-        let (tokens, no_logits, acts) = sess.inbox.remove(&(s, step)).expect("ready");
+        let Inputs { tokens, no_logits, compute_us, acts } = sess.inbox.remove(&(s, step)).expect("ready");
         let inline = tokens == 1 && self.alone();
         let sess = self.sessions.get_mut(&session).expect("looked up above");
         let mut cache = sess.states.insert(s, None).flatten().unwrap_or_else(|| runner.new_state());
-        let done = Step { session, segment: s, step, tokens, no_logits };
+        let done = Step { session, segment: s, step, tokens, no_logits, compute_us };
         let throttle = self.args.throttle.clone();
         let run = move |cache: &mut ChainState| {
             let started = std::time::Instant::now();
@@ -192,7 +197,7 @@ impl ExecutionState {
         result: Result<Activations, RunError>,
         myself: &ActorRef<ExecutionMsg>,
     ) {
-        let Step { session, segment, step, tokens, no_logits } = done;
+        let Step { session, segment, step, tokens, no_logits, .. } = done;
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -211,7 +216,10 @@ impl ExecutionState {
             self.pace.record(segment, stage.units.clone(), secs, queued);
         }
         match result {
-            Ok(outputs) => self.forward(done, initiator, outputs, myself),
+            Ok(outputs) => {
+                let done = Step { compute_us: done.compute_us + (secs * 1e6) as u64, ..done };
+                self.forward(done, initiator, outputs, myself)
+            }
             Err(e) => {
                 tracing::error!(session, "segment {segment} failed at step {step}: {e}");
                 self.fail(session, initiator, step, StepFail::Failed(format!("segment {segment} failed: {e}")));
@@ -229,7 +237,7 @@ impl ExecutionState {
         outputs: Activations,
         myself: &ActorRef<ExecutionMsg>,
     ) {
-        let Step { session, segment: s, step, tokens, no_logits } = done;
+        let Step { session, segment: s, step, tokens, no_logits, compute_us } = done;
         let Some((epoch, top_logits)) = self.sessions.get(&session).map(|sess| (sess.epoch, sess.top_logits)) else {
             return;
         };
@@ -261,7 +269,18 @@ impl ExecutionState {
                 }
             };
             let name = t.tensor.clone();
-            let d = Delivery { session, epoch, initiator, step, tokens, name, value: raw, top_logits, no_logits };
+            let d = Delivery {
+                session,
+                epoch,
+                initiator,
+                step,
+                tokens,
+                name,
+                value: raw,
+                top_logits,
+                no_logits,
+                compute_us,
+            };
             if to == me {
                 local.push(d);
             } else {
@@ -300,7 +319,9 @@ impl ExecutionState {
         let Some((_, reply)) = self.waiting.remove(&(d.session, d.step)) else {
             return;
         };
-        let _ = reply.send(read_logits(d.value).map_err(StepFail::Failed));
+        let compute_us = d.compute_us;
+        let _ =
+            reply.send(read_logits(d.value).map(|logits| StepLogits { logits, compute_us }).map_err(StepFail::Failed));
     }
 
     /// Step `step` of `session` failed here: its initiator hears why, here

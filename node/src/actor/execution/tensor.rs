@@ -36,6 +36,7 @@ pub(super) fn delivery(initiator_or_sender: PeerId, tensor: WireTensor) -> Resul
         value: RawTensor { dtype, shape, data: tensor.data },
         top_logits: h.top_logits,
         no_logits: h.no_logits,
+        compute_us: h.compute_us,
     })
 }
 
@@ -93,6 +94,7 @@ pub fn wire_tensor(d: Delivery) -> WireTensor {
             shape: value.shape.iter().map(|&d| d as u64).collect(),
             top_logits: d.top_logits,
             no_logits: d.no_logits,
+            compute_us: d.compute_us,
         },
         data: value.data,
     }

@@ -185,6 +185,7 @@ async fn measure_link(client: &MeshClient, peer: PeerId) -> Option<Link> {
             shape: vec![PROBE_BYTES as u64],
             top_logits: 0,
             no_logits: false,
+            compute_us: 0,
         },
         data: vec![0; PROBE_BYTES],
     };
