@@ -119,3 +119,21 @@ fn tokens_admit_once_and_revocation_spreads_at_once() {
     let no_node = llnode(&["peers", "--data-dir", s(&dir("nobody"))]);
     assert!(!no_node.ok && no_node.stderr.contains("no node is running"), "{}", no_node.stderr);
 }
+
+/// `llnode start --cpus`: every thread of the node runs on the cores named,
+/// its measuring and its runtime included; a core the process may not use is
+/// one error line.
+#[test]
+fn a_node_runs_on_the_cores_it_is_given() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    ok(&["mesh", "init", "--data-dir", s(&dir), "--name", "alpha"]);
+    let node = Node::start_with(&dir, &[], &["--cpus", "0"]);
+    node.wait_measured();
+    let cpus = node.thread_cpus();
+    assert!(cpus.len() > 2 && cpus.iter().all(|c| c == "0"), "{cpus:?}");
+    node.stop();
+
+    let out = llnode(&["start", "--data-dir", s(&dir), "--no-mdns", "--cpus", "0,4095"]);
+    assert!(!out.ok && out.stderr.lines().count() == 1 && out.stderr.contains("no core 4095"), "{}", out.stderr);
+}

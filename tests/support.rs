@@ -147,6 +147,17 @@ impl Node {
         self.status_kib("VmRSS:") * 1024
     }
 
+    /// The cores each of the process's threads may run on, as Linux lists them (`0-1`).
+    pub fn thread_cpus(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the process's threads");
+        tasks
+            .map(|task| {
+                let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+                status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string()
+            })
+            .collect()
+    }
+
     fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status

@@ -79,18 +79,15 @@ fn main() {
     // run on it just before, and the ratios are the medians of the pairs'.
     // This machine's pace drifts by a third from one minute to the next, which
     // a ratio of medians taken minutes apart would carry.
-    let one = Mesh::with_args(&package, 1, 1, &share_of(&package, 1.5), &["--no-rebalance"]);
+    let cpus = cpus();
+    let one = Mesh::with_node_args(node_args(&package, 1, 1.5, &[]));
     warm(&one);
     let (alone, _) = runs(&one, None);
     row(1, &alone, (1.0, 1.0));
     handoffs(&alone);
     let mut plot = Plot::default();
     for n in sizes {
-        let share = 1.0 / n as f64 + 0.15;
-        // The plan stays put: this measures the pipeline, not the balancer
-        // (`just bench-balance` does), which on 2 cores would move units away
-        // from nodes slowed by sharing them.
-        let mesh = Mesh::with_args(&package, n, n, &share_of(&package, share), &["--no-rebalance"]);
+        let mesh = Mesh::with_node_args(node_args(&package, n, 1.0 / n as f64 + 0.15, &cpus));
         let started_peaks = warm(&mesh);
         let (figures, ratios) = runs(&mesh, Some(&one));
         row(n, &figures, ratios);
@@ -100,6 +97,45 @@ fn main() {
         plot.memory.extend(links(&mesh, &manifest, &started_peaks));
     }
     println!("plot: {}", plot.draw().display());
+}
+
+/// `llnode start` arguments for `n` nodes that all have the package, each
+/// offering `share` of the memory the model needs. The plan stays put: this
+/// measures the pipeline, not the balancer (`just bench-balance` does),
+/// which on 2 cores would move units away from nodes slowed by sharing them.
+/// Where `cpus` (the cores to use) has at least two for each node, each node
+/// runs on cores of its own, as each phone has its own. With fewer the
+/// scheduler places them: a node kept on one core had its network threads
+/// wait for its own steps (2 prompts at once on 2 nodes, 1.05x one prompt,
+/// against 1.8x), and on a core another node had just used a stage computed
+/// 2-3% slower than the same units in one process.
+fn node_args(package: &Path, n: usize, share: f64, cpus: &[String]) -> Vec<Vec<String>> {
+    let memory = share_of(package, share);
+    let each = cpus.len() / n;
+    (0..n)
+        .map(|i| {
+            let mut args = ["--memory", &memory, "--model", s(package), "--no-rebalance"].map(String::from).to_vec();
+            if each >= 2 {
+                args.extend(["--cpus".to_string(), cpus[i * each..(i + 1) * each].join(",")]);
+            }
+            args
+        })
+        .collect()
+}
+
+/// The cores this process may run on, as Linux lists them (`0-1,4`); none
+/// where it does not say.
+fn cpus() -> Vec<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) else { return Vec::new() };
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
+            cpus.extend((first..=last).map(|cpu| cpu.to_string()));
+        }
+    }
+    cpus
 }
 
 /// The meshes to measure against one node: the node counts named on the

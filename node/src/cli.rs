@@ -168,6 +168,10 @@ pub struct StartArgs {
     /// asked here); the next one is answered "busy, retry".
     #[arg(long, env = "LLNODE_MAX_PROMPTS", default_value = "4", value_parser = clap::value_parser!(u16).range(1..))]
     pub max_prompts: u16,
+    /// Run on these cores only, as `0,2-3` (Linux and Android): a phone's
+    /// big cores, say, or a core of its own for each node a machine hosts.
+    #[arg(long, env = "LLNODE_CPUS")]
+    pub cpus: Option<crate::cpus::CpuList>,
 }
 
 fn parse_threshold(text: &str) -> Result<f64, String> {
@@ -375,6 +379,7 @@ impl Command {
                     rebalance: (!args.no_rebalance).then_some(args.rebalance_threshold),
                     max_sessions: args.max_sessions.into(),
                     max_prompts: args.max_prompts.into(),
+                    cpus: args.cpus,
                 };
                 crate::start::start(&args.dir.path()?, options)
             }

@@ -8,6 +8,7 @@ mod alloc;
 mod bar;
 mod cli;
 mod control;
+mod cpus;
 mod demo;
 mod mesh_cmd;
 mod pace;
@@ -116,21 +117,20 @@ fn one_line(e: &anyhow::Error) -> String {
 /// Its workers move messages: measuring, file work and a step's compute run
 /// on blocking threads, but for a decode step of a device's only session,
 /// which holds one worker while the other serves the network. So it has
-/// [`WORKERS`] of them, not one per core (tokio's default), unless
-/// `TOKIO_WORKER_THREADS` says otherwise:
+/// [`WORKERS`] of them, even on one core, and not one per core (tokio's
+/// default), unless `TOKIO_WORKER_THREADS` says otherwise:
 /// each worker keeps its own allocator heap, and on 16 cores the bench
 /// model's nodes held 2–13 MiB more than their weights allow
 /// (`just bench-mesh-infer`, peak RSS against 1.1× weights + 64 MiB).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        builder.worker_threads(cores.min(WORKERS));
+        builder.worker_threads(WORKERS);
     }
     Ok(builder.enable_all().build()?)
 }
 
-/// The runtime's workers, at most.
+/// The runtime's workers.
 const WORKERS: usize = 2;
 
 #[cfg(test)]

@@ -40,9 +40,15 @@ pub struct StartOptions {
     pub max_sessions: usize,
     /// `--max-prompts`.
     pub max_prompts: usize,
+    /// `--cpus`.
+    pub cpus: Option<crate::cpus::CpuList>,
 }
 
 pub fn start(data_dir: &Path, options: StartOptions) -> anyhow::Result<()> {
+    // Before the runtime starts its threads, which then run there too.
+    if let Some(cpus) = &options.cpus {
+        crate::cpus::pin(cpus)?;
+    }
     crate::runtime()?.block_on(run(data_dir, options))
 }
 
