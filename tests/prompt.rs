@@ -9,7 +9,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{Mesh, Streaming, alone, built_in, llnode, ok, package_of, s, share_of, units_of};
+use support::{Mesh, Streaming, alone, built_in, llnode, median, ok, package_of, s, share_of, stat, units_of};
 
 const GREEDY: [&str; 4] = ["--max-tokens", "24", "--ignore-eos", "The mesh of phones"];
 /// An answer long enough to keep a throttled mesh busy while others ask.
@@ -96,22 +96,14 @@ fn built_in_model_answers_the_same_from_every_member() {
 /// many times as long as the rest).
 fn step_times(mesh: &Mesh, i: usize) -> (f64, f64) {
     let args = ["prompt", "--data-dir", s(&mesh.nodes[i].dir), "--stats", "--timings"];
-    let out = llnode(&[&args[..], &GREEDY].concat());
-    let line = |start: &str| {
-        out.stderr.lines().find_map(|l| l.strip_prefix(start)).unwrap_or_else(|| panic!("{}", out.stderr)).to_string()
-    };
-    let (stats, timings) = (line("stats:"), line("timings_ms:"));
-    let stat = |key: &str| -> f64 {
-        stats.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap().parse().unwrap()
-    };
+    let err = llnode(&[&args[..], &GREEDY].concat()).stderr;
+    let timings = err.lines().find_map(|l| l.strip_prefix("timings_ms:")).unwrap_or_else(|| panic!("{err}"));
     let came: Vec<f64> = timings.split_whitespace().map(|t| t.parse().unwrap()).collect();
-    let mut tokens: Vec<f64> = came.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    tokens.sort_by(f64::total_cmp);
-    let token = tokens[tokens.len() / 2];
-    let (compute, handoff) = (stat("decode_compute_ms"), stat("decode_handoff_ms"));
+    let token = median(came.windows(2).map(|pair| pair[1] - pair[0]).collect());
+    let (compute, handoff) = (stat(&err, "decode_compute_ms"), stat(&err, "decode_handoff_ms"));
     assert!(
         compute > 0.0 && handoff > 0.0 && (0.5 * token..1.5 * token).contains(&(compute + handoff)),
-        "{stats} (a token: {token} ms)"
+        "{err} (a token: {token} ms)"
     );
     (compute, handoff)
 }

@@ -469,3 +469,18 @@ impl Streaming {
         Output { ok: status.success(), stdout: String::from_utf8_lossy(&self.out).into_owned(), stderr }
     }
 }
+
+/// The figure `key` on the `stats:` line `llnode prompt --stats` wrote to `stderr`.
+pub fn stat(stderr: &str, key: &str) -> f64 {
+    let line = stderr.lines().find(|l| l.starts_with("stats:")).unwrap_or_else(|| panic!("no stats in {stderr}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// The median of `v` (the upper one of an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use support::{Mesh, Streaming, ok, package_of, s, share_of, units_of};
+use support::{Mesh, Streaming, median, ok, package_of, s, share_of, units_of};
 
 const PROMPT: &str = "The mesh of phones answers";
 const ASKING: usize = 0;
@@ -324,11 +324,6 @@ fn rate(times: &[f64]) -> f64 {
         [first, .., last] if last > first => (times.len() - 1) as f64 / (last - first) * 1e3,
         _ => f64::NAN,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The tokens before which the generation moved to a new plan live (`moved

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::Value;
-use support::{Mesh, llnode, ok, package_of, s, share_of};
+use support::{Mesh, llnode, median, ok, package_of, s, share_of, stat};
 
 const TOKENS: &str = "48";
 const PROMPT: &str = "The mesh of phones answers";
@@ -326,16 +326,6 @@ fn concurrent(mesh: &Mesh, k: usize, alone: f64, cores: usize) -> f64 {
 
 fn plan(dir: &Path) -> Value {
     serde_json::from_str(&ok(&["plan", "--json", "--data-dir", s(dir)])).unwrap()
-}
-
-fn stat(stderr: &str, key: &str) -> f64 {
-    let line = stderr.lines().find(|l| l.starts_with("stats:")).unwrap_or_else(|| panic!("no stats in {stderr}"));
-    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).and_then(|v| v.parse().ok()).unwrap()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// One node's memory, in MiB: weights held (spares included), peak RSS while serving, target.
