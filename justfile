@@ -30,7 +30,7 @@ test-exports:
 bench-plan:
     cargo bench -p llnode-planner
 
-# Mesh: control and 4 KiB tensor round trips (p50, p99) and tensor throughput between two nodes on loopback.
+# Mesh: control and 4 KiB tensor round trips (p50, p99; back to back and after 20 ms idle) and tensor throughput between two nodes on loopback.
 bench-mesh:
     cargo bench -p llnode-mesh --bench mesh
 

@@ -1,6 +1,7 @@
 //! `just bench-mesh`: two trusted nodes on loopback in one process (real
 //! libp2p over real TCP sockets, Noise, Yamux). Prints the control-message
-//! round trip and a 4 KiB tensor's (p50, p99), and tensor throughput. Targets:
+//! round trip and a 4 KiB tensor's (p50, p99), back to back and after the
+//! nodes sat idle as a pipeline's stages do, and tensor throughput. Targets:
 //! control p50 < 1 ms, ≥ 200 MB/s.
 
 use std::time::{Duration, Instant};
@@ -66,6 +67,30 @@ async fn round_trips<F: std::future::Future<Output = ()>>(call: impl Fn() -> F) 
     times
 }
 
+/// How long the nodes sit idle before each of the last round trips (about
+/// a stage's step of the bench model), and how many.
+const IDLE: Duration = Duration::from_millis(20);
+const IDLE_ROUNDS: usize = 250;
+
+/// A residual-stream-like tensor of `elements` floats.
+fn hidden(elements: u64) -> Tensor {
+    Tensor {
+        header: TensorHeader {
+            session: 1,
+            step: 2,
+            tokens: 1,
+            epoch: 1,
+            name: "hidden".into(),
+            dtype: DType::F32,
+            shape: vec![1, 1, elements],
+            top_logits: 0,
+            no_logits: false,
+            compute_us: 0,
+        },
+        data: vec![7u8; elements as usize * 4],
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -99,23 +124,8 @@ async fn main() {
     // A decode step's hops: a residual-stream-sized tensor, and a last
     // position's logits (32000 floats), each sent and acknowledged.
     for (label, elements) in [("4 KiB", 1024), ("125 KiB", 32000)] {
-        let tensor = || Tensor {
-            header: TensorHeader {
-                session: 1,
-                step: 2,
-                tokens: 1,
-                epoch: 1,
-                name: "hidden".into(),
-                dtype: DType::F32,
-                shape: vec![1, 1, elements],
-                top_logits: 0,
-                no_logits: false,
-                compute_us: 0,
-            },
-            data: vec![7u8; elements as usize * 4],
-        };
         let times = round_trips(|| async {
-            a.send_tensor(peer, tensor()).await.unwrap();
+            a.send_tensor(peer, hidden(elements)).await.unwrap();
         })
         .await;
         println!(
@@ -125,6 +135,24 @@ async fn main() {
             percentile(&times, 0.99).as_secs_f64() * 1e3
         );
     }
+    // A stage's inputs come after it sat idle for the stages before it: its
+    // threads are asleep and its cores may be halted, and waking them is
+    // part of every hop. Back to back, nothing has time to sleep.
+    let mut times = Vec::new();
+    for _ in 0..IDLE_ROUNDS {
+        tokio::time::sleep(IDLE).await;
+        let t = Instant::now();
+        a.send_tensor(peer, hidden(1024)).await.unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "tensor round trip (4 KiB after {} ms idle, as a stage finds it, {} tensors): p50 {:.3} ms, p99 {:.3} ms",
+        IDLE.as_millis(),
+        times.len(),
+        percentile(&times, 0.5).as_secs_f64() * 1e3,
+        percentile(&times, 0.99).as_secs_f64() * 1e3
+    );
 
     // Tensor throughput, one at a time and four in flight.
     for (label, size, count, in_flight) in [
@@ -132,21 +160,7 @@ async fn main() {
         ("16 MiB, sequential", 16 << 20, 32, 1),
         ("16 MiB, 4 in flight", 16 << 20, 64, 4),
     ] {
-        let make = || Tensor {
-            header: TensorHeader {
-                session: 1,
-                step: 1,
-                tokens: 1,
-                epoch: 1,
-                name: "hidden".into(),
-                dtype: DType::F32,
-                shape: vec![(size / 4) as u64],
-                top_logits: 0,
-                no_logits: false,
-                compute_us: 0,
-            },
-            data: vec![7u8; size],
-        };
+        let make = || hidden(size as u64 / 4);
         a.send_tensor(peer, make()).await.unwrap();
         let t = Instant::now();
         let mut pending = futures::stream::FuturesUnordered::new();
