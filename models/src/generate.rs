@@ -72,60 +72,137 @@ pub fn generate(
     options: &GenerateOptions,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation, GenerateError> {
-    options.sampling.validate().map_err(GenerateError::Sampling)?;
-    if prompt.is_empty() {
-        return Err(TokenizerError::EmptyPrompt.into());
-    }
-    if let Some(context) = options.context
-        && prompt.len() >= context
-    {
-        return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context });
-    }
-    let mut sampler = Sampler::new(options.sampling.clone());
-    let mut history = prompt.to_vec();
-    let mut stream = TextStream::new(prompt);
-    let mut tokens = Vec::new();
-    let hold_back = options.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-
-    let start = Instant::now();
+    let mut generator = Generator::new(tokenizer, prompt, options)?;
     let mut logits = model.forward(prompt)?;
-    let prefill = start.elapsed();
-    let decode_start = Instant::now();
-    let finish = loop {
-        if tokens.len() == options.max_tokens {
-            break Finish::MaxTokens;
+    loop {
+        match generator.next(logits, model.position(), on_text)? {
+            Next::Forward(token) => logits = model.forward(&[token])?,
+            Next::Done(generation) => return Ok(generation),
         }
-        let token = sampler.sample(&mut logits, &history);
+    }
+}
+
+/// The generation loop without the model: a driver runs the prompt as the
+/// first step, hands each step's logits to [`Generator::next`] and runs the
+/// token it answers, until it answers [`Next::Done`]. [`generate`] drives it
+/// through a [`Forward`]; a driver that awaits its steps (a mesh's) can too.
+pub struct Generator<'a> {
+    tokenizer: &'a TextTokenizer,
+    options: &'a GenerateOptions,
+    sampler: Sampler,
+    history: Vec<u32>,
+    stream: TextStream,
+    tokens: Vec<u32>,
+    /// Text held back from `on_text` in case it begins a stop string.
+    hold_back: usize,
+    prompt_tokens: usize,
+    started: Instant,
+    /// The first step's time, once its logits came, and when decoding began.
+    prefill: Option<(Duration, Instant)>,
+}
+
+/// What to do after a step.
+pub enum Next {
+    /// Run this token next.
+    Forward(u32),
+    /// Generation ended.
+    Done(Generation),
+}
+
+impl<'a> Generator<'a> {
+    /// Checks the prompt and the options; the clock for the first token starts here.
+    pub fn new(
+        tokenizer: &'a TextTokenizer,
+        prompt: &[u32],
+        options: &'a GenerateOptions,
+    ) -> Result<Generator<'a>, GenerateError> {
+        options.sampling.validate().map_err(GenerateError::Sampling)?;
+        if prompt.is_empty() {
+            return Err(TokenizerError::EmptyPrompt.into());
+        }
+        if let Some(context) = options.context
+            && prompt.len() >= context
+        {
+            return Err(GenerateError::PromptTooLong { prompt: prompt.len(), context });
+        }
+        Ok(Generator {
+            tokenizer,
+            options,
+            sampler: Sampler::new(options.sampling.clone()),
+            history: prompt.to_vec(),
+            stream: TextStream::new(prompt),
+            tokens: Vec::new(),
+            hold_back: options.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0),
+            prompt_tokens: prompt.len(),
+            started: Instant::now(),
+            prefill: None,
+        })
+    }
+
+    /// A step's `logits`, the model having seen `position` tokens in all:
+    /// samples the next token and streams the text it completes; the token
+    /// to run next, or the generation when it has ended (an end-of-sequence
+    /// token, a stop string, the token budget or the context).
+    pub fn next(
+        &mut self,
+        mut logits: Vec<f32>,
+        position: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Next, GenerateError> {
+        let started = self.started;
+        let clock = *self.prefill.get_or_insert_with(|| (started.elapsed(), Instant::now()));
+        let options = self.options;
+        if self.tokens.len() == options.max_tokens {
+            return self.done(Finish::MaxTokens, clock, on_text);
+        }
+        let token = self.sampler.sample(&mut logits, &self.history);
         if options.eos.contains(&token) {
-            break Finish::Eos;
+            return self.done(Finish::Eos, clock, on_text);
         }
-        tokens.push(token);
-        history.push(token);
-        if stream.push(tokenizer, token)? {
-            let text = stream.text();
-            let from = stream.released().saturating_sub(hold_back);
+        self.tokens.push(token);
+        self.history.push(token);
+        if self.stream.push(self.tokenizer, token)? {
+            let text = self.stream.text();
+            let from = self.stream.released().saturating_sub(self.hold_back);
             if let Some(at) = options.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min()
             {
-                on_text(&stream.release(at));
-                break Finish::Stop;
+                on_text(&self.stream.release(at));
+                return self.done(Finish::Stop, clock, on_text);
             }
-            let end = text.len().saturating_sub(hold_back);
-            on_text(&stream.release(end));
+            let end = text.len().saturating_sub(self.hold_back);
+            on_text(&self.stream.release(end));
         }
-        if tokens.len() == options.max_tokens {
-            break Finish::MaxTokens;
+        if self.tokens.len() == options.max_tokens {
+            return self.done(Finish::MaxTokens, clock, on_text);
         }
-        if options.context.is_some_and(|c| model.position() + 1 >= c) {
-            break Finish::Context;
+        if options.context.is_some_and(|c| position + 1 >= c) {
+            return self.done(Finish::Context, clock, on_text);
         }
-        logits = model.forward(&[token])?;
-    };
-    let decode = decode_start.elapsed();
-    if finish != Finish::Stop {
-        stream.finish(tokenizer)?;
-        let end = stream.text().len();
-        on_text(&stream.release(end));
+        Ok(Next::Forward(token))
     }
-    let text = stream.text()[..stream.released()].to_string();
-    Ok(Generation { tokens, text, finish, prompt_tokens: prompt.len(), prefill, decode })
+
+    /// Ends the generation: the text held back goes out, unless a stop
+    /// string ended it. `clock`: the first step's time, and when decoding began.
+    fn done(
+        &mut self,
+        finish: Finish,
+        (prefill, decode_start): (Duration, Instant),
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Next, GenerateError> {
+        let decode = decode_start.elapsed();
+        if finish != Finish::Stop {
+            self.stream.finish(self.tokenizer)?;
+            let end = self.stream.text().len();
+            on_text(&self.stream.release(end));
+        }
+        let text = self.stream.text()[..self.stream.released()].to_string();
+        Ok(Next::Done(Generation {
+            tokens: std::mem::take(&mut self.tokens),
+            text,
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            prefill,
+            decode,
+        }))
+    }
 }

@@ -1,8 +1,9 @@
 //! `llnode prompt`: the initiator's side of an inference across the mesh.
 //! The node that is asked runs the generation loop (tokenizer, sampling,
-//! stop rules) with a [`Forward`](llnode_models::pipeline::Forward) whose steps go through the plan's
-//! segments (`forward`): it sends each step's token ids, mask and positions
-//! to the segments that read them and waits for the last segment's logits.
+//! stop rules: [`Generator`]) on its runtime, awaiting each step through the
+//! plan's segments (`forward`): it sends each step's token ids, mask and
+//! positions to the segments that read them and waits for the last
+//! segment's logits.
 //! Before the first step, `startup` finds the route to run on (of the model
 //! asked for; in privacy mode one that keeps the tokens here) and waits until
 //! every device of it has loaded its units.
@@ -14,12 +15,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use llnode_mesh::{MeshClient, PeerId};
-use llnode_models::generate::{GenerateOptions, generate};
+use llnode_models::generate::{GenerateError, GenerateOptions, Generation, Generator, Next};
 use llnode_models::sampling::SamplingConfig;
 use llnode_models::tokenizer::TextTokenizer;
 use ractor::{ActorRef, call_t};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use self::forward::MeshForward;
 use self::startup::Startup;
@@ -174,15 +175,11 @@ pub async fn run(
     let store = &initiator.store;
     let side = store.ensure_manifest(&initiator.client, &route.model).await?.side_files();
     let package = store.ensure(&initiator.client, &route.model, &side).await?;
-    let handle = tokio::runtime::Handle::current();
-    let (me, client, execution, traffic) =
-        (initiator.me, initiator.client.clone(), initiator.execution.clone(), initiator.traffic.clone());
-    let (planning, loaded, tokenizers) =
-        (initiator.planning.clone(), initiator.loaded.clone(), initiator.tokenizers.clone());
-    let (ended_tx, ended) = oneshot::channel();
-    let result = tokio::task::spawn_blocking(move || {
+    // Reading the model's description and its tokenizer, and tokenizing, are file and CPU work.
+    let (tokenizers, model_id) = (initiator.tokenizers.clone(), route.model.clone());
+    let (tokenizer, ids, options, with_positions) = tokio::task::spawn_blocking(move || {
         let model = llnode_models::package::load_units(&package, &[]).map_err(|e| e.to_string())?;
-        let tokenizer = tokenizers.of(&route.model, &model)?;
+        let tokenizer = tokenizers.of(&model_id, &model)?;
         let ids = if request.chat { tokenizer.encode_chat(&request.prompt) } else { tokenizer.encode(&request.prompt) }
             .map_err(|e| e.to_string())?;
         let options = GenerateOptions {
@@ -193,40 +190,47 @@ pub async fn run(
             context: model.info.max_positions,
         };
         let with_positions = model.inputs.iter().any(|i| i.name == "position_ids");
-        let mut forward = MeshForward {
-            handle,
-            me,
-            client,
-            execution,
-            loaded,
-            traffic,
-            planning,
-            events: events.clone(),
-            session: rand::random(),
-            sessions: Vec::new(),
-            route,
-            private,
-            step: 0,
-            past: 0,
-            history: Vec::new(),
-            with_positions,
-            top_logits: options.sampling.logits_needed().and_then(|k| u32::try_from(k).ok()).unwrap_or(0),
-            started: std::time::Instant::now(),
-            token_ms: Vec::new(),
-            step_ms: Vec::new(),
-        };
-        forward.sessions.push((forward.session, forward.route.devices.clone()));
-        tracing::info!(
-            session = forward.session,
-            "a prompt of {} token(s): generating on plan epoch {}",
-            ids.len(),
-            forward.route.epoch
-        );
-        let generation = generate(&mut forward, &tokenizer, &ids, &options, &mut |text| {
-            let _ = events.send(PromptEvent::Text(text.to_string()));
-        });
-        let _ = ended_tx.send(std::mem::take(&mut forward.sessions));
-        let generation = generation.map_err(|e| e.to_string())?;
+        Ok::<_, String>((tokenizer, ids, options, with_positions))
+    })
+    .await
+    .map_err(|e| format!("reading the model failed: {e}"))??;
+    let mut forward = MeshForward {
+        me: initiator.me,
+        client: initiator.client.clone(),
+        execution: initiator.execution.clone(),
+        loaded: initiator.loaded.clone(),
+        traffic: initiator.traffic.clone(),
+        planning: initiator.planning.clone(),
+        events: events.clone(),
+        session: rand::random(),
+        sessions: Vec::new(),
+        route,
+        private,
+        step: 0,
+        past: 0,
+        history: Vec::new(),
+        with_positions,
+        top_logits: options.sampling.logits_needed().and_then(|k| u32::try_from(k).ok()).unwrap_or(0),
+        started: std::time::Instant::now(),
+        token_ms: Vec::new(),
+        step_ms: Vec::new(),
+    };
+    forward.sessions.push((forward.session, forward.route.devices.clone()));
+    tracing::info!(
+        session = forward.session,
+        "a prompt of {} token(s): generating on plan epoch {}",
+        ids.len(),
+        forward.route.epoch
+    );
+    // The generation runs here, on the runtime: a step's tensors and logits
+    // come and go on its workers, so waiting for them costs no thread a
+    // wake-up. On a blocking thread each step cost two: one node spent 0.25 ms
+    // of a token outside the compute that way, 0.17 ms this way.
+    let generation = generate_on(&mut forward, &tokenizer, &ids, &options, &mut |text| {
+        let _ = events.send(PromptEvent::Text(text.to_string()));
+    })
+    .await;
+    let result = generation.map_err(|e| e.to_string()).map(|generation| {
         // The first step is the prefill.
         let decode = forward.step_ms.get(1..).unwrap_or_default();
         let _ = events.send(PromptEvent::Done {
@@ -239,12 +243,9 @@ pub async fn run(
             epoch: forward.route.epoch,
             token_ms: std::mem::take(&mut forward.token_ms),
         });
-        Ok::<(), String>(())
-    })
-    .await
-    .map_err(|e| format!("the generation task failed: {e}"))?;
+    });
     // Free the sessions' caches everywhere, whatever happened.
-    for (session, devices) in ended.await.unwrap_or_default() {
+    for (session, devices) in std::mem::take(&mut forward.sessions) {
         let end = NodeMessage::EndSession { session }.encode();
         for device in devices.iter().filter(|d| **d != initiator.me) {
             let _ = initiator.client.request(*device, llnode_mesh::wire::ControlRequest::Node(end.clone())).await;
@@ -252,6 +253,24 @@ pub async fn run(
         let _ = initiator.execution.cast(ExecutionMsg::EndSession { session });
     }
     result
+}
+
+/// [`llnode_models::generate::generate`]'s loop, with the mesh's steps awaited.
+async fn generate_on(
+    forward: &mut MeshForward,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    on_text: &mut (dyn FnMut(&str) + Send),
+) -> Result<Generation, GenerateError> {
+    let mut generator = Generator::new(tokenizer, prompt, options)?;
+    let mut logits = forward.forward(prompt).await?;
+    loop {
+        match generator.next(logits, forward.position(), on_text)? {
+            Next::Forward(token) => logits = forward.forward(&[token]).await?,
+            Next::Done(generation) => return Ok(generation),
+        }
+    }
 }
 
 /// Whether `route` keeps the token ids and logits on `me`: it runs the

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llnode_mesh::{MeshClient, PeerId};
-use llnode_models::pipeline::{Forward, step_inputs};
+use llnode_models::pipeline::step_inputs;
 use llnode_models::raw;
 use llnode_models::runner::RunError;
 use llnode_models::transmission::Endpoint;
@@ -45,10 +45,10 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a generation stopped on its route, and since when.
 type Interruption = (String, std::time::Instant);
 
-/// The generation's [`Forward`]: each step through the current route's
-/// stages, moving to the next plan when the mesh changes.
+/// The generation's steps through the current route's stages, moving to
+/// the next plan when the mesh changes; awaited on the runtime, as the
+/// steps' tensors and logits come and go there.
 pub(super) struct MeshForward {
-    pub(super) handle: tokio::runtime::Handle,
     pub(super) me: PeerId,
     pub(super) client: MeshClient,
     pub(super) execution: ActorRef<ExecutionMsg>,
@@ -80,8 +80,9 @@ pub(super) struct MeshForward {
     pub(super) step_ms: Vec<(f64, f64)>,
 }
 
-impl Forward for MeshForward {
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
+impl MeshForward {
+    /// Runs `tokens` after everything fed so far; returns the logits of the last one.
+    pub(super) async fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RunError> {
         // The asker's connection closed (`llnode prompt` stopped, Ctrl-C):
         // no step more, and the sessions' caches are freed everywhere.
         if self.events.is_closed() {
@@ -95,14 +96,14 @@ impl Forward for MeshForward {
         // Why and since when this step has been interrupted, once it has (it
         // then moves to the next plan); or why this token boundary's move to a
         // newer plan had to replay, to be said once the step has run.
-        let (mut moved, replayed): (Option<Interruption>, Option<Interruption>) = match self.switch_if_ready() {
+        let (mut moved, replayed): (Option<Interruption>, Option<Interruption>) = match self.switch_if_ready().await {
             Ok(replayed) => (None, replayed),
             Err(StepFail::Moved(why)) => (Some((why, std::time::Instant::now())), None),
             Err(StepFail::Failed(e) | StepFail::Busy(e)) => return Err(RunError::Remote(e)),
         };
         for _ in 0..=MAX_MOVES {
             if let Some((why, since)) = &moved {
-                match self.move_on(why) {
+                match self.move_on(why).await {
                     Ok(()) => {}
                     Err(StepFail::Failed(e) | StepFail::Busy(e)) => return Err(RunError::Remote(e)),
                     // The plan moved again during the replay: move again.
@@ -112,7 +113,7 @@ impl Forward for MeshForward {
                     }
                 }
             }
-            match self.step_through(tokens) {
+            match self.step_through(tokens).await {
                 Ok(logits) => {
                     if let Some((why, since)) = moved.or(replayed) {
                         self.resumed(why, since);
@@ -140,19 +141,18 @@ impl Forward for MeshForward {
         )))
     }
 
-    fn position(&self) -> usize {
+    /// Tokens fed so far (the past length).
+    pub(super) fn position(&self) -> usize {
         self.past
     }
-}
 
-impl MeshForward {
     /// Runs one step on the current route and waits for its logits.
-    fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
+    async fn step_through(&mut self, tokens: &[u32]) -> Result<Vec<f32>, StepFail> {
         self.step += 1;
         let started = std::time::Instant::now();
         let logits = self.expect_logits(self.step)?;
-        self.send_step(self.step, tokens, self.past, true)?;
-        let StepLogits { logits, compute_us } = self.wait(logits)?;
+        self.send_step(self.step, tokens, self.past, true).await?;
+        let StepLogits { logits, compute_us } = self.wait(logits).await?;
         self.step_ms.push((started.elapsed().as_secs_f64() * 1e3, compute_us as f64 / 1e3));
         Ok(logits)
     }
@@ -166,9 +166,9 @@ impl MeshForward {
         Ok(logits)
     }
 
-    fn wait(&self, logits: oneshot::Receiver<Result<StepLogits, StepFail>>) -> Result<StepLogits, StepFail> {
-        self.handle
-            .block_on(async { tokio::time::timeout(STEP_TIMEOUT, logits).await })
+    async fn wait(&self, logits: oneshot::Receiver<Result<StepLogits, StepFail>>) -> Result<StepLogits, StepFail> {
+        tokio::time::timeout(STEP_TIMEOUT, logits)
+            .await
             .map_err(|_| StepFail::Moved(format!("no logits within {} s", STEP_TIMEOUT.as_secs())))?
             .map_err(|_| StepFail::Failed("the node dropped the step".into()))?
     }
@@ -176,7 +176,7 @@ impl MeshForward {
     /// Sends a step's inputs (token ids, mask, positions) to the segments
     /// that read them; `logits`: whether the step returns its logits. Remote
     /// ones go out together, so a stage waits for one round trip, not one per input.
-    fn send_step(&self, step: u64, tokens: &[u32], past: usize, logits: bool) -> Result<(), StepFail> {
+    async fn send_step(&self, step: u64, tokens: &[u32], past: usize, logits: bool) -> Result<(), StepFail> {
         let failed = |e: String| StepFail::Failed(e);
         let acts = step_inputs(tokens, past, self.with_positions);
         let mut remote: Vec<(usize, PeerId, Vec<llnode_mesh::wire::Tensor>)> = Vec::new();
@@ -220,7 +220,7 @@ impl MeshForward {
             sizes.into_iter().for_each(|bytes| self.traffic.record(&device, bytes));
             Ok(())
         });
-        self.handle.block_on(futures::future::join_all(sends)).into_iter().collect()
+        futures::future::join_all(sends).await.into_iter().collect()
     }
 
     /// The generation went on on the current route, after replaying every
@@ -237,12 +237,9 @@ impl MeshForward {
     }
 
     /// Waits for a plan newer than the current route and replays the generation onto it.
-    fn move_on(&mut self, why: &str) -> Result<(), StepFail> {
-        let execution = self.execution.clone();
+    async fn move_on(&mut self, why: &str) -> Result<(), StepFail> {
         let after = self.route.epoch;
-        let route = self
-            .handle
-            .block_on(async move { call_t!(execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS) })
+        let route = call_t!(self.execution, |reply| ExecutionMsg::Route { after, reply }, MOVE_WAIT_MS)
             .map_err(|e| StepFail::Failed(format!("{why}, and no new plan came: {e}")))?
             .map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
         if route.model != self.route.model {
@@ -252,9 +249,8 @@ impl MeshForward {
             )));
         }
         // In privacy mode the plan may have to be asked for again: a new leader does not know.
-        let route =
-            self.handle.block_on(self.startup().ready(route)).map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
-        self.replay_onto(route)
+        let route = self.startup().ready(route).await.map_err(|e| StepFail::Failed(format!("{why}; {e}")))?;
+        self.replay_onto(route).await
     }
 
     /// Goes on as session `session` on `route`, from step 1; the session is
@@ -283,7 +279,7 @@ impl MeshForward {
     /// number of tensors; the asker hears how far the replay is each time.
     /// Only those steps return logits: the others skip the LM head, which
     /// leaves the caches as they were (the tokens they led to are known).
-    fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
+    async fn replay_onto(&mut self, route: Route) -> Result<(), StepFail> {
         self.open(route, rand::random());
         let mut past = 0;
         let history = self.history.clone();
@@ -292,10 +288,10 @@ impl MeshForward {
             let checkpoint = self.step.is_multiple_of(REPLAY_WINDOW) && i + 1 < history.len();
             let logits = if checkpoint { Some(self.expect_logits(self.step)?) } else { None };
             // Only a checkpoint's logits are read: the others skip the LM head.
-            self.send_step(self.step, tokens, past, checkpoint)?;
+            self.send_step(self.step, tokens, past, checkpoint).await?;
             past += tokens.len();
             if let Some(logits) = logits {
-                self.wait(logits)?;
+                self.wait(logits).await?;
                 let (epoch, done, total) = (self.route.epoch, i + 1, history.len());
                 let _ = self.events.send(PromptEvent::Replaying { epoch, done, total });
             }
@@ -309,8 +305,8 @@ impl MeshForward {
     /// moves onto it by handing its caches over; if that fails, by replaying
     /// (then, why and since when, for the step to report once it has run).
     /// Otherwise the old plan goes on serving.
-    fn switch_if_ready(&mut self) -> Result<Option<Interruption>, StepFail> {
-        // Asking the execution actor is a round trip of two thread wake-ups:
+    async fn switch_if_ready(&mut self) -> Result<Option<Interruption>, StepFail> {
+        // Asking the execution actor is a round trip through its mailbox:
         // only when this device has loaded a plan of a later epoch (a plan's
         // first epoch is at most its epoch, so this misses none).
         let after = self.route.epoch;
@@ -319,21 +315,19 @@ impl MeshForward {
         if self.history.is_empty() || !newer_loaded {
             return Ok(None);
         }
-        let execution = self.execution.clone();
-        let newer = self.handle.block_on(async move {
-            call_t!(execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS)
-        });
+        let newer =
+            call_t!(self.execution, |reply| ExecutionMsg::NewerRoute { after, reply }, crate::actor::CALL_TIMEOUT_MS);
         let Ok(Some(route)) = newer else { return Ok(None) };
         if route.model != self.route.model || (self.private && !keeps_tokens_on(&route, self.me)) {
             return Ok(None);
         }
-        match self.handle.block_on(self.startup().stages(&route)) {
+        match self.startup().stages(&route).await {
             Ok(stages) if stages.all_ready() => {}
             _ => return Ok(None),
         }
         let since = std::time::Instant::now();
         let to = rand::random();
-        match self.handle.block_on(self.hand_over(&route, to)) {
+        match self.hand_over(&route, to).await {
             Ok(()) => {
                 let (epoch, tokens, past, pause_s) =
                     (route.epoch, self.history.len(), self.past, since.elapsed().as_secs_f64());
@@ -353,7 +347,7 @@ impl MeshForward {
                     route.epoch
                 );
                 self.sessions.push((to, route.devices.clone()));
-                self.replay_onto(route)?;
+                self.replay_onto(route).await?;
                 Ok(Some((format!("the caches could not be handed over ({why})"), since)))
             }
         }
