@@ -264,9 +264,19 @@ async fn generate_on(
     on_text: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Generation, GenerateError> {
     let mut generator = Generator::new(tokenizer, prompt, options)?;
+    // Sampling at a temperature sorts the whole vocabulary: 1.5 ms a token
+    // for 32000 entries here, 7 ms for 152000, work no runtime worker should
+    // hold. Picking the highest logit takes 0.02-0.1 ms.
+    let sorts = options.sampling.temperature > 0.0;
     let mut logits = forward.forward(prompt).await?;
     loop {
-        match generator.next(logits, forward.position(), on_text)? {
+        let position = forward.position();
+        let next = if sorts {
+            tokio::task::block_in_place(|| generator.next(logits, position, on_text))
+        } else {
+            generator.next(logits, position, on_text)
+        };
+        match next? {
             Next::Forward(token) => logits = forward.forward(&[token]).await?,
             Next::Done(generation) => return Ok(generation),
         }
