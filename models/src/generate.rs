@@ -90,9 +90,9 @@ pub struct Generator<'a> {
     tokenizer: &'a TextTokenizer,
     options: &'a GenerateOptions,
     sampler: Sampler,
+    /// The prompt, then the tokens generated.
     history: Vec<u32>,
     stream: TextStream,
-    tokens: Vec<u32>,
     /// Text held back from `on_text` in case it begins a stop string.
     hold_back: usize,
     prompt_tokens: usize,
@@ -131,7 +131,6 @@ impl<'a> Generator<'a> {
             sampler: Sampler::new(options.sampling.clone()),
             history: prompt.to_vec(),
             stream: TextStream::new(prompt),
-            tokens: Vec::new(),
             hold_back: options.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0),
             prompt_tokens: prompt.len(),
             started: Instant::now(),
@@ -152,14 +151,13 @@ impl<'a> Generator<'a> {
         let started = self.started;
         let clock = *self.prefill.get_or_insert_with(|| (started.elapsed(), Instant::now()));
         let options = self.options;
-        if self.tokens.len() == options.max_tokens {
+        if self.generated() == options.max_tokens {
             return self.done(Finish::MaxTokens, clock, on_text);
         }
         let token = self.sampler.sample(&mut logits, &self.history);
         if options.eos.contains(&token) {
             return self.done(Finish::Eos, clock, on_text);
         }
-        self.tokens.push(token);
         self.history.push(token);
         if self.stream.push(self.tokenizer, token)? {
             let text = self.stream.text();
@@ -172,13 +170,18 @@ impl<'a> Generator<'a> {
             let end = text.len().saturating_sub(self.hold_back);
             on_text(&self.stream.release(end));
         }
-        if self.tokens.len() == options.max_tokens {
+        if self.generated() == options.max_tokens {
             return self.done(Finish::MaxTokens, clock, on_text);
         }
         if options.context.is_some_and(|c| position + 1 >= c) {
             return self.done(Finish::Context, clock, on_text);
         }
         Ok(Next::Forward(token))
+    }
+
+    /// How many tokens it has generated so far.
+    fn generated(&self) -> usize {
+        self.history.len() - self.prompt_tokens
     }
 
     /// Ends the generation: the text held back goes out, unless a stop
@@ -197,7 +200,7 @@ impl<'a> Generator<'a> {
         }
         let text = self.stream.text()[..self.stream.released()].to_string();
         Ok(Next::Done(Generation {
-            tokens: std::mem::take(&mut self.tokens),
+            tokens: self.history.split_off(self.prompt_tokens),
             text,
             finish,
             prompt_tokens: self.prompt_tokens,

@@ -42,6 +42,12 @@ impl SamplingConfig {
         Ok(())
     }
 
+    /// Whether the sampler just takes the highest logit (temperature 0):
+    /// otherwise it ranks the whole vocabulary.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
     /// How many of a step's logits this sampler reads: `Some(k)` when only the
     /// k highest can change its choice (greedy, or top-k, without a repetition
     /// penalty), `None` when it needs them all. A device that computes the
@@ -50,7 +56,7 @@ impl SamplingConfig {
         if self.repetition_penalty != 1.0 {
             // A penalty can lower every high logit below one that was not sent.
             None
-        } else if self.temperature == 0.0 {
+        } else if self.is_greedy() {
             Some(1)
         } else if self.top_k > 0 {
             Some(self.top_k)
@@ -84,7 +90,7 @@ impl Sampler {
                 *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
             }
         }
-        if self.config.temperature == 0.0 {
+        if self.config.is_greedy() {
             return argmax(logits);
         }
         let mut order: Vec<usize> = (0..logits.len()).collect();
