@@ -26,6 +26,10 @@ test-exports:
     target/venv-exports/bin/pip install -q -r scripts/requirements.txt
     target/venv-exports/bin/python scripts/make_test_exports.py
 
+# Sampling: the time to pick one token from 32000 and 151936 logits (greedy, temperature, top-k, top-p), against sorting the vocabulary.
+bench-sampler:
+    cargo bench -p llnode-models --bench sampler
+
 # Planner: MIP solve times and simulated speedups over the even/memory/compute splits; draws target/bench-plan.svg.
 bench-plan:
     cargo bench -p llnode-planner

@@ -1,6 +1,9 @@
 //! Choosing the next token from logits: greedy at temperature 0, otherwise
 //! temperature, top-k and top-p (nucleus) sampling from a seeded ChaCha8
-//! stream, so a seeded run gives the same text on every machine. The
+//! stream, so a seeded run gives the same text on every machine. At a
+//! temperature it weighs every token but ranks them only as far as it reads
+//! (the top k, the nucleus, the draw), which for a peaked distribution is a
+//! few hundred tokens of the vocabulary. The
 //! repetition penalty follows Hugging Face: positive logits of seen tokens are
 //! divided by it, negative ones multiplied.
 
@@ -43,7 +46,7 @@ impl SamplingConfig {
     }
 
     /// Whether the sampler just takes the highest logit (temperature 0):
-    /// otherwise it ranks the whole vocabulary.
+    /// otherwise it weighs every token and ranks them as far as it reads.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
@@ -69,12 +72,17 @@ impl SamplingConfig {
 pub struct Sampler {
     config: SamplingConfig,
     rng: ChaCha8Rng,
+    /// A token's worth of [`Ranking`] keys and weights, kept for the next: a
+    /// vocabulary's worth is a megabyte or more, which the allocator would
+    /// give back to the system and fault in again for every token.
+    keys: Vec<u64>,
+    weights: Vec<f64>,
 }
 
 impl Sampler {
     pub fn new(config: SamplingConfig) -> Sampler {
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
-        Sampler { config, rng }
+        Sampler { config, rng, keys: Vec::new(), weights: Vec::new() }
     }
 
     /// The next token; `history` is every token so far (prompt included).
@@ -93,39 +101,124 @@ impl Sampler {
         if self.config.is_greedy() {
             return argmax(logits);
         }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|a, b| rank(logits, *a, *b));
-        if self.config.top_k > 0 {
-            order.truncate(self.config.top_k);
+        let logits: &[f32] = logits;
+        let vocab = logits.len();
+        let mut ranking = Ranking::new(&mut self.keys, logits);
+        // The candidates are the top k, or the whole vocabulary.
+        let candidates = match self.config.top_k {
+            k if k > 0 && k < vocab => k,
+            _ => vocab,
+        };
+        let (max, temperature) = (logits[ranking.nth(0)], self.config.temperature);
+        let exp = |token: usize| (((logits[token] - max) / temperature) as f64).exp();
+        // Over the whole vocabulary, each weight is read at least twice: work them out once.
+        self.weights.clear();
+        if candidates == vocab {
+            self.weights.extend((0..vocab).map(exp));
         }
-        let max = logits[order[0]];
-        let mut probs: Vec<f64> =
-            order.iter().map(|&i| (((logits[i] - max) / self.config.temperature) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.config.top_p < 1.0 {
+        let weights = &self.weights;
+        let weight = |token: usize| if weights.is_empty() { exp(token) } else { weights[token] };
+        let total = ranking.sum(candidates, weight);
+        let probability = |token: usize| weight(token) / total;
+        let kept = if self.config.top_p < 1.0 {
             let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|p| {
-                    cumulative += p;
+            (0..candidates)
+                .position(|r| {
+                    cumulative += probability(ranking.nth(r));
                     cumulative >= self.config.top_p as f64
                 })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            order.truncate(keep);
-        }
-        let total: f64 = probs.iter().sum();
+                .map_or(candidates, |r| r + 1)
+        } else {
+            candidates
+        };
+        let total = ranking.sum(kept, probability);
         let draw = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
         let mut cumulative = 0.0;
-        for (p, &token) in probs.iter().zip(&order) {
-            cumulative += p;
+        for r in 0..kept {
+            let token = ranking.nth(r);
+            cumulative += probability(token);
             if draw < cumulative {
                 return token as u32;
             }
         }
-        *order.last().expect("at least one candidate") as u32
+        ranking.nth(kept - 1) as u32
     }
+}
+
+/// Token ids in the order the sampler ranks them, worked out only as far as
+/// they are read. Each time the reader runs past the ranked ones, a partial
+/// selection finds the next chunk (64 first, then eight times as many as are
+/// ranked) and only that chunk is sorted; once a chunk would be half of what
+/// is left, the rest is sorted whole. Top-k, the nucleus of a peaked
+/// distribution and a draw from it end within the first few hundred tokens,
+/// so sampling from a 150 000-token vocabulary does not sort it.
+struct Ranking<'a> {
+    /// [`rank_key`]s: `keys[..ranked]` in order, each below all of `keys[ranked..]`.
+    keys: &'a mut Vec<u64>,
+    ranked: usize,
+}
+
+impl<'a> Ranking<'a> {
+    const FIRST_CHUNK: usize = 64;
+
+    /// The ranking of `logits`, in `keys` (whatever they held before).
+    fn new(keys: &'a mut Vec<u64>, logits: &[f32]) -> Ranking<'a> {
+        keys.clear();
+        keys.extend(logits.iter().enumerate().map(|(id, &l)| rank_key(id, l)));
+        Ranking { keys, ranked: 0 }
+    }
+
+    /// The token ranked `r`th, the first being 0.
+    fn nth(&mut self, r: usize) -> usize {
+        if r >= self.ranked {
+            self.rank_to((r + 1).max(8 * self.ranked).max(Self::FIRST_CHUNK));
+        }
+        key_id(self.keys[r])
+    }
+
+    /// The first `n` tokens, in rank order.
+    fn first(&mut self, n: usize) -> impl Iterator<Item = usize> + '_ {
+        self.rank_to(n);
+        self.keys[..n].iter().map(|&key| key_id(key))
+    }
+
+    /// The sum of `f` over the first `n` tokens: in rank order, or in id order
+    /// when `n` is the whole vocabulary, which then needs no ranking.
+    fn sum(&mut self, n: usize, f: impl Fn(usize) -> f64) -> f64 {
+        if n == self.keys.len() { (0..n).map(f).sum() } else { self.first(n).map(f).sum() }
+    }
+
+    fn rank_to(&mut self, n: usize) {
+        let n = n.min(self.keys.len());
+        if n <= self.ranked {
+            return;
+        }
+        let rest = &mut self.keys[self.ranked..];
+        let wanted = n - self.ranked;
+        if 2 * wanted < rest.len() {
+            rest.select_nth_unstable(wanted - 1);
+            rest[..wanted].sort_unstable();
+            self.ranked = n;
+        } else {
+            rest.sort_unstable();
+            self.ranked = self.keys.len();
+        }
+    }
+}
+
+/// A token's place in the sampler's ranking as one integer, lower first: the
+/// higher logit first (as `f32::total_cmp` orders them, but with -0.0 and 0.0
+/// equal), then the lower id; so, without NaNs, the first is [`argmax`]'s.
+fn rank_key(id: usize, logit: f32) -> u64 {
+    // Adding 0.0 turns -0.0 into 0.0 and leaves every other value as it was.
+    let bits = (logit + 0.0).to_bits();
+    // Ascending in total order: negatives reversed below positives.
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
+    (u64::from(!ascending) << 32) | id as u64
+}
+
+fn key_id(key: u64) -> usize {
+    (key & u64::from(u32::MAX)) as usize
 }
 
 /// No model's vocabulary comes near this; a bigger claim is not believed.
@@ -151,17 +244,13 @@ impl TopLogits {
         if k == 0 || k >= logits.len() || logits.iter().any(|l| l.is_nan()) {
             return None;
         }
-        let ids: Vec<usize> = if k == 1 {
-            vec![argmax(logits) as usize]
+        let entries: Vec<(u32, f32)> = if k == 1 {
+            let best = argmax(logits);
+            vec![(best, logits[best as usize])]
         } else {
-            let by_rank = |a: &usize, b: &usize| rank(logits, *a, *b);
-            let mut ids: Vec<usize> = (0..logits.len()).collect();
-            ids.select_nth_unstable_by(k - 1, by_rank);
-            ids.truncate(k);
-            ids.sort_by(by_rank);
-            ids
+            let mut keys = Vec::new();
+            Ranking::new(&mut keys, logits).first(k).map(|id| (id as u32, logits[id])).collect()
         };
-        let entries: Vec<(u32, f32)> = ids.into_iter().map(|i| (i as u32, logits[i])).collect();
         entries.iter().all(|(_, l)| l.is_finite()).then_some(TopLogits { vocab: logits.len(), entries })
     }
 
@@ -198,13 +287,6 @@ impl TopLogits {
     }
 }
 
-/// How the sampler ranks tokens `a` and `b`: the higher logit first, then the
-/// lower id, -0.0 and 0.0 being equal; so, without NaNs, the first is [`argmax`]'s.
-fn rank(logits: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
-    // Adding 0.0 turns -0.0 into 0.0 and leaves every other value as it was.
-    (logits[b] + 0.0).total_cmp(&(logits[a] + 0.0)).then(a.cmp(&b))
-}
-
 /// Index of the largest logit; the first on ties.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -220,6 +302,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use rand::RngCore;
 
     proptest! {
         /// Whatever the sampler needs, sampling from the top logits alone
@@ -250,6 +333,76 @@ mod tests {
             let (mut all, mut kept) = (Sampler::new(config.clone()), Sampler::new(config));
             for _ in 0..4 {
                 prop_assert_eq!(all.sample(&mut logits.clone(), &[]), kept.sample(&mut top.expand(), &[]));
+            }
+        }
+    }
+
+    /// The sampler as it reads: rank the whole vocabulary, keep the top k,
+    /// normalise, keep the nucleus, draw. Sums over the whole vocabulary go in
+    /// id order, as [`Ranking::sum`]'s.
+    fn sample_by_sorting(config: &SamplingConfig, rng: &mut ChaCha8Rng, logits: &[f32]) -> u32 {
+        let in_order = |order: &[usize], values: &[f64]| {
+            if order.len() == logits.len() {
+                let mut by_id = vec![0.0; logits.len()];
+                order.iter().zip(values).for_each(|(&i, &v)| by_id[i] = v);
+                by_id.iter().sum::<f64>()
+            } else {
+                values.iter().sum()
+            }
+        };
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        // The higher logit first, -0.0 and 0.0 equal, then the lower id.
+        order.sort_by(|&a, &b| (logits[b] + 0.0).total_cmp(&(logits[a] + 0.0)).then(a.cmp(&b)));
+        if config.top_k > 0 {
+            order.truncate(config.top_k);
+        }
+        let max = logits[order[0]];
+        let mut probs: Vec<f64> =
+            order.iter().map(|&i| (((logits[i] - max) / config.temperature) as f64).exp()).collect();
+        let total = in_order(&order, &probs);
+        probs.iter_mut().for_each(|p| *p /= total);
+        if config.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    cumulative += p;
+                    cumulative >= config.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            order.truncate(keep);
+        }
+        let total = in_order(&order, &probs);
+        let draw = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut cumulative = 0.0;
+        for (p, &token) in probs.iter().zip(&order) {
+            cumulative += p;
+            if draw < cumulative {
+                return token as u32;
+            }
+        }
+        *order.last().unwrap() as u32
+    }
+
+    proptest! {
+        /// Ranking only as far as it reads, the sampler draws what sorting the
+        /// whole vocabulary draws: over vocabularies past several chunks, flat
+        /// (the draw far down the ranking) and peaked, with ties.
+        #[test]
+        fn the_sampler_draws_what_sorting_everything_draws(
+            levels in proptest::collection::vec(-3i8..4, 1..700),
+            spread in prop_oneof![Just(0.01f32), Just(0.5f32), Just(4.0f32)],
+            temperature in 0.1f32..2.0,
+            top_k in prop_oneof![Just(0usize), 1usize..800],
+            top_p in prop_oneof![Just(1.0f32), 0.05f32..1.0],
+            seed in any::<u64>(),
+        ) {
+            let logits: Vec<f32> = levels.iter().map(|&l| f32::from(l) * spread).collect();
+            let config = SamplingConfig { temperature, top_k, top_p, seed, ..Default::default() };
+            let (mut sampler, mut rng) = (Sampler::new(config.clone()), ChaCha8Rng::seed_from_u64(seed));
+            for _ in 0..4 {
+                prop_assert_eq!(sampler.sample(&mut logits.clone(), &[]), sample_by_sorting(&config, &mut rng, &logits));
             }
         }
     }
