@@ -62,15 +62,20 @@ pub(super) fn read_logits(value: RawTensor) -> Result<Vec<f32>, String> {
     fn words(bytes: &[u8]) -> impl Iterator<Item = [u8; 4]> + '_ {
         bytes.chunks_exact(4).map(|w| w.try_into().expect("4 bytes"))
     }
-    match value.dtype {
-        RawType::F32 => Ok(words(&value.data).map(f32::from_le_bytes).collect()),
+    let logits = match value.dtype {
+        RawType::F32 => words(&value.data).map(f32::from_le_bytes).collect(),
         RawType::I32 => {
             let ints: Vec<i32> = words(&value.data).map(i32::from_le_bytes).collect();
             let rows: Vec<[i32; 2]> = ints.chunks_exact(2).map(|r| [r[0], r[1]]).collect();
-            Ok(TopLogits::from_words(&rows)?.expand())
+            TopLogits::from_words(&rows)?.expand()
         }
-        other => Err(format!("logits came as {other:?}")),
+        other => return Err(format!("logits came as {other:?}")),
+    };
+    if logits.is_empty() {
+        // The sampler needs a token to pick.
+        return Err("logits came for a vocabulary of no tokens".to_string());
     }
+    Ok(logits)
 }
 
 /// Puts a tensor on the wire.
@@ -97,5 +102,22 @@ pub fn wire_tensor(d: Delivery) -> WireTensor {
             compute_us: d.compute_us,
         },
         data: value.data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logits_read_back_as_sent_and_none_is_an_error() {
+        let logits = [0.5, -1.0, 2.0, 0.25];
+        assert_eq!(read_logits(logits_tensor(&logits, 0)), Ok(logits.to_vec()));
+        let top = read_logits(logits_tensor(&logits, 2)).unwrap();
+        assert_eq!(top, vec![0.5, f32::NEG_INFINITY, 2.0, f32::NEG_INFINITY]);
+        let empty = RawTensor { dtype: RawType::F32, shape: vec![1, 1, 0], data: vec![] };
+        assert!(read_logits(empty).is_err());
+        let no_vocabulary = RawTensor { dtype: RawType::I32, shape: vec![1, 2], data: vec![0; 8] };
+        assert!(read_logits(no_vocabulary).is_err());
     }
 }
